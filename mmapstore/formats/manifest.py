@@ -1,0 +1,91 @@
+"""The ``mmapstore.json`` manifest of a slab store, and raw slab files.
+
+A slab store is a directory holding safetensors shards or raw ``.bin`` files
+plus ``mmapstore.json``.  With ``"storage": "raw"`` the manifest is the only
+description of the bytes: per tensor a file relative to the store, a dtype, a
+shape and a byte offset.  With ``"storage": "safetensors"`` the shards'
+headers describe the bytes and the manifest adds checksums and provenance.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..dtypes import dtype_from_code
+from ..errors import FormatError
+from .records import MAX_TENSORS, TensorRecord, resolve_inside, shape_nbytes, validate_shape
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "check_manifest", "raw_records"]
+
+MANIFEST_NAME = "mmapstore.json"
+FORMAT_NAME = "mmapstore.slab_store"
+FORMAT_VERSION = 1
+STORAGES = ("safetensors", "raw")
+
+
+def check_manifest(manifest: dict[str, Any], *, path: str) -> None:
+    """Check the top level of a manifest: format, version, storage, tensors map."""
+    if manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: 'format' must be {FORMAT_NAME!r}, found {manifest.get('format')!r:.80}")
+    version = manifest.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise FormatError(f"{path}: unsupported format_version {version!r:.40}; this reader knows 1..{FORMAT_VERSION}")
+    if manifest.get("storage") not in STORAGES:
+        raise FormatError(f"{path}: 'storage' must be one of {STORAGES}, found {manifest.get('storage')!r:.80}")
+    orientation = manifest.get("orientation", "kn")
+    if orientation not in ("kn", "nk"):
+        raise FormatError(f"{path}: 'orientation' must be 'kn' or 'nk', found {orientation!r:.40}")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict):
+        raise FormatError(f"{path}: 'tensors' must be an object")
+    if len(tensors) > MAX_TENSORS:
+        raise FormatError(f"{path}: {len(tensors)} tensors, over the {MAX_TENSORS} limit")
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{path}: tensor {name!r}: entry must be an object")
+        checksum = entry.get("sha256")
+        if checksum is not None and (
+            not isinstance(checksum, str) or len(checksum) != 64 or not all(c in "0123456789abcdef" for c in checksum)
+        ):
+            raise FormatError(f"{path}: tensor {name!r}: sha256 must be 64 lowercase hex digits")
+
+
+def raw_records(root: str, manifest: dict[str, Any], *, path: str) -> dict[str, TensorRecord]:
+    """Records of a raw slab store: every file inside ``root``, every byte present,
+    no two tensors of one file overlapping."""
+    records: dict[str, TensorRecord] = {}
+    sizes: dict[str, int] = {}
+    for name, entry in manifest["tensors"].items():
+        where = f"tensor {name!r}"
+        file_path = resolve_inside(root, entry.get("file"), what=where, source=path)
+        dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: {where}")
+        shape = validate_shape(entry.get("shape"), path=path, tensor=name)
+        offset = entry.get("offset")
+        if type(offset) is not int or offset < 0:
+            raise FormatError(f"{path}: {where}: offset must be a non-negative integer, found {offset!r:.40}")
+        nbytes = shape_nbytes(shape, dtype)
+        if "nbytes" in entry and entry["nbytes"] != nbytes:
+            raise FormatError(
+                f"{path}: {where}: nbytes {entry['nbytes']!r:.40} disagrees with shape {list(shape)} of "
+                f"{dtype.code} ({nbytes} bytes)"
+            )
+        if file_path not in sizes:
+            sizes[file_path] = os.stat(file_path).st_size
+        if offset + nbytes > sizes[file_path]:
+            raise FormatError(
+                f"{path}: {where}: bytes [{offset}, {offset + nbytes}) run past the end of "
+                f"{entry['file']!r} ({sizes[file_path]} bytes): truncated or wrong offset"
+            )
+        records[name] = TensorRecord(name, dtype, shape, file_path, offset, nbytes)
+    by_file: dict[str, list[TensorRecord]] = {}
+    for record in records.values():
+        by_file.setdefault(record.path, []).append(record)
+    for file_records in by_file.values():
+        file_records.sort(key=lambda record: (record.offset, record.nbytes))
+        for before, after in zip(file_records, file_records[1:]):
+            if after.nbytes and before.offset + before.nbytes > after.offset:
+                raise FormatError(
+                    f"{path}: tensors {before.name!r} and {after.name!r} overlap in {before.path!r}"
+                )
+    return records

@@ -1,0 +1,182 @@
+"""Frozen tensor records, format limits and path safety shared by every format."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..dtypes import DType
+from ..errors import FormatError
+
+__all__ = [
+    "MAX_DIMS",
+    "MAX_HEADER_NBYTES",
+    "MAX_MANIFEST_NBYTES",
+    "MAX_TENSORS",
+    "TensorRecord",
+    "load_json_object",
+    "read_exact",
+    "resolve_inside",
+    "validate_shape",
+]
+
+# safetensors refuses headers over 100 MB; we use the same cap.
+MAX_HEADER_NBYTES = 100_000_000
+# A JSON manifest or index larger than this is refused before it is read.
+MAX_MANIFEST_NBYTES = 256 * 1024 * 1024
+# Far beyond any real checkpoint (DeepSeek-V3 has ~91k tensors), far below a DoS.
+MAX_TENSORS = 2_000_000
+MAX_DIMS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    """Where one tensor's bytes lie: ``path`` at absolute ``offset``, ``nbytes`` long."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+
+def read_exact(fd: int, nbytes: int, offset: int, *, path: str, what: str) -> bytes:
+    """``pread`` exactly ``nbytes`` or raise :class:`FormatError` (never a short read)."""
+    chunks: list[bytes] = []
+    remaining = nbytes
+    position = offset
+    while remaining > 0:
+        chunk = os.pread(fd, min(remaining, 1 << 26), position)
+        if not chunk:
+            raise FormatError(
+                f"{path}: truncated while reading {what}: expected {nbytes} bytes at offset "
+                f"{offset}, found {nbytes - remaining}"
+            )
+        chunks.append(chunk)
+        remaining -= len(chunk)
+        position += len(chunk)
+    return b"".join(chunks)
+
+
+def _no_duplicates(path: str, what: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise FormatError(f"{path}: {what} has duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    return hook
+
+
+def parse_json_object(raw: bytes, *, path: str, what: str) -> dict[str, Any]:
+    """Decode UTF-8 JSON that must be an object with unique keys."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates(path, what))
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{path}: {what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        raise FormatError(f"{path}: {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_json_object(path: str, *, what: str) -> dict[str, Any]:
+    """Read a small JSON file (manifest, index, config) with a size cap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: {what} does not exist") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot open {what}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FormatError(f"{path}: {what} is not a regular file")
+        if info.st_size > MAX_MANIFEST_NBYTES:
+            raise FormatError(
+                f"{path}: {what} is {info.st_size} bytes, over the {MAX_MANIFEST_NBYTES} byte limit"
+            )
+        raw = read_exact(fd, info.st_size, 0, path=path, what=what)
+    finally:
+        os.close(fd)
+    return parse_json_object(raw, path=path, what=what)
+
+
+def validate_shape(shape: object, *, path: str, tensor: str) -> tuple[int, ...]:
+    """A shape must be a list of at most MAX_DIMS non-negative Python ints."""
+    if not isinstance(shape, list):
+        raise FormatError(f"{path}: tensor {tensor!r}: shape must be a list, found {shape!r:.80}")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{path}: tensor {tensor!r}: {len(shape)} dimensions, limit is {MAX_DIMS}")
+    for dim in shape:
+        # bool is an int subclass; True is not a dimension.
+        if type(dim) is not int or dim < 0:
+            raise FormatError(
+                f"{path}: tensor {tensor!r}: shape must hold non-negative integers, found {shape!r:.80}"
+            )
+    return tuple(shape)
+
+
+def shape_nbytes(shape: tuple[int, ...], dtype: DType) -> int:
+    """Byte size with Python integers, so a hostile shape cannot overflow."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * dtype.itemsize
+
+
+def resolve_inside(root: str, relative: object, *, what: str, source: str) -> str:
+    """Resolve ``relative`` against ``root``; refuse anything that escapes it.
+
+    Refused: non-strings, empty names, NUL bytes, absolute paths, ``..``
+    components, and symlinks whose target lies outside ``root``.  The file
+    must exist and be a regular file.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise FormatError(f"{source}: {what}: file name must be a non-empty string, found {relative!r:.80}")
+    if "\x00" in relative:
+        raise FormatError(f"{source}: {what}: file name {relative!r:.80} contains a NUL byte")
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise FormatError(f"{source}: {what}: file name {relative!r:.80} is absolute")
+    parts = relative.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise FormatError(f"{source}: {what}: file name {relative!r:.80} escapes the store with '..'")
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, target]) != real_root:
+        raise FormatError(
+            f"{source}: {what}: file {relative!r:.80} resolves to {target!r}, outside {real_root!r}"
+        )
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        raise FormatError(f"{source}: {what}: file {relative!r:.80} does not exist") from None
+    except OSError as exc:
+        raise FormatError(f"{source}: {what}: cannot stat {relative!r:.80}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise FormatError(f"{source}: {what}: {relative!r:.80} is not a regular file")
+    return target
+
+
+def string_map(value: object, *, path: str, what: str) -> dict[str, str]:
+    """Check a JSON value is a string-to-string map."""
+    if not isinstance(value, Mapping):
+        raise FormatError(f"{path}: {what} must be an object of strings, found {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise FormatError(f"{path}: {what}[{key!r:.80}] must be a string, found {type(item).__name__}")
+    return dict(value)

@@ -1,0 +1,253 @@
+"""The only module that touches ``mmap``.
+
+One read-only shared mapping per file, shared by every view of that file
+(one ``np.memmap`` per tensor would exhaust file descriptors on checkpoints
+with a tensor per expert).  Views are plain ``np.ndarray`` objects over the
+mapping with ``writeable=False``; the kernel page cache is the only copy.
+
+Pitfalls, stated once:
+
+- A view stays valid after :meth:`MappedFile.close`: the mapping is released
+  when the last view is garbage-collected.  ``close()`` only refuses new views.
+- mmap cannot protect against another process truncating a mapped file:
+  touching a page past the new end raises SIGBUS.  :meth:`MappedFile.check_size`
+  lets callers check before a bulk copy; publish new files by rename instead of
+  rewriting them (every writer in mmapstore does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import FormatError, StoreClosedError
+from .formats.records import TensorRecord
+
+__all__ = [
+    "MADV_DONTNEED",
+    "MADV_POPULATE_READ",
+    "MADV_WILLNEED",
+    "PAGE_NBYTES",
+    "FileMaps",
+    "MappedFile",
+    "byte_span",
+    "resident_nbytes",
+]
+
+PAGE_NBYTES = mmap.PAGESIZE
+MADV_WILLNEED: int = mmap.MADV_WILLNEED
+MADV_DONTNEED: int = mmap.MADV_DONTNEED
+# Linux >= 5.14: fault the range in now (no per-page faults during the copy).
+MADV_POPULATE_READ: int = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+def byte_span(view: npt.NDArray[np.generic]) -> tuple[int, int]:
+    """Address range ``[low, high)`` that the elements of ``view`` touch."""
+    if view.size == 0:
+        address = int(view.__array_interface__["data"][0])
+        return address, address
+    low = high = int(view.__array_interface__["data"][0])
+    for extent, stride in zip(view.shape, view.strides):
+        if stride >= 0:
+            high += (extent - 1) * stride
+        else:
+            low += (extent - 1) * stride
+    return low, high + view.itemsize
+
+
+def resident_nbytes(view: npt.NDArray[np.generic]) -> int:
+    """Bytes of the pages under ``view`` that are in memory now (``mincore``).
+
+    Counts whole pages, so a view smaller than a page reports a page.
+    """
+    low, high = byte_span(view)
+    return _mincore(low, high - low)
+
+
+def _mincore(address: int, nbytes: int) -> int:
+    if nbytes <= 0:
+        return 0
+    start = address - address % PAGE_NBYTES
+    length = address + nbytes - start
+    pages = (length + PAGE_NBYTES - 1) // PAGE_NBYTES
+    vector = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mincore failed: {os.strerror(error)}")
+    resident = np.frombuffer(vector, dtype=np.uint8) & 1
+    return int(resident.sum()) * PAGE_NBYTES
+
+
+class MappedFile:
+    """One read-only shared mapping of one file.
+
+    Parameters
+    ----------
+    path
+        The file to map.
+    min_nbytes
+        The size its header promised; a shorter file raises :class:`FormatError`
+        (it shrank after its header was read, or the header lied).
+    """
+
+    def __init__(self, path: str, min_nbytes: int = 0) -> None:
+        self.path = path
+        self._closed = False
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot open for mapping: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < min_nbytes:
+                raise FormatError(f"{path}: file is {size} bytes, its header needs {min_nbytes}: truncated")
+            self.nbytes = size
+            # mmap cannot map an empty file; an empty file serves only empty tensors.
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)  # mmap keeps its own duplicate descriptor
+        if self._mmap is not None:
+            self._base: npt.NDArray[np.uint8] = np.frombuffer(self._mmap, dtype=np.uint8)
+        else:
+            self._base = np.zeros(0, dtype=np.uint8)
+            self._base.flags.writeable = False
+        self.address = int(self._base.__array_interface__["data"][0])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.path}: mapping is closed")
+
+    def view(
+        self,
+        offset: int,
+        dtype: np.dtype[np.generic],
+        shape: tuple[int, ...],
+        strides: tuple[int, ...] | None = None,
+    ) -> npt.NDArray[np.generic]:
+        """A read-only array over ``shape`` elements of ``dtype`` at file ``offset``."""
+        self._check_open()
+        array: npt.NDArray[np.generic] = np.ndarray(
+            shape, dtype=dtype, buffer=self._base, offset=offset, strides=strides
+        )
+        return array
+
+    def record_view(self, record: TensorRecord) -> npt.NDArray[np.generic]:
+        """The view of one validated tensor record of this file."""
+        if record.offset + record.nbytes > self.nbytes:
+            raise FormatError(
+                f"{self.path}: tensor {record.name!r}: bytes [{record.offset}, "
+                f"{record.offset + record.nbytes}) past the end of the {self.nbytes} byte file"
+            )
+        return self.view(record.offset, record.dtype.numpy, record.shape)
+
+    def offset_of(self, view: npt.NDArray[np.generic]) -> int:
+        """File offset of the first byte ``view`` touches (it must live in this mapping)."""
+        low, high = byte_span(view)
+        if low < self.address or high > self.address + self.nbytes:
+            raise ValueError(f"{self.path}: view does not lie inside this mapping")
+        return low - self.address
+
+    def advise(self, offset: int, nbytes: int, advice: int) -> None:
+        """``madvise`` the pages covering file bytes ``[offset, offset + nbytes)``."""
+        self._check_open()
+        if nbytes <= 0 or self._mmap is None:
+            return
+        start = offset - offset % PAGE_NBYTES
+        end = min(offset + nbytes, self.nbytes)
+        self._mmap.madvise(advice, start, end - start)
+
+    def resident_nbytes(self, offset: int = 0, nbytes: int | None = None) -> int:
+        """Bytes of ``[offset, offset + nbytes)`` in memory now, in whole pages."""
+        self._check_open()
+        if nbytes is None:
+            nbytes = self.nbytes - offset
+        return _mincore(self.address + offset, min(nbytes, self.nbytes - offset))
+
+    def check_size(self) -> None:
+        """Raise :class:`FormatError` if the file is now shorter than when mapped.
+
+        Touching a mapped page past a truncated end is SIGBUS; callers check
+        first before a bulk copy.
+        """
+        self._check_open()
+        try:
+            size = os.stat(self.path).st_size if self._mmap is None else self._mmap.size()
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot stat mapped file: {exc.strerror}") from None
+        if size < self.nbytes:
+            raise FormatError(
+                f"{self.path}: file shrank from {self.nbytes} to {size} bytes while mapped; refusing to read it"
+            )
+
+    def close(self) -> None:
+        """Refuse new views; unmap now if no view is alive, else when the last one dies."""
+        if self._closed:
+            return
+        self._closed = True
+        del self._base
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # Views still export the buffer; the mapping goes with the last of them.
+                pass
+            self._mmap = None
+
+    def __enter__(self) -> MappedFile:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class FileMaps:
+    """Maps each file at most once, on first use; closes them all together."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self._sizes = dict(sizes)  # path -> bytes its header needs
+        self._maps: dict[str, MappedFile] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def get(self, path: str) -> MappedFile:
+        mapped = self._maps.get(path)
+        if mapped is not None:
+            return mapped
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"{path}: the store is closed")
+            mapped = self._maps.get(path)
+            if mapped is None:
+                mapped = MappedFile(path, self._sizes.get(path, 0))
+                self._maps[path] = mapped
+            return mapped
+
+    def mapped(self) -> list[MappedFile]:
+        return list(self._maps.values())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for mapped in self._maps.values():
+                mapped.close()
