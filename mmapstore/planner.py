@@ -1,0 +1,245 @@
+"""The refresh planner: captured Top-K ids -> pool updates and parameter writes.
+
+A pure function: no I/O, no copies.  Every ``ParamWrite.source`` is a view of
+the mapped store (the same memory as the page cache), so a plan holds a few
+hundred bytes per write whatever the slab size.  Pools change only when the
+plan is committed (:meth:`RefreshPlan.commit`), after its writes landed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import CapturedIdsError
+from .mapping import MappedFile
+from .pool import ExecMode, ExpertPool, RefreshResult, count_hits
+from .store import ExpertStack, ExpertStore, SourceSpan
+
+__all__ = [
+    "DEFAULT_PARAM_NAME",
+    "ParamWrite",
+    "PoolUpdate",
+    "RefreshPlan",
+    "plan_full_push",
+    "plan_refresh",
+    "plan_resident",
+]
+
+DEFAULT_PARAM_NAME = "blk.{layer}.ffn_{proj}_exps.weight"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUpdate:
+    """Slot ``slot`` of MoE layer ``layer`` (model index) changes from ``old_expert`` to ``new_expert``."""
+
+    layer: int
+    slot: int
+    old_expert: int
+    new_expert: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParamWrite:
+    """Write ``source`` (``[count, *slab]``, native orientation, a view of the
+    mapping) into ``param[index : index + count]``."""
+
+    param: str
+    index: int
+    source: npt.NDArray[np.generic]
+
+    @property
+    def count(self) -> int:
+        return int(self.source.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.source.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPlan:
+    """Pool updates and parameter writes of one refresh (or a full push).
+
+    ``reads`` are the merged file byte ranges the writes touch, for prefetch.
+    ``results`` hold one proposal per layer (None where the pool is not
+    offloading) for :meth:`commit`.
+    """
+
+    store: ExpertStore
+    step: int
+    updates: tuple[PoolUpdate, ...]
+    writes: tuple[ParamWrite, ...]
+    reads: tuple[SourceSpan, ...]
+    results: tuple[RefreshResult | None, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the writes copy."""
+        return sum(write.nbytes for write in self.writes)
+
+    @property
+    def read_nbytes(self) -> int:
+        """File bytes the writes touch (larger than ``nbytes`` for strided sources)."""
+        return sum(span.nbytes for span in self.reads)
+
+    def commit(self, pools: Sequence[ExpertPool]) -> None:
+        """Make the planned placement the pools' state (call after the writes landed)."""
+        if len(pools) != len(self.results):
+            raise CapturedIdsError(f"plan has {len(self.results)} layers, got {len(pools)} pools")
+        for pool, result in zip(pools, self.results):
+            if result is not None:
+                pool.commit(result)
+
+
+def param_name(template: str, layer: int, proj: str) -> str:
+    return template.format(layer=layer, proj=proj)
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Group ``(slot, expert)`` pairs, sorted by slot, into runs where both
+    advance by one: ``(first_slot, first_expert, count)``."""
+    runs: list[tuple[int, int, int]] = []
+    for slot, expert in pairs:
+        if runs:
+            first_slot, first_expert, count = runs[-1]
+            if slot == first_slot + count and expert == first_expert + count:
+                runs[-1] = (first_slot, first_expert, count + 1)
+                continue
+        runs.append((slot, expert, 1))
+    return runs
+
+
+Located = tuple[ParamWrite, MappedFile]
+
+
+def _stack_writes(stack: ExpertStack, param: str, pairs: list[tuple[int, int]]) -> list[Located]:
+    writes: list[Located] = []
+    for first_slot, first_expert, count in _runs(sorted(pairs)):
+        source = stack.native_range(first_expert, count)
+        if source is not None:
+            writes.append((ParamWrite(param, first_slot, source), stack.mapped_file(first_expert)))
+            continue
+        for offset in range(count):  # not evenly spaced in one file: one write each
+            single = stack.native_range(first_expert + offset, 1)
+            assert single is not None
+            writes.append((ParamWrite(param, first_slot + offset, single), stack.mapped_file(first_expert + offset)))
+    return writes
+
+
+def _plan(store: ExpertStore, step: int, updates: list[PoolUpdate], located: list[Located],
+          results: tuple[RefreshResult | None, ...]) -> RefreshPlan:
+    """Assemble a plan; merge the byte ranges its writes touch, per file, in file order."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    by_path: dict[str, MappedFile] = {}
+    for write, mapped in located:
+        offset = mapped.offset_of(write.source)
+        spans.setdefault(mapped.path, []).append((offset, offset + _extent(write.source)))
+        by_path[mapped.path] = mapped
+    merged: list[SourceSpan] = []
+    for path, ranges in spans.items():
+        ranges.sort()
+        start, end = ranges[0]
+        for begin, finish in ranges[1:]:
+            if begin <= end:
+                end = max(end, finish)
+                continue
+            merged.append(SourceSpan(by_path[path], start, end - start))
+            start, end = begin, finish
+        merged.append(SourceSpan(by_path[path], start, end - start))
+    writes = tuple(write for write, _ in located)
+    return RefreshPlan(store, step, tuple(updates), writes, tuple(merged), results)
+
+
+def _extent(view: npt.NDArray[np.generic]) -> int:
+    extent = view.itemsize
+    for size, stride in zip(view.shape, view.strides):
+        extent += (size - 1) * abs(stride)
+    return extent
+
+
+def plan_refresh(
+    store: ExpertStore,
+    pools: Sequence[ExpertPool],
+    captured: Sequence[object],
+    step: int,
+    is_prefill_block: bool = False,
+    mode: ExecMode = ExecMode.REUSE,
+    *,
+    names: str = DEFAULT_PARAM_NAME,
+) -> RefreshPlan | None:
+    """Plan one refresh of every layer's pool; ``None`` when none is due.
+
+    ``pools[i]`` and ``captured[i]`` belong to ``store.layers[i]``; each
+    ``captured[i]`` holds that layer's Top-K ids of the step, any shape.  The
+    decision is taken once per step for all layers.  Every layer's ids are
+    validated before any proposal is made.
+
+    Raises
+    ------
+    CapturedIdsError
+        Wrong number of layers or pools, ids out of range or not integers.
+    StoreClosedError
+        The store is closed.
+    """
+    store.check_open()
+    layers = store.layers
+    if len(pools) != len(layers):
+        raise CapturedIdsError(f"{len(pools)} pools for {len(layers)} MoE layers")
+    if not any(pool.should_refresh(mode, step, is_prefill_block) for pool in pools):
+        return None
+    if len(captured) != len(layers):
+        raise CapturedIdsError(f"captured ids for {len(captured)} layers, the store has {len(layers)} MoE layers")
+    hits = []
+    for layer, pool, ids in zip(layers, pools, captured):
+        try:
+            hits.append(count_hits(ids, pool.num_experts) if pool.offload else None)
+        except CapturedIdsError as exc:
+            raise CapturedIdsError(f"MoE layer {layer.layer_index}: {exc}") from None
+    updates: list[PoolUpdate] = []
+    writes: list[Located] = []
+    results: list[RefreshResult | None] = []
+    for layer, pool, layer_hits in zip(layers, pools, hits):
+        if layer_hits is None:
+            results.append(None)
+            continue
+        result = pool.propose(pool.select_target(layer_hits), layer_hits)
+        results.append(result)
+        pairs = list(zip(result.slots, result.promoted))
+        updates += [
+            PoolUpdate(layer.layer_index, slot, old, new)
+            for slot, old, new in zip(result.slots, result.demoted, result.promoted)
+        ]
+        for proj, stack in layer.stacks:
+            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+    return _plan(store, step, updates, writes, tuple(results))
+
+
+def plan_resident(
+    store: ExpertStore, pools: Sequence[ExpertPool], *, names: str = DEFAULT_PARAM_NAME
+) -> RefreshPlan:
+    """Writes that fill every pool slot with its current expert (the initial load)."""
+    store.check_open()
+    if len(pools) != len(store.layers):
+        raise CapturedIdsError(f"{len(pools)} pools for {len(store.layers)} MoE layers")
+    writes: list[Located] = []
+    for layer, pool in zip(store.layers, pools):
+        pairs = list(enumerate(int(expert) for expert in pool.resident_experts()))
+        for proj, stack in layer.stacks:
+            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+    return _plan(store, -1, [], writes, tuple(None for _ in pools))
+
+
+def plan_full_push(store: ExpertStore, *, names: str = DEFAULT_PARAM_NAME) -> RefreshPlan:
+    """Writes of every stack into full ``[E, ...]`` parameters named by ``names``
+    (``blk.{layer}.ffn_{proj}_exps.weight`` by default)."""
+    store.check_open()
+    writes: list[Located] = []
+    for layer in store.layers:
+        for proj, stack in layer.stacks:
+            pairs = [(expert, expert) for expert in range(stack.num_experts)]
+            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+    return _plan(store, -1, [], writes, ())
