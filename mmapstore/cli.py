@@ -1,0 +1,263 @@
+"""The ``mmapstore`` command: synth, convert, inspect, verify, simulate, bench.
+
+Exit codes: 0 success, 1 bad input or damage, 2 usage errors.  Text output
+by default, ``--json`` for machines; progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .errors import MmapStoreError
+
+__all__ = ["escape", "main", "parse_size"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"4GiB"``, ``"512M"``, ``"1000"`` -> bytes (powers of 1024 for units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M, 4GiB)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def escape(text: object) -> str:
+    """Make a name read from a file safe to print: control and format
+    characters (terminal escapes included) become ``\\x..`` / ``\\u....``."""
+    out = []
+    for char in str(text):
+        if unicodedata.category(char)[0] == "C":
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import synth_checkpoint
+
+    with _progress(0, "synth", args.quiet or args.sparse) as progress:
+        result = synth_checkpoint(
+            args.out, args.family, layers=args.layers, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
+            top_k=args.top_k, dtype=args.dtype, shard_nbytes=args.shard_size, sparse=args.sparse, seed=args.seed,
+            force=args.force, progress=progress,
+        )
+    if args.json:
+        _print_json({"path": result.path, "files": list(result.files), "num_tensors": result.num_tensors,
+                     "nbytes": result.nbytes})
+    else:
+        print(f"wrote {escape(result.path)}: {args.family}, {result.num_tensors} tensors, "
+              f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} shard(s){' (sparse)' if args.sparse else ''}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .store import open_store
+
+    with open_store(args.src) as store:
+        total = sum(layer.gate.nbytes + layer.up.nbytes + layer.down.nbytes for layer in store.layers)
+    with _progress(total, "convert", args.quiet) as progress:
+        result = convert(args.src, args.dst, storage=args.format, dtype=args.dtype, shard_nbytes=args.shard_size,
+                         layers=args.layers, force=args.force, progress=progress)
+    if args.json:
+        _print_json({"path": result.path, "files": list(result.files), "num_tensors": result.num_tensors,
+                     "nbytes": result.nbytes, "skipped": result.skipped})
+    elif result.skipped:
+        print(f"{escape(result.path)} already holds this conversion; nothing to do")
+    else:
+        print(f"converted {escape(args.src)} -> {escape(result.path)}: {result.num_tensors} stacks, "
+              f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} file(s)")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import describe
+
+    info = describe(args.path)
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{escape(info['path'])}")
+    print(f"  kind: {info['kind']}  layout: {info['layout']}  model_type: {escape(info['model_type'])}")
+    print(f"  MoE layers: {info['moe_layers']}  tensors: {info['num_tensors']}  "
+          f"expert bytes: {info['expert_nbytes'] / 1e6:.1f} MB")
+    for layer in info["layers"]:
+        parts = []
+        for proj, stack in layer["stacks"].items():
+            shape = "x".join(str(dim) for dim in stack["shape"])
+            parts.append(f"{proj} [{shape}] {stack['dtype']} {stack['orientation']} {stack['storage']}")
+        print(f"  layer {layer['layer']:>3}: " + "; ".join(parts))
+    print(f"  files: {len(info['files'])}, {info['total_nbytes'] / 1e6:.1f} MB")
+    for entry in info["files"]:
+        print(f"    {escape(os.path.basename(entry['path']))}  {entry['nbytes']}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .report import verify
+
+    report = verify(args.path)
+    if args.json:
+        _print_json({"path": report.path, "ok": report.ok, "checked_tensors": report.checked_tensors,
+                     "checked_nbytes": report.checked_nbytes,
+                     "problems": [{"file": p.file, "tensor": p.tensor, "message": p.message} for p in report.problems]})
+    elif report.ok:
+        print(f"ok: {escape(report.path)}: {report.checked_tensors} tensors, {report.checked_nbytes / 1e6:.1f} MB checked")
+    else:
+        for problem in report.problems:
+            where = f"tensor {escape(problem.tensor)} in " if problem.tensor else ""
+            print(f"DAMAGED: {where}{escape(problem.file)}: {escape(problem.message)}")
+        print(f"{len(report.problems)} problem(s) in {escape(report.path)}")
+    return 0 if report.ok else 1
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    with tempfile.TemporaryDirectory(prefix="mmapstore-demo-") as scratch:
+        path = args.path
+        if path is None:
+            from .synth import synth_checkpoint
+
+            path = synth_checkpoint(os.path.join(scratch, "mixtral"), "mixtral", layers=2, experts=8,
+                                    hidden=256, ffn=128).path
+            if not args.json:
+                print(f"synthesized a small mixtral checkpoint: {path}")
+        summary = simulate(path, capacity=args.capacity, steps=args.steps, every=args.every, tokens=args.tokens,
+                           top_k=args.top_k, seed=args.seed, dtype=args.dtype, orientation=args.orientation)
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"store: {summary['layout']}, {summary['moe_layers']} MoE layers x {summary['experts']} experts; "
+          f"pool capacity {summary['capacity']} per layer, refresh every {args.every} step(s)")
+    for event in summary["events"]:
+        moves = ", ".join(f"L{u['layer']} slot {u['slot']}: {u['old']}->{u['new']}" for u in event["updates"]) or "none"
+        print(f"  step {event['step']:>3}: moved {len(event['updates'])} expert(s), "
+              f"{event['nbytes'] / 1e6:.2f} MB [{moves}]")
+    stats = summary["stats"]
+    print(f"total: {stats['refreshes']} refreshes, {stats['promotions']} promotions, "
+          f"{stats['nbytes'] / 1e6:.2f} MB copied; every resident slot matches the store: {summary['verified']}")
+    return 0 if summary["verified"] else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .families import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="mmapstore", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="mmapstore 0.1.0")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write a synthetic Hugging Face-layout MoE checkpoint")
+    synth.add_argument("out")
+    synth.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    synth.add_argument("--layers", type=int, default=2)
+    synth.add_argument("--experts", type=int, default=8)
+    synth.add_argument("--hidden", type=int, default=64)
+    synth.add_argument("--ffn", type=int, default=32)
+    synth.add_argument("--top-k", type=int, default=2)
+    synth.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
+    synth.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"))
+    synth.add_argument("--sparse", action="store_true", help="valid headers over holes: no disk used")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    synth.add_argument("--quiet", action="store_true")
+    synth.add_argument("--json", action="store_true")
+    synth.set_defaults(run=_cmd_synth)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint into a slab store")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--format", choices=["safetensors", "raw"], default="safetensors")
+    convert.add_argument("--dtype", choices=["keep", "f32", "f16", "bf16"], default="keep")
+    convert.add_argument("--shard-size", type=parse_size, default=parse_size("4GiB"))
+    convert.add_argument("--layers", help="model layer range A-B (inclusive)")
+    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument("--quiet", action="store_true")
+    convert.add_argument("--json", action="store_true")
+    convert.set_defaults(run=_cmd_convert)
+
+    inspect = commands.add_parser("inspect", help="show layout, layers, stacks and files")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    verify = commands.add_parser("verify", help="check structure and checksums")
+    verify.add_argument("path")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=_cmd_verify)
+
+    simulate = commands.add_parser("simulate", help="replay a routing trace through SlabService")
+    simulate.add_argument("path", nargs="?", help="a store; omitted: a small synthetic checkpoint")
+    simulate.add_argument("--capacity", type=int, default=4)
+    simulate.add_argument("--steps", type=int, default=8)
+    simulate.add_argument("--every", type=int, default=2, help="refresh every N decode steps")
+    simulate.add_argument("--tokens", type=int, default=4, help="tokens per step")
+    simulate.add_argument("--top-k", type=int, default=2)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--dtype", default=None, help="sink dtype (default: the store's)")
+    simulate.add_argument("--orientation", choices=["native", "kn"], default="native")
+    simulate.add_argument("--json", action="store_true")
+    simulate.set_defaults(run=_cmd_simulate)
+
+    bench = commands.add_parser("bench", help="benchmarks against baselines measured in the same run")
+    bench.add_argument("--size", type=parse_size, default=parse_size("2GiB"), help="synthetic data size")
+    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--cases", nargs="*", default=None)
+    bench.add_argument("--json", dest="json_out", metavar="FILE")
+    bench.add_argument("--plot", metavar="FILE.png")
+    bench.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    bench.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        result: int = args.run(args)
+        return result
+    except MmapStoreError as exc:
+        print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
+        return 1

@@ -1,0 +1,271 @@
+"""Streaming conversion of any checkpoint ``open_store`` opens into a slab store.
+
+Each stack is written contiguous as ``[E, k, n]`` (GroupedMatMul orientation,
+transposed from ``[out, in]`` sources), page-aligned, named
+``blk.{L}.ffn_{gate,up,down}_exps.weight``, with an ``mmapstore.json``
+manifest carrying provenance and a sha256 per tensor.  Conversion streams
+slab by slab: peak memory is a few slabs whatever the checkpoint size (source
+pages are dropped from this process with ``MADV_DONTNEED`` once copied).  The
+output is built in a staging directory beside the destination under a lock
+and renamed into place (see :mod:`mmapstore.publish`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .dtypes import DType, code_of, parse_user_dtype
+from .errors import ConvertError, FormatError
+from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
+from .formats.records import load_json_object
+from .mapping import MADV_DONTNEED, PAGE_NBYTES
+from .publish import clean_partials, locked, staged_dir
+from .store import ExpertStack, ExpertStore, open_store
+
+__all__ = ["ConvertResult", "convert", "source_fingerprint"]
+
+TOOL_VERSION = "0.1.0"
+PARAM = "blk.{layer}.ffn_{proj}_exps.weight"
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    path: str
+    files: tuple[str, ...]
+    num_tensors: int
+    nbytes: int
+    skipped: bool  # the destination already held this conversion
+
+
+def source_fingerprint(store: ExpertStore) -> list[list[object]]:
+    """Name, size and mtime of every source file: what 'the same source' means."""
+    result: list[list[object]] = []
+    for path in store.files:
+        info = os.stat(path)
+        result.append([os.path.relpath(path, os.path.dirname(store.path) or "."), info.st_size, info.st_mtime_ns])
+    return result
+
+
+def _parse_layers(layers: str | None, available: list[int]) -> list[int]:
+    if layers is None:
+        return available
+    try:
+        first, _, last = layers.partition("-")
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise ConvertError(f"--layers must look like A-B or A, got {layers!r}") from None
+    chosen = [index for index in available if low <= index <= high]
+    if not chosen:
+        raise ConvertError(f"--layers {layers}: no MoE layer in that range (MoE layers are {available})")
+    return chosen
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    storage: str = "safetensors",
+    dtype: str = "keep",
+    shard_nbytes: int = 4 << 30,
+    layers: str | None = None,
+    force: bool = False,
+    lock_timeout: float = -1,
+    progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Convert ``src`` into a slab store at ``dst``; atomic, locked, streaming.
+
+    Without ``force`` an existing ``dst`` is refused, unless it already holds
+    this very conversion (same source files, sizes, mtimes and options): then
+    nothing is written and ``skipped`` is True, so racing converters agree.
+
+    Raises
+    ------
+    FormatError
+        The source is malformed.
+    ConvertError
+        ``dst`` exists, options are invalid, or the lock timed out.
+    """
+    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    if storage not in ("safetensors", "raw"):
+        raise ConvertError(f"storage must be 'safetensors' or 'raw', got {storage!r}")
+    with open_store(src) as store:
+        out_dtype = None if dtype == "keep" else parse_user_dtype(dtype)
+        chosen = _parse_layers(layers, store.layer_indices)
+        options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
+        fingerprint = source_fingerprint(store)
+        with locked(dst, lock_timeout):
+            clean_partials(dst)
+            if not force and _already_done(dst, os.path.abspath(src), fingerprint, options):
+                manifest = load_json_object(os.path.join(dst, MANIFEST_NAME), what="manifest")
+                files = tuple(os.path.join(dst, name) for name in manifest.get("files", []))
+                total = sum(entry["nbytes"] for entry in manifest["tensors"].values())
+                return ConvertResult(dst, files, len(manifest["tensors"]), total, True)
+            with staged_dir(dst, replace=force) as staging:
+                stacks = [(store.layer(index), proj) for index in chosen for proj in ("gate", "up", "down")]
+                plan = []
+                for layer, proj in stacks:
+                    stack: ExpertStack = getattr(layer, proj)
+                    data_type = out_dtype or DType(code_of(stack.dtype), np.dtype(stack.dtype))
+                    spec = TensorSpec(PARAM.format(layer=layer.layer_index, proj=proj), data_type,
+                                      (stack.num_experts, stack.k, stack.n))
+                    plan.append((spec, stack))
+                entries = _write(staging, plan, storage, shard_nbytes, progress)
+                manifest = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "storage": storage,
+                    "layout": "slab",
+                    "orientation": "kn",
+                    "dtype": (out_dtype.code if out_dtype else "keep"),
+                    "tool_version": TOOL_VERSION,
+                    "source": {
+                        "path": os.path.abspath(src),
+                        "kind": store.kind,
+                        "layout": store.layout,
+                        "config": store.config,
+                        "fingerprint": fingerprint,
+                    },
+                    "options": options,
+                    "files": sorted({entry["file"] for entry in entries.values()}),
+                    "tensors": entries,
+                }
+                with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+                    json.dump(manifest, handle, indent=1, sort_keys=True)
+                    handle.write("\n")
+    files = tuple(os.path.join(dst, name) for name in manifest["files"])
+    return ConvertResult(dst, files, len(entries), sum(entry["nbytes"] for entry in entries.values()), False)
+
+
+def _already_done(dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any]) -> bool:
+    if not os.path.exists(os.path.join(dst, MANIFEST_NAME)):
+        return False
+    try:
+        manifest = load_json_object(os.path.join(dst, MANIFEST_NAME), what="manifest")
+    except FormatError:
+        return False
+    source = manifest.get("source") or {}
+    return bool(
+        source.get("path") == src and source.get("fingerprint") == fingerprint and manifest.get("options") == options
+    )
+
+
+def _shards(plan: list[tuple[TensorSpec, ExpertStack]], shard_nbytes: int) -> list[list[tuple[TensorSpec, ExpertStack]]]:
+    shards: list[list[tuple[TensorSpec, ExpertStack]]] = [[]]
+    size = 0
+    for item in plan:
+        if shards[-1] and size + item[0].nbytes > shard_nbytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[0].nbytes
+    return shards
+
+
+def _write(
+    staging: str,
+    plan: list[tuple[TensorSpec, ExpertStack]],
+    storage: str,
+    shard_nbytes: int,
+    progress: Callable[[int], None] | None,
+) -> dict[str, dict[str, Any]]:
+    shards = _shards(plan, shard_nbytes)
+    entries: dict[str, dict[str, Any]] = {}
+    suffix = "safetensors" if storage == "safetensors" else "bin"
+    for number, shard in enumerate(shards, start=1):
+        file_name = f"experts-{number:05d}-of-{len(shards):05d}.{suffix}"
+        path = os.path.join(staging, file_name)
+        specs = [spec for spec, _ in shard]
+        writer: SafetensorsWriter | _RawWriter
+        if storage == "safetensors":
+            writer = SafetensorsWriter(path, specs, {"format": "mmapstore"}, align=PAGE_NBYTES)
+        else:
+            writer = _RawWriter(path, specs, PAGE_NBYTES)
+        with writer:
+            for spec, stack in shard:
+                digest = _stream_stack(writer, spec, stack, progress)
+                entries[spec.name] = {
+                    "file": file_name,
+                    "dtype": spec.dtype.code,
+                    "shape": list(spec.shape),
+                    "offset": writer.offsets[spec.name],
+                    "nbytes": spec.nbytes,
+                    "sha256": digest,
+                }
+    return entries
+
+
+def _stream_stack(
+    writer: SafetensorsWriter | _RawWriter,
+    spec: TensorSpec,
+    stack: ExpertStack,
+    progress: Callable[[int], None] | None,
+) -> str:
+    """Write one ``[E, k, n]`` stack slab by slab; return its sha256."""
+    digest = hashlib.sha256()
+    staging_slab: npt.NDArray[np.generic] | None = None
+    for expert in range(stack.num_experts):
+        slab = stack.expert(expert)
+        if slab.dtype == spec.dtype.numpy and slab.flags.c_contiguous:
+            out = slab  # already [k, n] in the right dtype: written straight from the page cache
+        else:
+            if staging_slab is None:
+                staging_slab = np.empty((stack.k, stack.n), dtype=spec.dtype.numpy)
+            np.copyto(staging_slab, slab, casting="same_kind")
+            out = staging_slab
+        raw = memoryview(out.reshape(-1).view(np.uint8))
+        digest.update(raw)
+        writer.append(out)
+        span = stack.source_span(expert)
+        # The copy is done; drop the source pages from this process (they stay
+        # in the page cache), so RSS stays at a few slabs.
+        span.mapped.advise(span.offset, span.nbytes, MADV_DONTNEED)
+        if progress is not None:
+            progress(out.nbytes)
+    return digest.hexdigest()
+
+
+class _RawWriter:
+    """Raw slab file: each tensor at a page-aligned offset, described by the manifest."""
+
+    def __init__(self, path: str, specs: list[TensorSpec], align: int) -> None:
+        self.offsets: dict[str, int] = {}
+        position = 0
+        for spec in specs:
+            position += -position % align
+            self.offsets[spec.name] = position
+            position += spec.nbytes
+        self._specs = specs
+        self._current = 0
+        self._written = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._file.truncate(position)
+
+    def append(self, data: npt.NDArray[np.generic]) -> None:
+        spec = self._specs[self._current]
+        self._file.seek(self.offsets[spec.name] + self._written)
+        self._file.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+        self._written += data.nbytes
+        if self._written >= spec.nbytes:
+            self._current += 1
+            self._written = 0
+
+    def __enter__(self) -> _RawWriter:
+        return self
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        try:
+            if kind is None:
+                if self._current != len(self._specs):
+                    raise ValueError(f"{self._file.name}: closed before every tensor was written")
+                self._file.flush()
+                os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
