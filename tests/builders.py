@@ -1,0 +1,74 @@
+"""Builders for synthetic and hostile test files, byte by byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from mmapstore.dtypes import code_of
+from mmapstore.families import FamilyShape, family_tensors
+from mmapstore.synth_values import synth_tensor
+
+
+def header_bytes(header: Mapping[str, object]) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+def pack_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file packed by hand with struct (independent of the library and our writer)."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    position = 0
+    blobs = []
+    for name, array in tensors.items():
+        blob = np.ascontiguousarray(array).reshape(-1).view(np.uint8).tobytes()
+        header[name] = {"dtype": code_of(array.dtype), "shape": list(array.shape),
+                        "data_offsets": [position, position + len(blob)]}
+        position += len(blob)
+        blobs.append(blob)
+    return header_bytes(header) + b"".join(blobs)
+
+
+def write_bytes(path: os.PathLike[str] | str, data: bytes) -> str:
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return os.fspath(path)
+
+
+def family_arrays(family: str, dtype: np.dtype, seed: int = 0, **shape: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Config and every tensor of a family, with synth values, in memory."""
+    config, tensors = family_tensors(family, FamilyShape(**shape))
+    return config, {name: synth_tensor(seed, name, tensor_shape, dtype) for name, tensor_shape in tensors}
+
+
+def write_family(directory: os.PathLike[str] | str, family: str, dtype: np.dtype, *, via: str,
+                 shards: int = 2, seed: int = 0, **shape: int) -> dict[str, np.ndarray]:
+    """Write a family checkpoint with config.json and an index, through the
+    ``safetensors`` library (``via="library"``) or hand-packed bytes (``via="packed"``)."""
+    os.makedirs(directory, exist_ok=True)
+    config, arrays = family_arrays(family, dtype, seed, **shape)
+    names = list(arrays)
+    per_shard = -(-len(names) // shards)
+    weight_map = {}
+    for number in range(shards):
+        part = {name: arrays[name] for name in names[number * per_shard:(number + 1) * per_shard]}
+        file_name = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
+        path = os.path.join(directory, file_name)
+        if via == "library":
+            import safetensors.numpy
+
+            safetensors.numpy.save_file(part, path, metadata={"format": "pt"})
+        else:
+            write_bytes(path, pack_safetensors(part, {"format": "pt"}))
+        weight_map.update({name: file_name for name in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return arrays
