@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DType, code_of, parse_user_dtype
+from .dtypes import DType, can_cast, code_of, parse_user_dtype
 from .errors import ConvertError, FormatError
 from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
 from .formats.records import load_json_object
@@ -98,6 +98,10 @@ def convert(
         raise ConvertError(f"storage must be 'safetensors' or 'raw', got {storage!r}")
     with open_store(src) as store:
         out_dtype = None if dtype == "keep" else parse_user_dtype(dtype)
+        if out_dtype is not None:
+            for layer in store.layers:
+                if not can_cast(layer.gate.dtype, out_dtype.numpy):
+                    raise ConvertError(f"cannot convert {layer.gate.dtype} experts to {out_dtype.code}")
         chosen = _parse_layers(layers, store.layer_indices)
         options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
         fingerprint = source_fingerprint(store)
@@ -218,7 +222,7 @@ def _stream_stack(
         else:
             if staging_slab is None:
                 staging_slab = np.empty((stack.k, stack.n), dtype=spec.dtype.numpy)
-            np.copyto(staging_slab, slab, casting="same_kind")
+            np.copyto(staging_slab, slab, casting="unsafe")  # the user asked for this dtype
             out = staging_slab
         raw = memoryview(out.reshape(-1).view(np.uint8))
         digest.update(raw)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import FormatError
 
-__all__ = ["DTYPE_CODES", "DType", "code_of", "dtype_from_code", "parse_user_dtype"]
+__all__ = ["DTYPE_CODES", "DType", "can_cast", "code_of", "dtype_from_code", "parse_user_dtype"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +97,19 @@ def parse_user_dtype(name: str) -> DType:
     if entry is None:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_USER_NAMES)}")
     return entry
+
+
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def _is_float(dtype: np.dtype[np.generic]) -> bool:
+    code = _BY_NUMPY.get(dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
+    return code in _FLOAT_CODES
+
+
+def can_cast(source: object, destination: object) -> bool:
+    """Whether a copy may cast ``source`` to ``destination``: numpy's
+    ``same_kind`` rule, plus any float to any float (numpy does not know that
+    bf16 and fp8 are floats of the same kind as f16)."""
+    src, dst = np.dtype(source), np.dtype(destination)
+    return bool(np.can_cast(src, dst, casting="same_kind")) or (_is_float(src) and _is_float(dst))

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .dtypes import can_cast
 from .errors import SinkError
 from .planner import DEFAULT_PARAM_NAME, param_name
 from .store import ExpertStore
@@ -61,7 +62,7 @@ class DictSink:
         count = oriented.shape[0]
         if not 0 <= index <= destination.shape[0] - count:
             raise SinkError(f"parameter {param!r}: slots [{index}, {index + count}) outside [0, {destination.shape[0]})")
-        if not np.can_cast(source.dtype, destination.dtype, casting="same_kind"):
+        if not can_cast(source.dtype, destination.dtype):
             raise SinkError(f"parameter {param!r}: cannot cast {source.dtype} to {destination.dtype}")
         if not destination.flags.writeable:
             raise SinkError(f"parameter {param!r}: destination array is read-only")
@@ -69,7 +70,9 @@ class DictSink:
     def write(self, param: str, index: int, source: npt.NDArray[np.generic]) -> None:
         destination = self.arrays[param]
         oriented = self._oriented(param, source)
-        np.copyto(destination[index : index + oriented.shape[0]], oriented, casting="same_kind")
+        # check() allowed the cast; "unsafe" lets numpy do float-to-float casts
+        # between ml_dtypes types that its same_kind rule does not know.
+        np.copyto(destination[index : index + oriented.shape[0]], oriented, casting="unsafe")
 
 
 class ArraySink(DictSink):
