@@ -17,10 +17,11 @@ import numpy.typing as npt
 from .errors import CapturedIdsError
 from .mapping import MappedFile
 from .pool import ExecMode, ExpertPool, RefreshResult, count_hits
-from .store import ExpertStack, ExpertStore, SourceSpan
+from .store import ExpertStack, ExpertStore
 
 __all__ = [
     "DEFAULT_PARAM_NAME",
+    "FileRanges",
     "ParamWrite",
     "PoolUpdate",
     "RefreshPlan",
@@ -61,6 +62,22 @@ class ParamWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRanges:
+    """Merged, sorted byte ranges of one mapped file that a plan reads."""
+
+    mapped: MappedFile
+    offsets: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.lengths.sum())
+
+    def spans(self) -> list[tuple[int, int]]:
+        return list(zip(self.offsets.tolist(), self.lengths.tolist()))
+
+
+@dataclass(frozen=True, slots=True)
 class RefreshPlan:
     """Pool updates and parameter writes of one refresh (or a full push).
 
@@ -73,7 +90,7 @@ class RefreshPlan:
     step: int
     updates: tuple[PoolUpdate, ...]
     writes: tuple[ParamWrite, ...]
-    reads: tuple[SourceSpan, ...]
+    reads: tuple[FileRanges, ...]
     results: tuple[RefreshResult | None, ...] = ()
 
     @property
@@ -84,7 +101,7 @@ class RefreshPlan:
     @property
     def read_nbytes(self) -> int:
         """File bytes the writes touch (larger than ``nbytes`` for strided sources)."""
-        return sum(span.nbytes for span in self.reads)
+        return sum(ranges.nbytes for ranges in self.reads)
 
     def commit(self, pools: Sequence[ExpertPool]) -> None:
         """Make the planned placement the pools' state (call after the writes landed)."""
@@ -113,52 +130,57 @@ def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
-Located = tuple[ParamWrite, MappedFile]
+Located = tuple[ParamWrite, MappedFile, int, int]  # write, its mapping, file offset, byte extent
 
 
 def _stack_writes(stack: ExpertStack, param: str, pairs: list[tuple[int, int]]) -> list[Located]:
+    """Coalesced writes of ``(slot, expert)`` pairs (experts already validated)."""
     writes: list[Located] = []
-    for first_slot, first_expert, count in _runs(sorted(pairs)):
-        source = stack.native_range(first_expert, count)
-        if source is not None:
-            writes.append((ParamWrite(param, first_slot, source), stack.mapped_file(first_expert)))
+    runs = _runs(sorted(pairs))
+    geometry = stack.stacked_geometry()
+    if geometry is not None:  # the hot path: slicing and arithmetic only
+        stacked, mapped, base, stride, extent = geometry
+        for first_slot, first_expert, count in runs:
+            view = stacked[first_expert : first_expert + count]
+            writes.append((ParamWrite(param, first_slot, view), mapped, base + first_expert * stride,
+                           (count - 1) * stride + extent))
+        return writes
+    for first_slot, first_expert, count in runs:
+        located = stack.range_source(first_expert, count)
+        if located is not None:
+            view, mapped, offset, extent = located
+            writes.append((ParamWrite(param, first_slot, view), mapped, offset, extent))
             continue
-        for offset in range(count):  # not evenly spaced in one file: one write each
-            single = stack.native_range(first_expert + offset, 1)
+        for position in range(count):  # not evenly spaced in one file: one write each
+            single = stack.range_source(first_expert + position, 1)
             assert single is not None
-            writes.append((ParamWrite(param, first_slot + offset, single), stack.mapped_file(first_expert + offset)))
+            view, mapped, offset, extent = single
+            writes.append((ParamWrite(param, first_slot + position, view), mapped, offset, extent))
     return writes
 
 
 def _plan(store: ExpertStore, step: int, updates: list[PoolUpdate], located: list[Located],
           results: tuple[RefreshResult | None, ...]) -> RefreshPlan:
     """Assemble a plan; merge the byte ranges its writes touch, per file, in file order."""
-    spans: dict[str, list[tuple[int, int]]] = {}
-    by_path: dict[str, MappedFile] = {}
-    for write, mapped in located:
-        offset = mapped.offset_of(write.source)
-        spans.setdefault(mapped.path, []).append((offset, offset + _extent(write.source)))
-        by_path[mapped.path] = mapped
-    merged: list[SourceSpan] = []
-    for path, ranges in spans.items():
-        ranges.sort()
-        start, end = ranges[0]
-        for begin, finish in ranges[1:]:
-            if begin <= end:
-                end = max(end, finish)
-                continue
-            merged.append(SourceSpan(by_path[path], start, end - start))
-            start, end = begin, finish
-        merged.append(SourceSpan(by_path[path], start, end - start))
-    writes = tuple(write for write, _ in located)
+    by_path: dict[str, tuple[MappedFile, list[int], list[int]]] = {}
+    for _, mapped, offset, extent in located:
+        entry = by_path.get(mapped.path)
+        if entry is None:
+            entry = by_path[mapped.path] = (mapped, [], [])
+        entry[1].append(offset)
+        entry[2].append(offset + extent)
+    merged: list[FileRanges] = []
+    for mapped, start_list, end_list in by_path.values():
+        starts, ends = np.asarray(start_list, dtype=np.int64), np.asarray(end_list, dtype=np.int64)
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], np.maximum.accumulate(ends[order])
+        # a new range begins where a start lies past every end before it
+        fresh = np.flatnonzero(starts[1:] > ends[:-1]) + 1
+        firsts = np.concatenate(([0], fresh))
+        lasts = np.concatenate((fresh - 1, [len(starts) - 1]))
+        merged.append(FileRanges(mapped, starts[firsts], ends[lasts] - starts[firsts]))
+    writes = tuple(write for write, *_ in located)
     return RefreshPlan(store, step, tuple(updates), writes, tuple(merged), results)
-
-
-def _extent(view: npt.NDArray[np.generic]) -> int:
-    extent = view.itemsize
-    for size, stride in zip(view.shape, view.strides):
-        extent += (size - 1) * abs(stride)
-    return extent
 
 
 def plan_refresh(

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import FormatError
 from .manifest import MANIFEST_NAME, check_manifest, raw_records
-from .records import TensorRecord, load_json_object, resolve_inside
+from .records import PathResolver, TensorRecord, load_json_object, resolve_inside
 from .safetensors import PAD_PREFIX, read_safetensors_header
 
 __all__ = ["INDEX_NAME", "Checkpoint", "read_checkpoint"]
@@ -129,8 +129,9 @@ def _slab_store(root: str) -> Checkpoint:
         return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest)
     tensors = {}
     headers: dict[str, dict[str, TensorRecord]] = {}
+    resolve = PathResolver(root, manifest_path)
     for name, entry in entries.items():
-        file_path = resolve_inside(root, entry.get("file"), what=f"tensor {name!r}", source=manifest_path)
+        file_path = resolve(entry.get("file"), what=f"tensor {name!r}")
         if file_path not in headers:
             header = read_safetensors_header(file_path)
             headers[file_path] = {record.name: record for record in header.tensors}

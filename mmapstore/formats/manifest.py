@@ -14,7 +14,7 @@ from typing import Any
 
 from ..dtypes import dtype_from_code
 from ..errors import FormatError
-from .records import MAX_TENSORS, TensorRecord, resolve_inside, shape_nbytes, validate_shape
+from .records import MAX_TENSORS, PathResolver, TensorRecord, shape_nbytes, validate_shape
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "check_manifest", "raw_records"]
 
@@ -56,9 +56,10 @@ def raw_records(root: str, manifest: dict[str, Any], *, path: str) -> dict[str, 
     no two tensors of one file overlapping."""
     records: dict[str, TensorRecord] = {}
     sizes: dict[str, int] = {}
+    resolve = PathResolver(root, path)
     for name, entry in manifest["tensors"].items():
         where = f"tensor {name!r}"
-        file_path = resolve_inside(root, entry.get("file"), what=where, source=path)
+        file_path = resolve(entry.get("file"), what=where)
         dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: {where}")
         shape = validate_shape(entry.get("shape"), path=path, tensor=name)
         offset = entry.get("offset")

@@ -14,6 +14,7 @@ from ..errors import FormatError
 
 __all__ = [
     "MAX_DIMS",
+    "PathResolver",
     "MAX_HEADER_NBYTES",
     "MAX_MANIFEST_NBYTES",
     "MAX_TENSORS",
@@ -65,11 +66,13 @@ def read_exact(fd: int, nbytes: int, offset: int, *, path: str, what: str) -> by
 
 def _no_duplicates(path: str, what: str) -> Any:
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise FormatError(f"{path}: {what} has duplicate key {key!r}")
-            result[key] = value
+        result = dict(pairs)
+        if len(result) != len(pairs):  # rare: find the culprit only then
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise FormatError(f"{path}: {what} has duplicate key {key!r}")
+                seen.add(key)
         return result
 
     return hook
@@ -170,6 +173,24 @@ def resolve_inside(root: str, relative: object, *, what: str, source: str) -> st
     if not stat.S_ISREG(info.st_mode):
         raise FormatError(f"{source}: {what}: {relative!r:.80} is not a regular file")
     return target
+
+
+class PathResolver:
+    """:func:`resolve_inside` with a cache per file name (a store names few files
+    many times; resolving costs a realpath and a stat)."""
+
+    def __init__(self, root: str, source: str) -> None:
+        self.root = root
+        self.source = source
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, relative: object, *, what: str) -> str:
+        if isinstance(relative, str) and relative in self._cache:
+            return self._cache[relative]
+        resolved = resolve_inside(self.root, relative, what=what, source=self.source)
+        assert isinstance(relative, str)
+        self._cache[relative] = resolved
+        return resolved
 
 
 def string_map(value: object, *, path: str, what: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ExpertIndexError
+from ..errors import ExpertIndexError, StoreClosedError
 from ..formats.records import TensorRecord
 from ..mapping import FileMaps, MappedFile, byte_span
 
@@ -61,10 +61,17 @@ class ExpertStack:
         self.native_orientation = native_orientation
         self.tensor_names = tensor_names
         self._maps = maps
+        self._released = False
+        self._geometry: tuple[MappedFile, int, int, int] | None = None  # mapping, offset, stride, slab extent
         self._stacked = stacked
         self._stacked_path = stacked_path
         self._records = tuple(records)
         self.num_experts = int(stacked.shape[0]) if stacked is not None else len(self._records)
+
+    def release(self) -> None:
+        """Drop this stack's own views (the store is closing) so the mapping can go."""
+        self._stacked = None
+        self._released = True
 
     @property
     def slab_nbytes(self) -> int:
@@ -100,6 +107,8 @@ class ExpertStack:
     def native(self, expert: int) -> npt.NDArray[np.generic]:
         """Expert ``expert``'s slab as the file stores it (see ``native_orientation``)."""
         expert = self.check_expert(expert)
+        if self._released:
+            raise StoreClosedError(f"{self.name}: the store is closed")
         if self._stacked is not None:
             return self._stacked[expert]
         record = self._records[expert]
@@ -113,23 +122,48 @@ class ExpertStack:
     def native_range(self, first: int, count: int) -> npt.NDArray[np.generic] | None:
         """Experts ``first .. first+count-1`` as one ``[count, *native_shape]`` view,
         or None when their slabs are not evenly spaced in one file."""
+        located = self.range_source(first, count)
+        return None if located is None else located[0]
+
+    def stacked_geometry(self) -> tuple[npt.NDArray[np.generic], MappedFile, int, int, int] | None:
+        """For a stacked stack: ``(3-D native view, mapping, file offset of
+        expert 0, byte stride between experts, byte extent of one slab)``, so
+        the planner computes ranges with arithmetic; None for gathered stacks."""
+        if self._released:
+            raise StoreClosedError(f"{self.name}: the store is closed")
+        if self._stacked is None:
+            return None
+        if self._geometry is None:
+            assert self._stacked_path is not None
+            mapped = self._maps.get(self._stacked_path)
+            low, high = byte_span(self._stacked[0])
+            self._geometry = (mapped, mapped.offset_of(self._stacked[0]), int(self._stacked.strides[0]), high - low)
+        return (self._stacked, *self._geometry)
+
+    def range_source(
+        self, first: int, count: int
+    ) -> tuple[npt.NDArray[np.generic], MappedFile, int, int] | None:
+        """:meth:`native_range` plus where its bytes lie: ``(view, mapping, file
+        offset, byte extent)``."""
         self.check_expert(first)
         self.check_expert(first + count - 1)
-        if self._stacked is not None:
-            return self._stacked[first : first + count]
+        geometry = self.stacked_geometry()
+        if geometry is not None:
+            stacked, mapped, base, stride, extent = geometry
+            return stacked[first : first + count], mapped, base + first * stride, (count - 1) * stride + extent
         records = self._records[first : first + count]
         head = records[0]
         for position, record in enumerate(records):
             if record.path != head.path or record.offset != head.offset + position * self.slab_nbytes:
                 return None
         mapped = self._maps.get(head.path)
-        return mapped.view(head.offset, self.dtype, (count, *self.native_shape))
+        view = mapped.view(head.offset, self.dtype, (count, *self.native_shape))
+        return view, mapped, head.offset, count * self.slab_nbytes
 
     def mapped_file(self, expert: int) -> MappedFile:
         """The mapping that holds ``expert``'s bytes."""
         expert = self.check_expert(expert)
-        if self._stacked is not None:
-            assert self._stacked_path is not None
+        if self._stacked_path is not None:
             return self._maps.get(self._stacked_path)
         return self._maps.get(self._records[expert].path)
 

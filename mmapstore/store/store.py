@@ -104,6 +104,13 @@ class ExpertStore:
         return self._maps.mapped()
 
     def close(self) -> None:
+        """Release the mappings.  The store's own views go first, so a mapping is
+        unmapped now unless the caller still holds views of it (then it goes
+        with the last of them)."""
+        for layer in self.layers:
+            for _, stack in layer.stacks:
+                stack.release()
+            layer.companions.clear()
         self._maps.close()
 
     def __enter__(self) -> ExpertStore:

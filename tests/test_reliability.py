@@ -1,0 +1,340 @@
+"""Hostile input, crashes, concurrency and files that change underneath.
+
+Quick passes run by default; ``--run-slow`` runs the long ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from builders import pack_safetensors, write_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmapstore.formats.records as records
+from mmapstore import FormatError, open_store
+from mmapstore.convert import convert
+from mmapstore.pool import RefreshPolicy
+from mmapstore.report import verify
+from mmapstore.service import SlabService
+from mmapstore.synth import routing_trace, synth_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUZZ_QUICK, FUZZ_LONG = 400, 20_000
+CRASH_QUICK, CRASH_LONG = 20, 100
+
+
+def small_moe_file() -> bytes:
+    tensors = {}
+    for expert in range(2):
+        for proj, shape in (("gate_proj", (4, 3)), ("up_proj", (4, 3)), ("down_proj", (3, 4))):
+            name = f"model.layers.0.mlp.experts.{expert}.{proj}.weight"
+            tensors[name] = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + expert
+    return pack_safetensors(tensors, {"format": "pt"})
+
+
+def check_opens_correctly_or_refuses(path: str) -> str:
+    """The fuzzing oracle: FormatError, or values equal to what the safetensors library reads."""
+    try:
+        store = open_store(path)
+    except FormatError:
+        return "refused"
+    with store:
+        reference = safetensors.numpy.load_file(path)
+        for layer in store.layers:
+            for _, stack in layer.stacks:
+                for expert in range(stack.num_experts):
+                    name = stack.tensor_names[expert] if not stack.is_stacked else stack.tensor_names[0]
+                    want = reference[name] if not stack.is_stacked else reference[name][expert]
+                    np.testing.assert_array_equal(stack.native(expert), want)
+    return "opened"
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    kind = rng.choice(["flip", "truncate", "extend", "splice", "header_flip", "length"])
+    buffer = bytearray(data)
+    if kind == "flip":
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(buffer))
+            buffer[position] ^= 1 << rng.randrange(8)
+    elif kind == "header_flip":
+        header_nbytes = struct.unpack("<Q", data[:8])[0]
+        position = 8 + rng.randrange(header_nbytes)
+        buffer[position] = rng.randrange(256)
+    elif kind == "truncate":
+        del buffer[rng.randrange(len(buffer)):]
+    elif kind == "extend":
+        buffer += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    elif kind == "splice":
+        start = rng.randrange(len(buffer))
+        length = rng.randint(1, 32)
+        chunk = bytes(buffer[rng.randrange(len(buffer)):][:length])
+        buffer[start:start + length] = chunk
+    else:
+        buffer[:8] = struct.pack("<Q", rng.choice([0, 1, 2**63, 2**64 - 1, len(data), rng.randrange(4096)]))
+    return bytes(buffer)
+
+
+def run_mutation_fuzz(tmp_path, count: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    base = small_moe_file()
+    outcomes = {"opened": 0, "refused": 0}
+    for trial in range(count):
+        path = write_bytes(tmp_path / f"m{trial % 4}.safetensors", mutate(base, rng))
+        outcomes[check_opens_correctly_or_refuses(path)] += 1
+    return outcomes
+
+
+def test_mutation_fuzz_quick(tmp_path):
+    outcomes = run_mutation_fuzz(tmp_path, FUZZ_QUICK, seed=1)
+    assert outcomes["refused"] > 0 and outcomes["opened"] > 0  # both paths exercised
+
+
+@pytest.mark.slow
+def test_mutation_fuzz_long(tmp_path):
+    outcomes = run_mutation_fuzz(tmp_path, FUZZ_LONG, seed=2)
+    assert sum(outcomes.values()) == FUZZ_LONG
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                         st.text(max_size=8))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+entries = st.fixed_dictionaries(
+    {"dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "F8_E4M3"]), json_scalars),
+     "shape": st.one_of(st.lists(st.integers(-2, 2**62), max_size=4), json_values),
+     "data_offsets": st.one_of(st.lists(st.integers(-5, 2**63), min_size=2, max_size=2), json_values)})
+headers = st.dictionaries(st.sampled_from(["blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
+                                           "blk.0.ffn_down_exps.weight", "__metadata__", "x"]),
+                          st.one_of(entries, json_values), max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=headers, data_nbytes=st.integers(0, 256))
+def test_hypothesis_headers_open_or_raise_format_error(tmp_path, header, data_nbytes):
+    text = json.dumps(header).encode()
+    path = write_bytes(tmp_path / "h.safetensors", struct.pack("<Q", len(text)) + text + b"\x01" * data_nbytes)
+    try:
+        with open_store(path) as store:
+            for layer in store.layers:
+                for _, stack in layer.stacks:
+                    assert stack.expert(0).shape == (stack.k, stack.n)
+    except FormatError:
+        pass
+
+
+manifest_entries = st.fixed_dictionaries(
+    {"file": st.one_of(st.sampled_from(["slabs.bin", "../slabs.bin", "/etc/hostname", "sub/../slabs.bin", ""]),
+                       json_scalars),
+     "dtype": st.one_of(st.just("F32"), json_scalars),
+     "shape": st.one_of(st.just([2, 3, 4]), st.lists(st.integers(-1, 8), max_size=3), json_values),
+     "offset": st.one_of(st.integers(-1, 200), json_scalars)})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entry=manifest_entries, version=st.one_of(st.just(1), json_scalars))
+def test_hypothesis_raw_manifests(tmp_path, entry, version):
+    (tmp_path / "slabs.bin").write_bytes(b"\x00" * 96)
+    manifest = {"format": "mmapstore.slab_store", "format_version": version, "storage": "raw",
+                "tensors": {"blk.0.ffn_gate_exps.weight": entry}}
+    (tmp_path / "mmapstore.json").write_text(json.dumps(manifest))
+    try:
+        open_store(tmp_path).close()
+    except FormatError:
+        pass
+
+
+def test_limits_refuse_huge_claims_without_allocating(tmp_path, monkeypatch):
+    # a shape claiming 2**63 elements and a header length of 2**63 are refused by arithmetic
+    text = json.dumps({"a": {"dtype": "F64", "shape": [2**31, 2**32], "data_offsets": [0, 8]}}).encode()
+    path = write_bytes(tmp_path / "a.safetensors", struct.pack("<Q", len(text)) + text + b"\x00" * 8)
+    with pytest.raises(FormatError, match="needs"):
+        open_store(path)
+    monkeypatch.setattr(records, "MAX_TENSORS", 3)
+    import mmapstore.formats.safetensors as st_format
+
+    monkeypatch.setattr(st_format, "MAX_TENSORS", 3)
+    tensors = {f"t{i}": np.zeros(1, np.uint8) for i in range(4)}
+    with pytest.raises(FormatError, match="over the 3 limit"):
+        open_store(write_bytes(tmp_path / "many.safetensors", pack_safetensors(tensors)))
+
+
+# -- files that change under a reader -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    return synth_checkpoint(root / "src", "qwen3_moe", layers=2, experts=8, hidden=256, ffn=512).path
+
+
+def test_reconversion_under_a_reader(source, tmp_path):
+    dst = str(tmp_path / "store")
+    convert(source, dst)
+    with open_store(dst) as store:
+        view = store.layers[0].gate.expert(3)
+        old = view.copy()
+        held = store.layers[1].down.native_range(0, 8)
+        held_copy = held.copy()
+        cli = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
+        result = subprocess.run([sys.executable, "-c", cli, "convert", source, dst, "--force", "--dtype", "f32",
+                                 "--quiet"], cwd=REPO, capture_output=True)
+        assert result.returncode == 0, result.stderr
+        np.testing.assert_array_equal(view, old)  # the old inode lives on under our views
+        np.testing.assert_array_equal(held, held_copy)
+    with open_store(dst) as fresh:
+        assert fresh.layers[0].gate.dtype == np.float32
+        np.testing.assert_array_equal(fresh.layers[0].gate.expert(3), old.astype(np.float32))
+
+
+def test_truncated_published_file(source, tmp_path):
+    dst = convert(source, tmp_path / "store").path
+    shard = os.path.join(dst, "experts-00001-of-00001.safetensors")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    report = verify(dst)
+    assert not report.ok and any("truncated" in p.message for p in report.problems)
+    with pytest.raises(FormatError, match="truncated"):
+        open_store(dst)
+
+
+def test_the_library_never_writes_to_what_it_reads(source, tmp_path):
+    dst = convert(source, tmp_path / "store").path
+    files = sorted(os.path.join(root, name) for root in (source, dst) for name in os.listdir(root))
+
+    def fingerprint() -> dict[str, tuple[str, int]]:
+        return {f: (hashlib.sha256(open(f, "rb").read()).hexdigest(), os.stat(f).st_mtime_ns) for f in files}
+
+    before = fingerprint()
+    for path in (source, dst):
+        with open_store(path) as store:
+            service = SlabService(store, 3, RefreshPolicy.every_forward())
+            for captured in routing_trace(4, store.num_layers, 8, 2, 4):
+                service.step(captured)
+            with pytest.raises(ValueError):
+                store.layers[0].up.expert(0)[0, 0] = 1
+        verify(path)
+    assert fingerprint() == before
+
+
+# -- crash safety ---------------------------------------------------------------------------
+
+def _convert_process(src: str, dst: str) -> subprocess.Popen[bytes]:
+    cli = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", cli, "convert", src, dst, "--quiet", "--force",
+                             "--shard-size", "4M"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_crash_trials(source: str, tmp_path, trials: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    dst = str(tmp_path / "out")
+    start = time.monotonic()
+    reference = _convert_process(source, dst)
+    assert reference.wait(timeout=120) == 0
+    duration = time.monotonic() - start
+    outcomes = {"killed": 0, "finished_first": 0}
+    for _ in range(trials):
+        had = os.path.exists(dst)
+        process = _convert_process(source, dst)
+        time.sleep(rng.uniform(0, duration))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # DST is absent (never, here: a complete store existed) or complete and intact
+        assert os.path.exists(dst) == had
+        assert verify(dst).ok
+        outcomes["killed" if process.returncode == -signal.SIGKILL else "finished_first"] += 1
+    final = _convert_process(source, dst)
+    assert final.wait(timeout=120) == 0
+    assert verify(dst).ok
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # no temporary files survive
+    return outcomes
+
+
+def test_sigkill_at_random_moments(source, tmp_path):
+    outcomes = run_crash_trials(source, tmp_path, CRASH_QUICK, seed=3)
+    assert sum(outcomes.values()) == CRASH_QUICK and outcomes["killed"] > CRASH_QUICK // 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_long(source, tmp_path):
+    run_crash_trials(source, tmp_path, CRASH_LONG, seed=4)
+
+
+def test_sigkill_before_first_publish_leaves_nothing(source, tmp_path):
+    for trial in range(5):
+        dst = tmp_path / f"fresh{trial}"
+        process = _convert_process(source, str(dst))
+        time.sleep(0.05 * trial)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not dst.exists() or verify(str(dst)).ok
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+def test_many_processes_converting_at_once(source, tmp_path):
+    dst = str(tmp_path / "out")
+    cli = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
+    processes = [subprocess.Popen([sys.executable, "-c", cli, "convert", source, dst, "--quiet"], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(5)]
+    codes = [process.wait(timeout=180) for process in processes]
+    assert codes == [0] * 5
+    assert verify(dst).ok
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
+
+
+def test_threads_reading_and_refreshing_one_store(source, tmp_path):
+    dst = convert(source, tmp_path / "store").path
+    errors: list[BaseException] = []
+    with open_store(dst) as store:
+        def worker(seed: int) -> None:
+            try:
+                service = SlabService(store, 3, RefreshPolicy.every_n_decode_steps(2))
+                for captured in routing_trace(10, store.num_layers, 8, 2, 4, seed=seed):
+                    service.step(captured)
+                    for layer, pool in zip(store.layers, service.pools):
+                        for slot, expert in enumerate(pool.resident_experts()):
+                            buffer = service.sink.arrays[f"blk.{layer.layer_index}.ffn_up_exps.weight"]
+                            assert np.array_equal(buffer[slot], layer.up.native(int(expert)))
+            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+
+
+def test_processes_reading_and_refreshing_one_store(source, tmp_path):
+    dst = convert(source, tmp_path / "store").path
+    cli = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
+    processes = [subprocess.Popen([sys.executable, "-c", cli, "simulate", dst, "--seed", str(seed), "--json",
+                                   "--steps", "10"], cwd=REPO, stdout=subprocess.PIPE) for seed in range(3)]
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0 and json.loads(out)["verified"]
+
+
+def test_stale_lock_from_a_killed_process_never_blocks(source, tmp_path):
+    dst = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from mmapstore.publish import locked\n"
+        f"with locked({dst!r}):\n    print('held', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert os.path.exists(os.path.join(tmp_path, ".out.lock"))  # the lock file stays behind...
+    assert not convert(source, dst, lock_timeout=10).skipped  # ...and blocks nobody
