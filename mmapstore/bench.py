@@ -328,9 +328,8 @@ def case_refresh(scratch: str, size: int, repeat: int, cold: bool) -> list[Figur
         source = _prefaulted(min(nbytes, 1 << 30))
         target = _prefaulted(source.nbytes)
         memcpy = [source.nbytes / t / 1e9 for t in _times(lambda: np.copyto(target, source), repeat * 2)]
-        # The page cache holds 4 KiB pages; fresh anonymous buffers get 2 MiB
-        # transparent huge pages.  A memcpy whose source has 4 KiB pages shows
-        # the ceiling any copy out of the page cache meets (TLB misses).
+        # The page cache holds 4 KiB pages; fresh anonymous buffers may get
+        # 2 MiB transparent huge pages.  This baseline separates that effect.
         small_pages = _small_page_buffer(source.nbytes)
         memcpy_4k = [source.nbytes / t / 1e9 for t in _times(lambda: np.copyto(target, small_pages), repeat * 2)]
         for mode in modes:
@@ -342,7 +341,7 @@ def case_refresh(scratch: str, size: int, repeat: int, cold: bool) -> list[Figur
         head.met = (head.ratio or 0) >= 0.9
         figures.append(Figure("warm_refresh", "the same apply(plan), prefetch=willneed", "GB/s",
                               samples["willneed"], "memcpy from a 4 KiB-page source (no THP)", memcpy_4k,
-                              higher_is_better=True, note="the ceiling for copies out of the page cache"))
+                              higher_is_better=True, note="page size alone"))
         return figures
     preads = {}
     for threads in (1, 4):
@@ -440,7 +439,7 @@ def case_convert(scratch: str, size: int, repeat: int) -> list[Figure]:
     return [
         Figure("convert", f"convert mixtral per-expert -> slab store ({expert_nbytes / 2**20:.0f} MiB of experts, "
                "transpose + sha256 + fsync)", "GB/s", ours, "cp -r of the source + sync", cp, higher_is_better=True,
-               target=">= 0.8x cp"),
+               target=">= 0.8x cp", met=statistics.median(ours) >= 0.8 * statistics.median(cp)),
         Figure("convert", "convert peak RSS (VmHWM, includes the interpreter)", "slabs", rss,
                note=f"slab = {slab_nbytes / 2**20:.0f} MiB; total expert bytes = {expert_nbytes / slab_nbytes:.0f} slabs"),
     ]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy.typing as npt
 
 from .apply import ApplyResult, apply
-from .pool import ExecMode, ExpertPool, RefreshPolicy
 from .planner import DEFAULT_PARAM_NAME, PoolUpdate, plan_full_push, plan_refresh, plan_resident
+from .pool import ExecMode, ExpertPool, RefreshPolicy
 from .sinks import ArraySink, Sink
 from .store import ExpertStore
 

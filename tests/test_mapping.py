@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from mmapstore import FormatError, StoreClosedError
-from mmapstore.mapping import MADV_DONTNEED, MADV_POPULATE_READ, MADV_WILLNEED, PAGE_NBYTES, MappedFile, byte_span, resident_nbytes
+from mmapstore.mapping import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MADV_WILLNEED,
+    PAGE_NBYTES,
+    MappedFile,
+    byte_span,
+    resident_nbytes,
+)
 
 
 @pytest.fixture()

@@ -306,7 +306,7 @@ def test_threads_reading_and_refreshing_one_store(source, tmp_path):
                         for slot, expert in enumerate(pool.resident_experts()):
                             buffer = service.sink.arrays[f"blk.{layer.layer_index}.ffn_up_exps.weight"]
                             assert np.array_equal(buffer[slot], layer.up.native(int(expert)))
-            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]

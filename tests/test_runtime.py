@@ -10,8 +10,8 @@ import pytest
 from mmapstore import CapturedIdsError, SinkError, StoreClosedError, open_store
 from mmapstore.apply import apply
 from mmapstore.convert import convert
-from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore.planner import plan_full_push, plan_refresh, plan_resident
+from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore.service import SlabService
 from mmapstore.sinks import ArraySink, DictSink
 from mmapstore.synth import routing_trace, synth_checkpoint
@@ -190,3 +190,18 @@ def test_fused_interleaved_reads_cover_the_fused_slab(stores):
         assert plan is not None
         # the strided gate/up views read the whole fused [hidden, 2*ffn] slab, once
         assert plan.read_nbytes < plan.nbytes * 1.2
+
+
+@pytest.mark.parametrize("prefetch", ["willneed", "willneed+populate", "none"])
+def test_every_prefetch_mode_copies_the_same_bytes(stores, prefetch):
+    with open_store(stores["slab"]) as store:
+        pools = [ExpertPool(8, 4) for _ in store.layers]
+        plan = plan_refresh(store, pools, [np.arange(4, 8)] * 3, step=0)
+        sink = ArraySink.for_store(store, 4)
+        result = apply(plan, sink, prefetch=prefetch)
+        assert result.nbytes == plan.nbytes and result.writes == len(plan.writes)
+        for layer in store.layers:
+            np.testing.assert_array_equal(sink.arrays[f"blk.{layer.layer_index}.ffn_down_exps.weight"],
+                                          layer.down.native_range(4, 4))
+        with pytest.raises(ValueError, match="prefetch"):
+            apply(plan, sink, prefetch="random")

@@ -152,8 +152,8 @@ def test_lookup_errors_are_typed(tmp_path):
 
 
 def test_sparse_file_of_tens_of_gb_opens_instantly_without_disk(tmp_path):
-    from mmapstore.formats import SafetensorsWriter, TensorSpec
     from mmapstore.dtypes import dtype_from_code
+    from mmapstore.formats import SafetensorsWriter, TensorSpec
 
     bf16 = dtype_from_code("BF16")
     experts, hidden, ffn = 64, 4096, 2048
@@ -161,7 +161,7 @@ def test_sparse_file_of_tens_of_gb_opens_instantly_without_disk(tmp_path):
                         (experts, hidden, ffn) if proj != "down" else (experts, ffn, hidden))
              for layer in range(16) for proj in ("gate", "up", "down")]
     path = str(tmp_path / "huge.safetensors")
-    with SafetensorsWriter(path, specs, align=4096, sparse=True) as writer:
+    with SafetensorsWriter(path, specs, align=4096, sparse=True):
         pass
     size = os.stat(path).st_size
     assert size > 40e9

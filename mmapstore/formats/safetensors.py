@@ -239,7 +239,7 @@ class SafetensorsWriter:
         self._current = 0
         self._written = 0  # bytes of the current tensor written so far
         self._sparse = sparse
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")
         self._file.write(header)
         if sparse:
             # Valid header over a hole: nothing but the header takes disk space.
