@@ -26,7 +26,7 @@ import numpy.typing as npt
 from .dtypes import DType, can_cast, code_of, parse_user_dtype
 from .errors import ConvertError, FormatError
 from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
-from .formats.records import load_json_object
+from .formats.records import load_json_object, split_by_size
 from .mapping import MADV_DONTNEED, PAGE_NBYTES
 from .publish import clean_partials, locked, staged_dir
 from .store import ExpertStack, ExpertStore, open_store
@@ -162,18 +162,6 @@ def _already_done(dst: str, src: str, fingerprint: list[list[object]], options: 
     )
 
 
-def _shards(plan: list[tuple[TensorSpec, ExpertStack]], shard_nbytes: int) -> list[list[tuple[TensorSpec, ExpertStack]]]:
-    shards: list[list[tuple[TensorSpec, ExpertStack]]] = [[]]
-    size = 0
-    for item in plan:
-        if shards[-1] and size + item[0].nbytes > shard_nbytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[0].nbytes
-    return shards
-
-
 def _write(
     staging: str,
     plan: list[tuple[TensorSpec, ExpertStack]],
@@ -181,7 +169,7 @@ def _write(
     shard_nbytes: int,
     progress: Callable[[int], None] | None,
 ) -> dict[str, dict[str, Any]]:
-    shards = _shards(plan, shard_nbytes)
+    shards = split_by_size(plan, lambda item: item[0].nbytes, shard_nbytes)
     entries: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmapstore-sha256") as hasher:
         for number, shard in enumerate(shards, start=1):

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from .dtypes import DType, parse_user_dtype
 from .families import FamilyShape, family_tensors
 from .formats import INDEX_NAME, SafetensorsWriter, TensorSpec
+from .formats.records import split_by_size
 from .publish import clean_partials, locked, staged_dir
 from .synth_values import CHUNK_ELEMENTS, synth_values
 
@@ -31,18 +32,6 @@ class SynthResult:
     files: tuple[str, ...]
     num_tensors: int
     nbytes: int
-
-
-def _shards(specs: list[TensorSpec], shard_nbytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_nbytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
 
 
 def synth_checkpoint(
@@ -71,7 +60,7 @@ def synth_checkpoint(
     config, tensors = family_tensors(family, shape)
     config["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(data_type.code, "bfloat16")
     specs = [TensorSpec(name, data_type, tensor_shape) for name, tensor_shape in tensors]
-    shards = _shards(specs, shard_nbytes)
+    shards = split_by_size(specs, lambda spec: spec.nbytes, shard_nbytes)
     files: list[str] = []
     weight_map: dict[str, str] = {}
     with locked(out):

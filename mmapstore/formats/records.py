@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..dtypes import DType
 from ..errors import FormatError
@@ -22,6 +22,7 @@ __all__ = [
     "load_json_object",
     "read_exact",
     "resolve_inside",
+    "split_by_size",
     "validate_shape",
 ]
 
@@ -191,6 +192,23 @@ class PathResolver:
         assert isinstance(relative, str)
         self._cache[relative] = resolved
         return resolved
+
+
+Item = TypeVar("Item")
+
+
+def split_by_size(items: Sequence[Item], nbytes_of: Callable[[Item], int], limit: int) -> list[list[Item]]:
+    """Group ``items`` in order into shards of at most ``limit`` bytes (an item
+    larger than the limit gets a shard of its own)."""
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + nbytes_of(item) > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes_of(item)
+    return shards
 
 
 def string_map(value: object, *, path: str, what: str) -> dict[str, str]:
