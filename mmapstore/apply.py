@@ -19,10 +19,6 @@ class ApplyResult:
     seconds: float
     writes: int
 
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-
 
 PREFETCH_MODES = ("willneed", "willneed+populate", "none")
 # The kernel caps one MADV_WILLNEED at max(read-ahead, device I/O size)

@@ -418,7 +418,7 @@ def case_convert(scratch: str, size: int, repeat: int) -> list[Figure]:
     files = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".safetensors"))
     nbytes = sum(os.path.getsize(file) for file in files)
     with open_store(source) as store:
-        expert_nbytes = sum(layer.gate.nbytes * 3 for layer in store.layers)
+        expert_nbytes = sum(layer.nbytes for layer in store.layers)
         slab_nbytes = store.layers[0].gate.slab_nbytes
     ours, rss, cp = [], [], []
     for trial in range(max(2, repeat // 2)):

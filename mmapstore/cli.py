@@ -47,13 +47,15 @@ def escape(text: object) -> str:
 
 
 @contextlib.contextmanager
-def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+def _progress(total: Callable[[], int], label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm byte counter on stderr, or None when quiet or not a terminal
+    (``total`` is only computed when a bar is drawn)."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+    with tqdm(total=total(), unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
         yield bar.update
 
 
@@ -64,7 +66,7 @@ def _print_json(value: Any) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synth_checkpoint
 
-    with _progress(0, "synth", args.quiet or args.sparse) as progress:
+    with _progress(lambda: 0, "synth", args.quiet or args.sparse) as progress:
         result = synth_checkpoint(
             args.out, args.family, layers=args.layers, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
             top_k=args.top_k, dtype=args.dtype, shard_nbytes=args.shard_size, sparse=args.sparse, seed=args.seed,
@@ -83,8 +85,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .store import open_store
 
-    with open_store(args.src) as store:
-        total = sum(layer.gate.nbytes + layer.up.nbytes + layer.down.nbytes for layer in store.layers)
+    def total() -> int:
+        with open_store(args.src) as store:
+            return sum(layer.nbytes for layer in store.layers)
+
     with _progress(total, "convert", args.quiet) as progress:
         result = convert(args.src, args.dst, storage=args.format, dtype=args.dtype, shard_nbytes=args.shard_size,
                          layers=args.layers, force=args.force, progress=progress)

@@ -108,11 +108,11 @@ def convert(
         fingerprint = source_fingerprint(store)
         with locked(dst, lock_timeout):
             clean_partials(dst)
-            if not force and _already_done(dst, os.path.abspath(src), fingerprint, options):
-                manifest = load_json_object(os.path.join(dst, MANIFEST_NAME), what="manifest")
-                files = tuple(os.path.join(dst, name) for name in manifest.get("files", []))
-                total = sum(entry["nbytes"] for entry in manifest["tensors"].values())
-                return ConvertResult(dst, files, len(manifest["tensors"]), total, True)
+            done = None if force else _existing_conversion(dst, os.path.abspath(src), fingerprint, options)
+            if done is not None:
+                files = tuple(os.path.join(dst, name) for name in done.get("files", []))
+                total = sum(entry["nbytes"] for entry in done["tensors"].values())
+                return ConvertResult(dst, files, len(done["tensors"]), total, True)
             with staged_dir(dst, replace=force) as staging:
                 stacks = [(store.layer(index), proj) for index in chosen for proj in ("gate", "up", "down")]
                 plan = []
@@ -149,17 +149,19 @@ def convert(
     return ConvertResult(dst, files, len(entries), sum(entry["nbytes"] for entry in entries.values()), False)
 
 
-def _already_done(dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any]) -> bool:
+def _existing_conversion(
+    dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The manifest of ``dst`` if it already holds this very conversion, else None."""
     if not os.path.exists(os.path.join(dst, MANIFEST_NAME)):
-        return False
+        return None
     try:
         manifest = load_json_object(os.path.join(dst, MANIFEST_NAME), what="manifest")
     except FormatError:
-        return False
+        return None
     source = manifest.get("source") or {}
-    return bool(
-        source.get("path") == src and source.get("fingerprint") == fingerprint and manifest.get("options") == options
-    )
+    same = source.get("path") == src and source.get("fingerprint") == fingerprint and manifest.get("options") == options
+    return manifest if same else None
 
 
 def _write(

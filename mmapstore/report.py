@@ -46,7 +46,7 @@ def describe(path: str) -> dict[str, Any]:
             "layout": store.layout,
             "moe_layers": store.num_layers,
             "num_tensors": len(store.tensors),
-            "expert_nbytes": sum(layer.gate.nbytes + layer.up.nbytes + layer.down.nbytes for layer in store.layers),
+            "expert_nbytes": sum(layer.nbytes for layer in store.layers),
             "layers": layers,
             "files": files,
             "total_nbytes": sum(entry["nbytes"] for entry in files),

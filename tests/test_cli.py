@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ def test_walk_through_synth_convert_inspect_verify(tmp_path, capsys):
     assert code == 0 and info["layout"] == "slab" and info["moe_layers"] == 3
     assert info["layers"][0]["stacks"]["gate"]["shape"] == [6, 64, 32]
     assert info["layers"][0]["stacks"]["down"]["dtype"] == "float32"
+    assert info["expert_nbytes"] == 3 * 3 * 6 * 64 * 32 * 4  # layers x projections x [E, k, n] f32
     assert info["total_nbytes"] == sum(os.path.getsize(f["path"]) for f in info["files"])
     code, out, _ = run(capsys, "inspect", src)
     assert code == 0 and "per_expert" in out and "layer   2" in out
@@ -102,7 +104,7 @@ def test_python_dash_m_and_sizes():
     result = subprocess.run([sys.executable, "-m", "mmapstore", "--version"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "mmapstore" in result.stdout
     assert parse_size("4GiB") == 4 << 30 and parse_size("512M") == 512 << 20 and parse_size("1000") == 1000
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
 
 

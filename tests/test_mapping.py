@@ -40,7 +40,7 @@ def test_views_are_read_only_and_correct(data_file):
 
 
 def test_residency_follows_madvise(data_file):
-    path, _ = data_file
+    path, values = data_file
     with MappedFile(path) as mapped:
         view = mapped.view(0, np.dtype(np.uint8), (mapped.nbytes,))
         try:
@@ -50,8 +50,8 @@ def test_residency_follows_madvise(data_file):
         assert mapped.resident_nbytes() == mapped.nbytes
         assert resident_nbytes(view[:PAGE_NBYTES]) == PAGE_NBYTES
         mapped.advise(0, mapped.nbytes, MADV_DONTNEED)
-        # DONTNEED drops this process's page-table entries for the range
-        assert mapped.resident_nbytes() <= mapped.nbytes
+        # DONTNEED on a read-only file mapping only unmaps: the bytes read back unchanged
+        np.testing.assert_array_equal(view.view(np.float32), values)
         mapped.advise(3, 10, MADV_WILLNEED)  # unaligned offsets are rounded to pages
 
 

@@ -170,7 +170,7 @@ def test_sparse_file_of_tens_of_gb_opens_instantly_without_disk(tmp_path):
         assert store.num_layers == 16
         slab = store.layer(7).up.expert(63)
         assert slab.shape == (hidden, ffn)
-        assert resident_nbytes(slab) <= slab.nbytes  # nothing but what was touched
+        assert resident_nbytes(slab) == 0  # opening and viewing read nothing
         assert float(np.asarray(slab[0, :4], dtype=np.float32).sum()) == 0.0  # holes read as zeros
     assert os.stat(path).st_blocks * 512 < 1 << 20
 

@@ -251,10 +251,6 @@ class SafetensorsWriter:
                 self._file.write(b"\x00" * spec.nbytes)
 
     @property
-    def file_nbytes(self) -> int:
-        return self._data_offset + self._data_nbytes
-
-    @property
     def pending(self) -> str | None:
         """Name of the tensor the next bytes belong to, or None when done."""
         while self._current < len(self._order) and self._order[self._current][0].nbytes == 0:

@@ -169,11 +169,10 @@ class ExpertStack:
 
     def source_span(self, expert: int) -> SourceSpan:
         """The file bytes that serving ``expert`` touches (for prefetch and residency)."""
-        mapped = self.mapped_file(expert)
-        slab = self.native(expert)
-        offset = mapped.offset_of(slab)
-        low, high = byte_span(slab)
-        return SourceSpan(mapped, offset, high - low)
+        located = self.range_source(expert, 1)
+        assert located is not None  # a single slab is always one range
+        _, mapped, offset, extent = located
+        return SourceSpan(mapped, offset, extent)
 
     def __repr__(self) -> str:
         kind = "stacked" if self.is_stacked else "gathered"
@@ -203,5 +202,10 @@ class LayerExperts:
 
     @property
     def expert_nbytes(self) -> int:
-        """Bytes of one expert across gate, up and down."""
+        """Bytes of one expert across gate, up and down (for ``capacity_from_budget``)."""
         return self.gate.slab_nbytes + self.up.slab_nbytes + self.down.slab_nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every expert of this layer."""
+        return self.expert_nbytes * self.num_experts
