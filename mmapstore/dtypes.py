@@ -6,6 +6,7 @@ bf16 and fp8 are provided by :mod:`ml_dtypes`, so values read back exactly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -13,7 +14,7 @@ import numpy as np
 
 from .errors import FormatError
 
-__all__ = ["DTYPE_CODES", "DType", "can_cast", "code_of", "dtype_from_code", "parse_user_dtype"]
+__all__ = ["DTYPE_CODES", "DType", "can_cast", "code_of", "dtype_from_code", "opaque_dtype", "parse_user_dtype"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,12 @@ class DType:
     @property
     def itemsize(self) -> int:
         return int(self.numpy.itemsize)
+
+    @property
+    def known(self) -> bool:
+        """False for a code read from a file that the table does not know
+        (see :func:`opaque_dtype`): its bytes can be described, never served."""
+        return DTYPE_CODES.get(self.code) == self
 
 
 def _entry(code: str, dtype: object) -> tuple[str, DType]:
@@ -41,6 +48,7 @@ DTYPE_CODES: dict[str, DType] = dict(
         _entry("BF16", ml_dtypes.bfloat16),
         _entry("F8_E4M3", ml_dtypes.float8_e4m3fn),
         _entry("F8_E5M2", ml_dtypes.float8_e5m2),
+        _entry("F8_E8M0", ml_dtypes.float8_e8m0fnu),  # MXFP4 scales (power-of-two exponents)
         _entry("I64", np.int64),
         _entry("I32", np.int32),
         _entry("I16", np.int16),
@@ -81,6 +89,22 @@ def dtype_from_code(code: object, *, where: str = "") -> DType:
     raise FormatError(f"{prefix}unknown dtype {code!r}; expected one of {sorted(DTYPE_CODES)}")
 
 
+_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,15}")
+
+
+def opaque_dtype(code: object, *, where: str = "") -> DType:
+    """A placeholder for a well-formed dtype code the table does not know
+    (``F4``, ``F6_E2M3``, a future code): a tensor of it can sit in a
+    checkpoint beside the experts, but it is refused wherever its values are
+    needed.  A malformed code raises :class:`FormatError`."""
+    if isinstance(code, str) and code in DTYPE_CODES:
+        return DTYPE_CODES[code]
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
+        prefix = f"{where}: " if where else ""
+        raise FormatError(f"{prefix}malformed dtype {code!r:.40}; expected a code such as 'BF16'")
+    return DType(code, np.dtype(np.uint8))
+
+
 def code_of(dtype: object) -> str:
     """File code of a numpy dtype (``np.float32`` -> ``"F32"``)."""
     key = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
@@ -99,7 +123,7 @@ def parse_user_dtype(name: str) -> DType:
     return entry
 
 
-_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
 def _is_float(dtype: np.dtype[np.generic]) -> bool:

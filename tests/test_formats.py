@@ -107,7 +107,7 @@ HOSTILE_HEADERS = {
              "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}},
     "out_of_bounds": _mutate(b__data_offsets=[16, 24], b__shape=[8]),
     "size_mismatch": _mutate(a__shape=[2, 3]),
-    "unknown_dtype": _mutate(a__dtype="F128"),
+    "malformed_dtype": _mutate(a__dtype="f128; x"),
     "dtype_not_string": _mutate(a__dtype=4),
     "negative_shape": _mutate(a__shape=[-2, -2]),
     "shape_bool": _mutate(b__shape=[True, 4]),

@@ -85,17 +85,19 @@ def test_single_file_and_plain_directory(tmp_path):
 
 
 def test_fused_layout_follows_config_model_type(tmp_path):
-    """Without config, the block name decides; with it, model_type does."""
+    """model_type decides interleaved against concatenated; without it the split is refused."""
     arrays = write_family(tmp_path, "gpt_oss", np.dtype(np.float32), via="packed", **SHAPE)
-    os.remove(tmp_path / "config.json")
     with open_store(tmp_path) as store:
         assert store.layout == "fused_interleaved"
         assert set(store.layers[0].companions) == {"gate_bias", "up_bias", "down_bias"}
         bias = arrays["model.layers.0.mlp.experts.gate_up_proj_bias"]
         np.testing.assert_array_equal(store.layers[0].companions["up_bias"], bias[:, 1::2])
-    (tmp_path / "config.json").write_text('{"model_type": "llama4_text"}')
+    (tmp_path / "config.json").write_text(f'{{"model_type": "llama4_text", "hidden_size": {SHAPE["hidden"]}}}')
     with open_store(tmp_path) as store:
         assert store.layout == "fused_concatenated"
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(mmapstore.FormatError, match="cannot tell whether gate and up are interleaved"):
+        open_store(tmp_path)
 
 
 def test_views_share_memory_with_the_mapping(tmp_path):

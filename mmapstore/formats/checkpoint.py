@@ -60,6 +60,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if os.path.exists(os.path.join(path, INDEX_NAME)):
         return _sharded(path)
     names = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+    if not names and any(name.endswith(".gguf") for name in os.listdir(path)):
+        raise FormatError(f"{path}: holds GGUF files, not safetensors; open a .gguf file directly")
     if not names:
         raise FormatError(f"{path}: no {MANIFEST_NAME}, {INDEX_NAME} or *.safetensors file here")
     files = [resolve_inside(path, name, what="shard", source=path) for name in names]

@@ -93,6 +93,8 @@ class ExpertStore:
         record = self.checkpoint.tensors.get(name)
         if record is None:
             raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}")
+        if not record.dtype.known:
+            raise FormatError(f"{record.path}: tensor {name!r}: dtype {record.dtype.code!r} has no numpy equivalent")
         return self._maps.get(record.path).record_view(record)
 
     def check_open(self) -> None:
@@ -158,24 +160,24 @@ class ExpertStore:
         layer = plan.layer_index
         gate_up, down = plan.stacked["gate_up"], plan.stacked["down"]
         fused = self._stacked_view(gate_up)
-        ffn = gate_up.shape[2] // 2
-        gate_view, up_view = _split(fused, ffn, plan.layout)
+        # Split along the fused axis: the last one for [E, H, 2I] ("kn"), the
+        # middle one for [E, 2I, H] ("nk", Qwen3-VL-MoE as transformers saves it).
+        axis = 2 if plan.orientation == "kn" else 1
+        ffn = gate_up.shape[axis] // 2
+        gate_view, up_view = _split(fused, ffn, plan.layout, axis)
 
         def make(proj: str, view: npt.NDArray[np.generic], record: TensorRecord) -> ExpertStack:
+            first, second = view.shape[1], view.shape[2]
+            k, n = (first, second) if plan.orientation == "kn" else (second, first)
             return ExpertStack(
-                f"layers.{layer}.{proj}", view.shape[1], view.shape[2], record.dtype.numpy, "kn",
+                f"layers.{layer}.{proj}", k, n, record.dtype.numpy, plan.orientation,
                 (record.name,), maps=self._maps, stacked=view, stacked_path=record.path,
             )
 
         companions: dict[str, npt.NDArray[np.generic]] = {}
         if "gate_up_bias" in plan.biases:
             bias = self._stacked_view(plan.biases["gate_up_bias"])
-            if bias.shape != (gate_up.shape[0], 2 * ffn):
-                raise FormatError(
-                    f"{self.path}: tensor {plan.biases['gate_up_bias'].name!r}: expected shape "
-                    f"{[gate_up.shape[0], 2 * ffn]}, found {list(bias.shape)}"
-                )
-            companions["gate_bias"], companions["up_bias"] = _split(bias, ffn, plan.layout)
+            companions["gate_bias"], companions["up_bias"] = _split(bias, ffn, plan.layout, 1)
         if "down_bias" in plan.biases:
             companions["down_bias"] = self._stacked_view(plan.biases["down_bias"])
         return LayerExperts(
@@ -201,11 +203,16 @@ class ExpertStore:
 
 
 def _split(
-    fused: npt.NDArray[np.generic], ffn: int, layout: str
+    fused: npt.NDArray[np.generic], ffn: int, layout: str, axis: int
 ) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]]:
+    index: list[slice] = [slice(None)] * fused.ndim
     if layout == "fused_interleaved":
-        return fused[..., 0::2], fused[..., 1::2]
-    return fused[..., :ffn], fused[..., ffn:]
+        gate, up = list(index), list(index)
+        gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
+    else:
+        gate, up = list(index), list(index)
+        gate[axis], up[axis] = slice(None, ffn), slice(ffn, None)
+    return fused[tuple(gate)], fused[tuple(up)]
 
 
 def open_store(path: str | os.PathLike[str]) -> ExpertStore:
