@@ -118,7 +118,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         parts = []
         for proj, stack in layer["stacks"].items():
             shape = "x".join(str(dim) for dim in stack["shape"])
-            parts.append(f"{proj} [{shape}] {stack['dtype']} {stack['orientation']} {stack['storage']}")
+            extra = "+".join(name for name in stack["parts"] if name != "weight")
+            parts.append(f"{proj} [{shape}] {stack['encoding']}{' +' + extra if extra else ''} "
+                         f"{stack['orientation']} {stack['storage']}")
         print(f"  layer {layer['layer']:>3}: " + "; ".join(parts))
     print(f"  files: {len(info['files'])}, {info['total_nbytes'] / 1e6:.1f} MB")
     for entry in info["files"]:

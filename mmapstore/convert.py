@@ -29,12 +29,12 @@ from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWrit
 from .formats.records import load_json_object, split_by_size
 from .mapping import MADV_DONTNEED, PAGE_NBYTES
 from .publish import clean_partials, locked, staged_dir
+from .geometry import Encoding
 from .store import ExpertStack, ExpertStore, open_store
 
 __all__ = ["ConvertResult", "convert", "source_fingerprint"]
 
 TOOL_VERSION = "0.1.0"
-PARAM = "blk.{layer}.ffn_{proj}_exps.weight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +101,13 @@ def convert(
         out_dtype = None if dtype == "keep" else parse_user_dtype(dtype)
         if out_dtype is not None:
             for layer in store.layers:
-                if not can_cast(layer.gate.dtype, out_dtype.numpy):
-                    raise ConvertError(f"cannot convert {layer.gate.dtype} experts to {out_dtype.code}")
+                for _, stack in layer.stacks:
+                    if not stack.encoding.encoded and not can_cast(stack.dtype, out_dtype.numpy):
+                        raise ConvertError(f"cannot convert {stack.dtype} experts to {out_dtype.code}")
+                    if stack.encoding.encoded and not out_dtype.numpy.kind == "f" and out_dtype.code not in _ML_FLOATS:
+                        raise ConvertError(
+                            f"{stack.name}: {stack.encoding.describe()} experts dequantize to floats, not {out_dtype.code}"
+                        )
         chosen = _parse_layers(layers, store.layer_indices)
         options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
         fingerprint = source_fingerprint(store)
@@ -114,21 +119,27 @@ def convert(
                 total = sum(entry["nbytes"] for entry in done["tensors"].values())
                 return ConvertResult(dst, files, len(done["tensors"]), total, True)
             with staged_dir(dst, replace=force) as staging:
-                stacks = [(store.layer(index), proj) for index in chosen for proj in ("gate", "up", "down")]
-                plan = []
-                for layer, proj in stacks:
-                    stack: ExpertStack = getattr(layer, proj)
-                    data_type = out_dtype or DType(code_of(stack.dtype), np.dtype(stack.dtype))
-                    spec = TensorSpec(PARAM.format(layer=layer.layer_index, proj=proj), data_type,
-                                      (stack.num_experts, stack.k, stack.n))
-                    plan.append((spec, stack))
+                orientation = _orientation(store, chosen)
+                plan = [
+                    item
+                    for index in chosen
+                    for proj, stack in store.layer(index).stacks
+                    for item in _stack_items(index, proj, stack, out_dtype, orientation)
+                ]
                 entries = _write(staging, plan, storage, shard_nbytes, progress)
+                encodings = {
+                    f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, orientation).to_json()
+                    for index in chosen
+                    for proj, stack in store.layer(index).stacks
+                    if out_dtype is None and stack.encoding.encoded
+                }
                 manifest = {
                     "format": FORMAT_NAME,
                     "format_version": FORMAT_VERSION,
                     "storage": storage,
                     "layout": "slab",
-                    "orientation": "kn",
+                    "orientation": orientation,
+                    "encodings": encodings,
                     "dtype": (out_dtype.code if out_dtype else "keep"),
                     "tool_version": TOOL_VERSION,
                     "source": {
@@ -166,12 +177,12 @@ def _existing_conversion(
 
 def _write(
     staging: str,
-    plan: list[tuple[TensorSpec, ExpertStack]],
+    plan: list[_Item],
     storage: str,
     shard_nbytes: int,
     progress: Callable[[int], None] | None,
 ) -> dict[str, dict[str, Any]]:
-    shards = split_by_size(plan, lambda item: item[0].nbytes, shard_nbytes)
+    shards = split_by_size(plan, lambda item: item.spec.nbytes, shard_nbytes)
     entries: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmapstore-sha256") as hasher:
         for number, shard in enumerate(shards, start=1):
@@ -183,7 +194,7 @@ def _write_shard(
     staging: str,
     number: int,
     count: int,
-    shard: list[tuple[TensorSpec, ExpertStack]],
+    shard: list[_Item],
     storage: str,
     hasher: ThreadPoolExecutor,
     progress: Callable[[int], None] | None,
@@ -192,15 +203,16 @@ def _write_shard(
     suffix = "safetensors" if storage == "safetensors" else "bin"
     file_name = f"experts-{number:05d}-of-{count:05d}.{suffix}"
     path = os.path.join(staging, file_name)
-    specs = [spec for spec, _ in shard]
+    specs = [item.spec for item in shard]
     writer: SafetensorsWriter | _RawWriter
     if storage == "safetensors":
         writer = SafetensorsWriter(path, specs, {"format": "mmapstore"}, align=PAGE_NBYTES)
     else:
         writer = _RawWriter(path, specs, PAGE_NBYTES)
     with writer:
-        for spec, stack in shard:
-            digest = _stream_stack(writer, spec, stack, hasher, progress)
+        for item in shard:
+            spec = item.spec
+            digest = _stream_stack(writer, item, hasher, progress)
             entries[spec.name] = {
                 "file": file_name,
                 "dtype": spec.dtype.code,
@@ -209,6 +221,82 @@ def _write_shard(
                 "nbytes": spec.nbytes,
                 "sha256": digest,
             }
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One ``[E, ...]`` tensor to write: ``slab(e)`` gives expert ``e``'s slab
+    as written (a view of the mapping, or values computed from its parts);
+    ``reads`` are the parts it reads (their pages are dropped once written)."""
+
+    spec: TensorSpec
+    stack: ExpertStack
+    slab: Callable[[int], npt.NDArray[np.generic]]
+    reads: tuple[str, ...]
+
+
+# Encodings whose bytes cannot be transposed (blocks packed along the input axis).
+_NATIVE_ONLY = ("mxfp4", "ggml")
+_ML_FLOATS = ("BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _orientation(store: ExpertStore, layers: list[int]) -> str:
+    """``kn`` (GroupedMatMul ``[E, k, n]``) unless a stack's encoded blocks
+    cannot be transposed: then every stack keeps ``nk`` (they all are, in
+    such checkpoints)."""
+    stacks = [stack for index in layers for _, stack in store.layer(index).stacks]
+    if any(stack.encoding.kind in _NATIVE_ONLY for stack in stacks):
+        if any(stack.native_orientation != "nk" for stack in stacks):
+            raise ConvertError(f"{store.path}: block-encoded stacks mixed with [in, out] stacks cannot share one store")
+        return "nk"
+    return "kn"
+
+
+def _written_encoding(stack: ExpertStack, out_dtype: DType | None, orientation: str) -> Encoding:
+    """The encoding of a stack as written: kept, with its block grid
+    transposed when the weight is; plain when dequantized."""
+    if out_dtype is not None or not stack.encoding.encoded:
+        return Encoding("plain", out_dtype or stack.geometry.dtype)
+    encoding = stack.encoding
+    if orientation != stack.native_orientation:
+        return Encoding(encoding.kind, encoding.dtype, (encoding.block[1], encoding.block[0]))
+    return encoding
+
+
+def _stack_items(
+    layer: int, proj: str, stack: ExpertStack, out_dtype: DType | None, orientation: str
+) -> list[_Item]:
+    """What to write for one stack: its weight (cast, or dequantized with
+    every part it needs, never encoded values cast as if they were weights),
+    and, when encodings are kept, each other part; biases always."""
+    flip = orientation != stack.native_orientation
+    items: list[_Item] = []
+    name = f"blk.{layer}.ffn_{proj}_exps"
+    experts = stack.num_experts
+
+    def oriented(part: str) -> Callable[[int], npt.NDArray[np.generic]]:
+        return (lambda e: stack.part(part, e).T) if flip else (lambda e: stack.part(part, e))
+
+    if stack.encoding.encoded and out_dtype is not None:
+        shape = (stack.k, stack.n) if orientation == "kn" else (stack.n, stack.k)
+        dequantized: Callable[[int], npt.NDArray[np.generic]] = (
+            (lambda e: stack.dequantize(e)) if orientation == "kn" else (lambda e: stack.dequantize(e).T)
+        )
+        reads = tuple(part for part in stack.parts if part != "bias")
+        items.append(_Item(TensorSpec(f"{name}.weight", out_dtype, (experts, *shape)), stack, dequantized, reads))
+    else:
+        for part, geometry in stack.parts.items():
+            if part == "bias":
+                continue
+            data_type = geometry.dtype if (out_dtype is None or part != "weight") else out_dtype
+            shape = geometry.slab_shape[::-1] if flip else geometry.slab_shape
+            items.append(_Item(TensorSpec(f"{name}.{part}", data_type, (experts, *shape)), stack, oriented(part), (part,)))
+    if "bias" in stack.parts:
+        bias = stack.parts["bias"]
+        data_type = out_dtype or bias.dtype
+        items.append(_Item(TensorSpec(f"{name}.bias", data_type, (experts, *bias.slab_shape)), stack,
+                           lambda e: stack.part("bias", e), ("bias",)))
+    return items
 
 
 _TILE = 64  # a 64x64 tile of a transposed copy stays in L1; numpy's plain strided copy is ~9x slower
@@ -229,27 +317,27 @@ def copy_slab(destination: npt.NDArray[np.generic], source: npt.NDArray[np.gener
 
 def _stream_stack(
     writer: SafetensorsWriter | _RawWriter,
-    spec: TensorSpec,
-    stack: ExpertStack,
+    item: _Item,
     hasher: ThreadPoolExecutor,
     progress: Callable[[int], None] | None,
 ) -> str:
-    """Write one ``[E, k, n]`` stack slab by slab; return its sha256.
+    """Write one ``[E, ...]`` part stack slab by slab; return its sha256.
 
     Hashing runs on ``hasher`` (one thread, so updates stay in order; hashlib
     releases the GIL) while this thread transposes and writes the next slab;
     two staging slabs alternate so neither is overwritten while being hashed.
     """
+    spec, stack = item.spec, item.stack
     digest = hashlib.sha256()
     staging: list[npt.NDArray[np.generic]] = []
     pending: list[Future[None] | None] = [None, None]
     for expert in range(stack.num_experts):
-        slab = stack.expert(expert)
+        slab = item.slab(expert)
         if slab.dtype == spec.dtype.numpy and slab.flags.c_contiguous:
-            out = slab  # already [k, n] in the right dtype: written straight from the page cache
+            out = slab  # already laid out in the right dtype: written straight from the page cache
         else:
             if not staging:
-                staging = [np.empty((stack.k, stack.n), dtype=spec.dtype.numpy) for _ in range(2)]
+                staging = [np.empty(spec.shape[1:], dtype=spec.dtype.numpy) for _ in range(2)]
             which = expert % 2
             previous = pending[which]
             if previous is not None:
@@ -259,10 +347,11 @@ def _stream_stack(
         hashed = hasher.submit(digest.update, memoryview(out.reshape(-1).view(np.uint8)))
         pending[expert % 2] = hashed
         writer.append(out)
-        span = stack.source_span(expert)
         # The copy is done; drop the source pages from this process (they stay
         # in the page cache), so RSS stays at a few slabs.
-        span.mapped.advise(span.offset, span.nbytes, MADV_DONTNEED)
+        for part in item.reads:
+            span = stack.part_span(part, expert)
+            span.mapped.advise(span.offset, span.nbytes, MADV_DONTNEED)
         if progress is not None:
             progress(out.nbytes)
     for future in pending:

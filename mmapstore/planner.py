@@ -30,7 +30,7 @@ __all__ = [
     "plan_resident",
 ]
 
-DEFAULT_PARAM_NAME = "blk.{layer}.ffn_{proj}_exps.weight"
+DEFAULT_PARAM_NAME = "blk.{layer}.ffn_{proj}_exps.{part}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +112,14 @@ class RefreshPlan:
                 pool.commit(result)
 
 
-def param_name(template: str, layer: int, proj: str) -> str:
-    return template.format(layer=layer, proj=proj)
+def param_name(template: str, layer: int, proj: str, part: str = "weight") -> str:
+    """The destination parameter of one part of one stack.  ``template`` may
+    name ``{part}``; without it, parts other than the weight get ``.{part}``
+    appended (``blk.0.ffn_gate_exps.weight.scale``)."""
+    if "{part}" in template:
+        return template.format(layer=layer, proj=proj, part=part)
+    name = template.format(layer=layer, proj=proj)
+    return name if part == "weight" else f"{name}.{part}"
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -133,29 +139,24 @@ def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 Located = tuple[ParamWrite, MappedFile, int, int]  # write, its mapping, file offset, byte extent
 
 
-def _stack_writes(stack: ExpertStack, param: str, pairs: list[tuple[int, int]]) -> list[Located]:
-    """Coalesced writes of ``(slot, expert)`` pairs (experts already validated)."""
+def _stack_writes(stack: ExpertStack, names: str, layer: int, proj: str, pairs: list[tuple[int, int]]) -> list[Located]:
+    """Coalesced writes of ``(slot, expert)`` pairs (experts already validated),
+    one set per part of the stack: a slot holds its scales and bias too."""
     writes: list[Located] = []
     runs = _runs(sorted(pairs))
-    geometry = stack.stacked_geometry()
-    if geometry is not None:  # the hot path: slicing and arithmetic only
-        stacked, mapped, base, stride, extent = geometry
+    for part in stack.parts:
+        param = param_name(names, layer, proj, part)
         for first_slot, first_expert, count in runs:
-            view = stacked[first_expert : first_expert + count]
-            writes.append((ParamWrite(param, first_slot, view), mapped, base + first_expert * stride,
-                           (count - 1) * stride + extent))
-        return writes
-    for first_slot, first_expert, count in runs:
-        located = stack.range_source(first_expert, count)
-        if located is not None:
-            view, mapped, offset, extent = located
-            writes.append((ParamWrite(param, first_slot, view), mapped, offset, extent))
-            continue
-        for position in range(count):  # not evenly spaced in one file: one write each
-            single = stack.range_source(first_expert + position, 1)
-            assert single is not None
-            view, mapped, offset, extent = single
-            writes.append((ParamWrite(param, first_slot + position, view), mapped, offset, extent))
+            located = stack.range_source(first_expert, count, part)
+            if located is not None:
+                view, mapped, offset, extent = located
+                writes.append((ParamWrite(param, first_slot, view), mapped, offset, extent))
+                continue
+            for position in range(count):  # not evenly spaced in one file: one write each
+                single = stack.range_source(first_expert + position, 1, part)
+                assert single is not None
+                view, mapped, offset, extent = single
+                writes.append((ParamWrite(param, first_slot + position, view), mapped, offset, extent))
     return writes
 
 
@@ -236,7 +237,7 @@ def plan_refresh(
             for slot, old, new in zip(result.slots, result.demoted, result.promoted)
         ]
         for proj, stack in layer.stacks:
-            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+            writes += _stack_writes(stack, names, layer.layer_index, proj, pairs)
     return _plan(store, step, updates, writes, tuple(results))
 
 
@@ -251,7 +252,7 @@ def plan_resident(
     for layer, pool in zip(store.layers, pools):
         pairs = list(enumerate(int(expert) for expert in pool.resident_experts()))
         for proj, stack in layer.stacks:
-            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+            writes += _stack_writes(stack, names, layer.layer_index, proj, pairs)
     return _plan(store, -1, [], writes, tuple(None for _ in pools))
 
 
@@ -263,5 +264,5 @@ def plan_full_push(store: ExpertStore, *, names: str = DEFAULT_PARAM_NAME) -> Re
     for layer in store.layers:
         for proj, stack in layer.stacks:
             pairs = [(expert, expert) for expert in range(stack.num_experts)]
-            writes += _stack_writes(stack, param_name(names, layer.layer_index, proj), pairs)
+            writes += _stack_writes(stack, names, layer.layer_index, proj, pairs)
     return _plan(store, -1, [], writes, ())

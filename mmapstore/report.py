@@ -31,14 +31,16 @@ def describe(path: str) -> dict[str, Any]:
                 stacks[proj] = {
                     "shape": [stack.num_experts, stack.k, stack.n],
                     "dtype": str(stack.dtype),
+                    "encoding": stack.encoding.describe(),
+                    "parts": {name: {"dtype": part.dtype.code, "slab_shape": list(part.slab_shape)}
+                              for name, part in stack.parts.items()},
                     "orientation": stack.native_orientation,
                     "storage": "stacked" if stack.is_stacked else "per_expert",
                     "nbytes": stack.nbytes,
                     "tensors": list(stack.tensor_names[:1]) + ([f"... {len(stack.tensor_names) - 1} more"]
                                                                 if len(stack.tensor_names) > 1 else []),
                 }
-            layers.append({"layer": layer.layer_index, "experts": layer.num_experts, "stacks": stacks,
-                           "companions": sorted(layer.companions)})
+            layers.append({"layer": layer.layer_index, "experts": layer.num_experts, "stacks": stacks})
         files = [{"path": file, "nbytes": os.stat(file).st_size} for file in store.files]
         return {
             "path": os.path.abspath(path),

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .planner import param_name
 from .pool import RefreshPolicy
 from .service import SlabService
 from .sinks import ArraySink
@@ -68,7 +69,7 @@ def _matches(service: SlabService) -> bool:
     for layer, pool in zip(service.store.layers, service.pools):
         for slot, expert in enumerate(pool.resident_experts()):
             for proj, stack in layer.stacks:
-                name = service.names.format(layer=layer.layer_index, proj=proj)
+                name = param_name(service.names, layer.layer_index, proj)
                 buffer = sink.arrays[name]
                 source = stack.native(int(expert))
                 if name in sink.transpose:

@@ -114,14 +114,24 @@ class ArraySink(DictSink):
         transpose = []
         for layer, slots in zip(layers, capacities):
             for proj, stack in layer.stacks:
-                name = param_name(names, layer.layer_index, proj)
-                flip = orientation == "kn" and stack.native_orientation == "nk"
-                slab = (stack.k, stack.n) if orientation == "kn" else stack.native_shape
-                buffer = np.empty((slots, *slab), dtype=stack.dtype if dtype is None else np.dtype(dtype))
-                # Fresh anonymous memory is slow to first touch: fault it in now,
-                # outside any refresh.
-                buffer.view(np.uint8).reshape(-1)[:] = 0
-                arrays[name] = buffer
-                if flip:
-                    transpose.append(name)
+                if stack.encoding.encoded and (orientation != "native" or (dtype is not None and np.dtype(dtype) != stack.dtype)):
+                    raise SinkError(
+                        f"{stack.name}: {stack.encoding.describe()} slabs are encoded; a cast or transposed "
+                        "copy of them would not be their values (keep the store's dtype and native orientation)"
+                    )
+                for part, geometry in stack.parts.items():
+                    name = param_name(names, layer.layer_index, proj, part)
+                    if part == "weight":
+                        flip = orientation == "kn" and stack.native_orientation == "nk"
+                        slab = (stack.k, stack.n) if orientation == "kn" else stack.native_shape
+                        buffer_dtype = stack.dtype if dtype is None else np.dtype(dtype)
+                    else:
+                        flip, slab, buffer_dtype = False, geometry.slab_shape, geometry.dtype.numpy
+                    buffer = np.empty((slots, *slab), dtype=buffer_dtype)
+                    # Fresh anonymous memory is slow to first touch: fault it in now,
+                    # outside any refresh.
+                    buffer.view(np.uint8).reshape(-1)[:] = 0
+                    arrays[name] = buffer
+                    if flip:
+                        transpose.append(name)
         return cls(arrays, transpose)

@@ -49,15 +49,11 @@ def refused(path: str, *needles: str, capsys=None) -> None:
         assert needle in str(info.value)
 
 
-def test_fp8_deepseek_checkpoint_is_refused_everywhere(tmp_path, capsys):
-    """Raw FP8 codes beside weight_scale_inv are never served or converted as weights."""
-    config = {"model_type": "deepseek_v3", "hidden_size": H,
-              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
+def test_fp8_scales_without_a_quantization_config_are_refused_everywhere(tmp_path, capsys):
+    """Raw FP8 codes beside weight_scale_inv are never served or converted as weights
+    when the checkpoint does not say how they are quantized."""
     tensors = per_expert(ml_dtypes.float8_e4m3fn, ("weight", "weight_scale_inv"))
-    path = write_checkpoint(tmp_path / "fp8", tensors, config)
-    refused(path, "fp8")
-    # without the config, the scale tensors alone give it away
-    os.remove(os.path.join(path, "config.json"))
+    path = write_checkpoint(tmp_path / "fp8", tensors, {"model_type": "deepseek_v3", "hidden_size": H})
     refused(path, "weight_scale_inv", "FP8")
     for argv in (["convert", path, str(tmp_path / "out"), "--dtype", "bf16", "--quiet"],
                  ["inspect", path], ["verify", path]):
@@ -77,7 +73,7 @@ def test_unclaimed_expert_tensors_are_refused_by_name(tmp_path, suffix, fmt):
     refused(path, suffix, fmt)
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "compressed-tensors", "modelopt"])
+@pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "compressed-tensors", "modelopt", "hqq"])
 def test_unserved_quantization_config_is_refused(tmp_path, method):
     config = {"model_type": "qwen3_moe", "quantization_config": {"quant_method": method}}
     path = write_checkpoint(tmp_path, per_expert(), config)

@@ -56,7 +56,7 @@ def check_store(path: str, family: str, arrays: dict[str, np.ndarray]) -> None:
                     assert got.dtype == want[proj].dtype
                     assert not got.flags.writeable
                     np.testing.assert_array_equal(got, want[proj], err_msg=f"{family} {proj} e{expert}")
-                    assert stack.slab_nbytes == got.nbytes
+                    assert stack.weight_nbytes == got.nbytes
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -89,9 +89,15 @@ def test_fused_layout_follows_config_model_type(tmp_path):
     arrays = write_family(tmp_path, "gpt_oss", np.dtype(np.float32), via="packed", **SHAPE)
     with open_store(tmp_path) as store:
         assert store.layout == "fused_interleaved"
-        assert set(store.layers[0].companions) == {"gate_bias", "up_bias", "down_bias"}
+        layer = store.layers[0]
+        assert all(set(stack.parts) == {"weight", "bias"} for _, stack in layer.stacks)
         bias = arrays["model.layers.0.mlp.experts.gate_up_proj_bias"]
-        np.testing.assert_array_equal(store.layers[0].companions["up_bias"], bias[:, 1::2])
+        for expert in range(SHAPE["experts"]):
+            np.testing.assert_array_equal(layer.up.part("bias", expert), bias[expert, 1::2])
+            np.testing.assert_array_equal(layer.gate.part("bias", expert), bias[expert, 0::2])
+            np.testing.assert_array_equal(
+                layer.down.part("bias", expert), arrays["model.layers.0.mlp.experts.down_proj_bias"][expert]
+            )
     (tmp_path / "config.json").write_text(f'{{"model_type": "llama4_text", "hidden_size": {SHAPE["hidden"]}}}')
     with open_store(tmp_path) as store:
         assert store.layout == "fused_concatenated"

@@ -14,9 +14,10 @@ from typing import Any
 
 from ..dtypes import dtype_from_code
 from ..errors import FormatError
+from ..geometry import ENCODING_KINDS, Encoding
 from .records import MAX_TENSORS, PathResolver, TensorRecord, shape_nbytes, validate_shape
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "check_manifest", "raw_records"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "check_manifest", "manifest_encodings", "raw_records"]
 
 MANIFEST_NAME = "mmapstore.json"
 FORMAT_NAME = "mmapstore.slab_store"
@@ -90,3 +91,24 @@ def raw_records(root: str, manifest: dict[str, Any], *, path: str) -> dict[str, 
                     f"{path}: tensors {before.name!r} and {after.name!r} overlap in {before.path!r}"
                 )
     return records
+
+
+def manifest_encodings(manifest: dict[str, Any], *, path: str) -> dict[str, Encoding]:
+    """The ``encodings`` map of a manifest: stack name (``blk.{L}.ffn_{proj}_exps``)
+    to how its parts make values.  Stacks not named are plain (or ggml, by dtype)."""
+    raw = manifest.get("encodings", {})
+    if not isinstance(raw, dict):
+        raise FormatError(f"{path}: 'encodings' must be an object of stack name to encoding")
+    result: dict[str, Encoding] = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{path}: encoding of {name!r}: must be an object")
+        kind = entry.get("kind")
+        if kind not in ENCODING_KINDS:
+            raise FormatError(f"{path}: encoding of {name!r}: kind {kind!r:.40} is not one of {list(ENCODING_KINDS)}")
+        dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: encoding of {name!r}")
+        block = entry.get("block", [1, 1])
+        if not isinstance(block, list) or len(block) != 2 or any(type(v) is not int or v <= 0 for v in block):
+            raise FormatError(f"{path}: encoding of {name!r}: block must be [rows, cols] of positive ints")
+        result[name] = Encoding(kind, dtype, (block[0], block[1]))
+    return result

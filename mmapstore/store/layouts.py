@@ -1,27 +1,34 @@
-"""Layout discovery: which tensors are expert stacks, from their names alone.
+"""Layout discovery: which tensors are expert stacks and their parts, from names and config.
 
 Three layouts, one per checkpoint:
 
-- ``slab``: ``blk.{L}.ffn_{gate,up,down}_exps.weight``, 3-D ``[E, k, n]``
-  (what ``mmapstore convert`` writes; a manifest may say ``"orientation": "nk"``).
-- ``per_expert``: one 2-D ``[out, in]`` tensor per expert. Mixtral
+- ``slab``: ``blk.{L}.ffn_{gate,up,down}_exps.{weight,scale,bias}``, 3-D
+  ``[E, ...]`` stacks (what ``mmapstore convert`` writes, orientation and
+  encodings in its manifest; GGUF files use the same names, ``[E, out, in]``).
+- ``per_expert``: one 2-D ``[out, in]`` tensor per expert and part. Mixtral
   (``block_sparse_moe.experts.{e}.w1/w3/w2``), Qwen2/3-MoE, DeepSeek-V2/V3,
-  OLMoE, LLaDA2-MoE (``mlp.experts.{e}.{gate,up,down}_proj``).  Dense MLPs and
+  OLMoE, LLaDA2-MoE (``mlp.experts.{e}.{gate,up,down}_proj``); FP8 block
+  checkpoints add ``weight_scale_inv`` (or ``weight_scale``).  Dense MLPs and
   shared experts (``mlp.shared_expert(s).*``) do not match.
-- ``fused``: GPT-OSS (``mlp.experts.gate_up_proj``, gate/up interleaved on
-  the last axis) and Llama-4 (``feed_forward.experts.gate_up_proj``, gate
-  then up), ``[E, hidden, 2*ffn]`` plus ``down_proj`` ``[E, ffn, hidden]``.
+- ``fused``: GPT-OSS (``mlp.experts.gate_up_proj``, gate/up interleaved;
+  MXFP4 ``_blocks``/``_scales``), Llama-4 and Qwen3-VL-MoE (gate then up),
+  ``[E, hidden, 2*ffn]`` plus ``down_proj`` ``[E, ffn, hidden]``, and ``_bias``.
+
+Every tensor under an experts block is claimed by a part or refused.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..dtypes import DType
 from ..errors import FormatError
 from ..formats.records import TensorRecord
+from ..geometry import Encoding
+from .schemes import QuantScheme, model_type, quant_scheme, text_config
 
 __all__ = ["LAYOUTS", "LayerPlan", "discover"]
 
@@ -30,16 +37,17 @@ LAYOUTS = ("slab", "per_expert", "fused_interleaved", "fused_concatenated")
 # Canonical ASCII numbers only: `\d` would accept Unicode digits and leading
 # zeros would let `experts.1` and `experts.01` collide on one key.
 _NUM = r"(?:0|[1-9][0-9]{0,8})"
-_SLAB = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)_exps\.weight")
+_SLAB = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)_exps\.(?P<part>weight|scale|bias)")
 _PER_EXPERT = re.compile(
     rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>block_sparse_moe|mlp|feed_forward)"
-    rf"\.experts\.(?P<expert>{_NUM})\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
+    rf"\.experts\.(?P<expert>{_NUM})\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+    r"\.(?P<suffix>weight|weight_scale_inv|weight_scale)"
 )
 _FUSED = re.compile(
     rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>mlp|feed_forward)"
-    r"\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?"
+    r"\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?"
 )
-# Anything under an experts block must be claimed by a pattern above or refused.
+_FUSED_PART = {None: "weight", "_bias": "bias", "_blocks": "weight", "_scales": "scale"}
 _UNDER_EXPERTS = re.compile(r"(?:^|\.)experts\.|_exps\.|(?:^|\.)blk\.[^.]+\.ffn_(?:gate|up|down)\.[^.]+\.")
 _PROJ = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # Fused gate_up: how gate and up share the last axis, by model_type.
@@ -70,28 +78,9 @@ _PACKED_SUFFIXES = (
 )
 
 
-def quantization_method(config: Mapping[str, Any] | None) -> str | None:
-    """``config.json``'s ``quantization_config.quant_method`` (also under
-    ``text_config``), or None for an unquantized checkpoint."""
-    for holder in (config or {}, (config or {}).get("text_config") or {}):
-        if isinstance(holder, Mapping):
-            quant = holder.get("quantization_config")
-            if isinstance(quant, Mapping):
-                return str(quant.get("quant_method", "unknown"))
-            if quant is not None:
-                return "unknown"
-    return None
-
-
-def model_type(config: Mapping[str, Any] | None) -> str:
-    return str((config or {}).get("model_type", ""))
-
-
 def _config_int(config: Mapping[str, Any] | None, *keys: str) -> int | None:
-    """The first integer under ``keys`` in ``config`` or its ``text_config``."""
-    for holder in (config or {}, (config or {}).get("text_config") or {}):
-        if not isinstance(holder, Mapping):
-            continue
+    """The first positive integer under ``keys`` in ``config`` or its ``text_config``."""
+    for holder in (config or {}, text_config(config)):
         for key in keys:
             value = holder.get(key)
             if type(value) is int and value > 0:
@@ -118,54 +107,61 @@ def _unclaimed(name: str, source: str, config: Mapping[str, Any] | None) -> Form
 class LayerPlan:
     """Which records make up one MoE layer, before any view exists.
 
-    ``per_expert``: ``experts[proj]`` lists one record per expert.
-    ``slab`` / fused: ``stacked[proj]`` is the 3-D record (``gate_up`` for fused).
-    ``orientation`` is the fused stacks' native orientation: ``"kn"``
-    (``[E, H, 2I]``, as GPT-OSS and Llama-4 save) or ``"nk"`` (``[E, 2I, H]``).
+    ``per_expert``: ``experts[proj][part]`` lists one record per expert.
+    ``slab`` / fused: ``stacked[proj][part]`` is the ``[E, ...]`` record
+    (``proj`` is ``gate_up`` and ``down`` for fused layouts).
+    ``encodings[proj]`` says how each projection's parts make values.
+    ``orientation`` is the native orientation of 2-D weight slabs: ``"kn"``
+    (``[in, out]``) or ``"nk"`` (``[out, in]``).
     """
 
     layer_index: int
     layout: str
-    experts: Mapping[str, tuple[TensorRecord, ...]]
-    stacked: Mapping[str, TensorRecord]
-    biases: Mapping[str, TensorRecord]
+    experts: Mapping[str, Mapping[str, tuple[TensorRecord, ...]]]
+    stacked: Mapping[str, Mapping[str, TensorRecord]]
+    encodings: Mapping[str, Encoding]
     orientation: str = "kn"
+    projections: tuple[str, ...] = field(default=("gate", "up", "down"))
 
 
 def discover(
-    tensors: Mapping[str, TensorRecord], config: Mapping[str, Any] | None, *, source: str
+    tensors: Mapping[str, TensorRecord],
+    config: Mapping[str, Any] | None,
+    *,
+    source: str,
+    slab_encodings: Mapping[str, Encoding] | None = None,
+    slab_orientation: str = "kn",
 ) -> tuple[str, list[LayerPlan]]:
     """Find the expert stacks among ``tensors``; return the layout and layers in order.
 
-    Every tensor under an experts block is claimed by a stack or refused:
-    nothing is silently dropped, and encoded values are never served as weights.
+    Every tensor under an experts block is claimed by a part of a stack or
+    refused: nothing is silently dropped, and encoded values are never served
+    as weights.  ``slab_encodings`` (stack name ``blk.{L}.ffn_{proj}_exps`` ->
+    encoding) and ``slab_orientation`` describe slab stacks (from a slab
+    store's manifest, or GGUF's ``[E, out, in]``).
 
     Raises
     ------
     FormatError
         A quantization the library does not serve, an unclaimed tensor under
-        an experts block, mixed layouts, a missing expert or projection, a
-        fused layout that cannot be told apart, or ranks and shapes that
-        disagree within a layer.
+        an experts block, mixed layouts, a missing expert, projection or
+        part, a fused layout that cannot be told apart, or ranks, shapes and
+        dtypes that disagree within a layer.
     """
-    method = quantization_method(config)
-    if method is not None:
-        raise FormatError(
-            f"{source}: config.json quantization_config.quant_method {method!r} is not served by mmapstore; "
-            "refusing rather than serving encoded values as weights"
-        )
-    slab: dict[int, dict[str, TensorRecord]] = {}
-    per_expert: dict[int, dict[str, dict[int, TensorRecord]]] = {}
-    fused: dict[int, dict[str, TensorRecord]] = {}
+    scheme = quant_scheme(config, source=source) if slab_encodings is None else QuantScheme(None)
+    slab: dict[int, dict[str, dict[str, TensorRecord]]] = {}
+    per_expert: dict[int, dict[str, dict[str, dict[int, TensorRecord]]]] = {}
+    fused: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     for name, record in tensors.items():
         match = _SLAB.fullmatch(name)
         if match:
-            slab.setdefault(int(match["layer"]), {})[match["proj"]] = record
+            slab.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})[match["part"]] = record
             continue
         match = _PER_EXPERT.fullmatch(name)
-        if match:
-            by_proj = per_expert.setdefault(int(match["layer"]), {})
-            by_expert = by_proj.setdefault(_PROJ[match["proj"]], {})
+        if match and (match["suffix"] == "weight" or match["suffix"] == scheme.scale_suffix):
+            part = "weight" if match["suffix"] == "weight" else "scale"
+            by_part = per_expert.setdefault(int(match["layer"]), {}).setdefault(_PROJ[match["proj"]], {})
+            by_expert = by_part.setdefault(part, {})
             expert = int(match["expert"])
             if expert in by_expert:  # e.g. w1 and gate_proj of the same expert
                 raise FormatError(
@@ -174,44 +170,40 @@ def discover(
             by_expert[expert] = record
             continue
         match = _FUSED.fullmatch(name)
-        if match:
-            key = ("gate_up" if match["proj"] == "gate_up_proj" else "down") + ("_bias" if match["bias"] else "")
-            layer = fused.setdefault(int(match["layer"]), {})
-            if key in layer:  # two prefixes (or blocks) fused for the same layer
-                raise FormatError(f"{source}: tensors {layer[key].name!r} and {name!r} are the same fused stack")
-            layer[key] = record
+        if match and (match["suffix"] not in ("_blocks", "_scales") or scheme.mxfp4):
+            proj = "gate_up" if match["proj"] == "gate_up_proj" else "down"
+            by_part = fused.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+            part = _FUSED_PART[match["suffix"]]
+            if part in by_part:  # two prefixes (or blocks) fused for the same layer
+                raise FormatError(f"{source}: tensors {by_part[part].name!r} and {name!r} are the same fused stack")
+            by_part[part] = record
             continue
         if _UNDER_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
-    _check_dtypes(slab, per_expert, fused, source)
     found = [kind for kind, layers in (("slab", slab), ("per_expert", per_expert), ("fused", fused)) if layers]
     if len(found) > 1:
         raise FormatError(f"{source}: mixed expert layouts {found}; one checkpoint must use one")
     if not found:
         raise FormatError(f"{source}: no MoE expert tensors found (no slab, per-expert or fused stacks)")
     if found == ["slab"]:
-        return "slab", [_slab_layer(layer, slab[layer], source) for layer in sorted(slab)]
+        encodings = slab_encodings or {}
+        return "slab", [
+            _slab_layer(layer, slab[layer], encodings, slab_orientation, source) for layer in sorted(slab)
+        ]
     if found == ["per_expert"]:
-        return "per_expert", [_per_expert_layer(layer, per_expert[layer], source) for layer in sorted(per_expert)]
+        return "per_expert", [
+            _per_expert_layer(layer, per_expert[layer], scheme, source) for layer in sorted(per_expert)
+        ]
     layout = _fused_layout(config, source, fused)
-    return layout, [_fused_layer(layer, fused[layer], layout, config, source) for layer in sorted(fused)]
+    return layout, [_fused_layer(layer, fused[layer], layout, scheme, config, source) for layer in sorted(fused)]
 
 
-def _check_dtypes(
-    slab: Mapping[int, Mapping[str, TensorRecord]],
-    per_expert: Mapping[int, Mapping[str, Mapping[int, TensorRecord]]],
-    fused: Mapping[int, Mapping[str, TensorRecord]],
-    source: str,
-) -> None:
-    """Every claimed record must have a dtype whose values mmapstore knows."""
-    records = [record for layer in (*slab.values(), *fused.values()) for record in layer.values()]
-    records += [record for layer in per_expert.values() for by in layer.values() for record in by.values()]
-    for record in records:
-        if not record.dtype.known:
-            raise FormatError(
-                f"{source}: tensor {record.name!r} ({record.path}): dtype {record.dtype.code!r} cannot be "
-                "served as expert weights"
-            )
+def _known(record: TensorRecord, source: str) -> None:
+    if not record.dtype.known:
+        raise FormatError(
+            f"{source}: tensor {record.name!r} ({record.path}): dtype {record.dtype.code!r} cannot be "
+            "served as expert weights"
+        )
 
 
 def _require(found: Mapping[str, object], wanted: tuple[str, ...], layer: int, source: str) -> None:
@@ -227,51 +219,157 @@ def _rank(record: TensorRecord, rank: int, source: str) -> None:
         )
 
 
-def _slab_layer(layer: int, found: dict[str, TensorRecord], source: str) -> LayerPlan:
-    _require(found, ("gate", "up", "down"), layer, source)
-    for record in found.values():
-        _rank(record, 3, source)
-    return LayerPlan(layer, "slab", {}, found, {})
+def _shape(record: TensorRecord, expected: tuple[int, ...], source: str, what: str) -> None:
+    if record.shape != expected:
+        raise FormatError(
+            f"{source}: tensor {record.name!r}: {what}: expected shape {list(expected)}, found {list(record.shape)}"
+        )
 
 
-def _per_expert_layer(layer: int, found: dict[str, dict[int, TensorRecord]], source: str) -> LayerPlan:
+def _dtype(record: TensorRecord, codes: tuple[str, ...], source: str, what: str) -> None:
+    if record.dtype.code not in codes:
+        raise FormatError(
+            f"{source}: tensor {record.name!r}: {what} must be {' or '.join(codes)}, found {record.dtype.code}"
+        )
+
+
+def _fp8_grid(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    *lead, rows, cols = weight_shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
+def _slab_layer(
+    layer: int,
+    found: dict[str, dict[str, TensorRecord]],
+    encodings: Mapping[str, Encoding],
+    orientation: str,
+    source: str,
+) -> LayerPlan:
     _require(found, ("gate", "up", "down"), layer, source)
-    experts: dict[str, tuple[TensorRecord, ...]] = {}
-    count = max(max(by_expert) for by_expert in found.values()) + 1
+    chosen: dict[str, Encoding] = {}
+    for proj, parts in found.items():
+        name = f"blk.{layer}.ffn_{proj}_exps"
+        if "weight" not in parts:
+            raise FormatError(f"{source}: stack {name!r} has parts {sorted(parts)} but no weight")
+        weight = parts["weight"]
+        _known(weight, source)
+        _rank(weight, 3, source)
+        encoding = encodings.get(name)
+        if encoding is None:
+            encoding = _implied_encoding(weight.dtype)
+        chosen[proj] = encoding
+        if encoding.kind == "fp8_block":
+            scale = parts.get("scale")
+            if scale is None:
+                raise FormatError(f"{source}: stack {name!r} is {encoding.describe()} but has no scale part")
+            _dtype(weight, ("F8_E4M3",), source, "an FP8 block weight")
+            _dtype(scale, ("F32", "BF16"), source, "an FP8 block scale")
+            _shape(scale, _fp8_grid(weight.shape, encoding.block), source, f"scale grid of {encoding.describe()}")
+        elif "scale" in parts:
+            raise FormatError(
+                f"{source}: tensor {parts['scale'].name!r}: a scale part on a {encoding.describe()} stack; "
+                "the manifest must name its encoding"
+            )
+        if "bias" in parts:
+            bias = parts["bias"]
+            _known(bias, source)
+            out = weight.shape[2] if orientation == "kn" else weight.shape[1]
+            _shape(bias, (weight.shape[0], out), source, "bias [E, out]")
+    return LayerPlan(layer, "slab", {}, found, chosen, orientation)
+
+
+def _implied_encoding(dtype: DType) -> Encoding:
+    """A slab record's encoding when no manifest names one: ggml block types
+    carry their own scales; anything else is plain values."""
+    block_elems = int(getattr(dtype, "block_elems", 1))
+    if block_elems > 1:
+        return Encoding("ggml", dtype, (1, block_elems))
+    return Encoding("plain", dtype)
+
+
+def _per_expert_layer(
+    layer: int, found: dict[str, dict[str, dict[int, TensorRecord]]], scheme: QuantScheme, source: str
+) -> LayerPlan:
+    _require(found, ("gate", "up", "down"), layer, source)
+    count = max(max(by_expert) for parts in found.values() for by_expert in parts.values()) + 1
     if count > MAX_EXPERTS:
         raise FormatError(f"{source}: MoE layer {layer}: expert id {count - 1} is over the {MAX_EXPERTS} limit")
+    experts: dict[str, dict[str, tuple[TensorRecord, ...]]] = {}
+    encodings: dict[str, Encoding] = {}
     for proj in ("gate", "up", "down"):
-        by_expert = found[proj]
-        if len(by_expert) != count:
-            missing = [expert for expert in range(count) if expert not in by_expert][:8]
-            raise FormatError(
-                f"{source}: MoE layer {layer} {proj}: experts {missing} missing (found {len(by_expert)} of {count})"
-            )
-        records = tuple(by_expert[expert] for expert in range(count))
-        head = records[0]
-        for record in records:
-            _rank(record, 2, source)
-            if record.shape != head.shape or record.dtype != head.dtype:
+        parts = found[proj]
+        if "weight" not in parts:
+            example = next(iter(next(iter(parts.values())).values())).name
+            raise FormatError(f"{source}: MoE layer {layer} {proj}: {example!r} has no weight beside it")
+        records_of: dict[str, tuple[TensorRecord, ...]] = {}
+        for part, by_expert in parts.items():
+            if len(by_expert) != count:
+                missing = [expert for expert in range(count) if expert not in by_expert][:8]
                 raise FormatError(
-                    f"{source}: tensor {record.name!r}: {record.dtype.code} {list(record.shape)} differs from "
-                    f"{head.name!r}: {head.dtype.code} {list(head.shape)}"
+                    f"{source}: MoE layer {layer} {proj} {part}: experts {missing} missing "
+                    f"(found {len(by_expert)} of {count})"
                 )
-        experts[proj] = records
-    return LayerPlan(layer, "per_expert", experts, {}, {})
+            records = tuple(by_expert[expert] for expert in range(count))
+            head = records[0]
+            for record in records:
+                _known(record, source)
+                _rank(record, 2, source)
+                if record.shape != head.shape or record.dtype != head.dtype:
+                    raise FormatError(
+                        f"{source}: tensor {record.name!r}: {record.dtype.code} {list(record.shape)} differs from "
+                        f"{head.name!r}: {head.dtype.code} {list(head.shape)}"
+                    )
+            records_of[part] = records
+        weight = records_of["weight"][0]
+        encodings[proj] = _per_expert_encoding(weight, records_of.get("scale"), scheme, source)
+        experts[proj] = records_of
+    return LayerPlan(layer, "per_expert", experts, {}, encodings, "nk")
 
 
-def _fused_layout(config: Mapping[str, Any] | None, source: str, fused: Mapping[int, Mapping[str, TensorRecord]]) -> str:
+def _per_expert_encoding(
+    weight: TensorRecord, scales: tuple[TensorRecord, ...] | None, scheme: QuantScheme, source: str
+) -> Encoding:
+    """FP8 block when the checkpoint declares it and the weight is FP8 with a
+    scale beside it; plain for an unquantized module (``modules_to_not_convert``
+    and ``ignore`` lists leave those in bf16); refused in between."""
+    if not scheme.fp8:
+        return Encoding("plain", weight.dtype)
+    if weight.dtype.code == "F8_E4M3":
+        if scales is None:
+            raise FormatError(
+                f"{source}: tensor {weight.name!r} is F8_E4M3 under quant_method {scheme.method!r} but has no "
+                f"{scheme.scale_suffix} beside it; refusing to serve FP8 codes as weights"
+            )
+        scale = scales[0]
+        _dtype(scale, ("F32", "BF16"), source, f"{scheme.scale_suffix}")
+        _shape(scale, _fp8_grid(weight.shape, scheme.block), source,
+               f"{scheme.block[0]}x{scheme.block[1]} block scale grid of {list(weight.shape)}")
+        return Encoding("fp8_block", weight.dtype, scheme.block)
+    if scales is not None:
+        raise FormatError(
+            f"{source}: tensor {scales[0].name!r} scales a {weight.dtype.code} weight; FP8 block scales belong "
+            "to F8_E4M3 weights"
+        )
+    if weight.dtype.code.startswith("F8"):
+        raise FormatError(
+            f"{source}: tensor {weight.name!r}: {weight.dtype.code} under quant_method {scheme.method!r} is not served"
+        )
+    return Encoding("plain", weight.dtype)
+
+
+def _fused_layout(
+    config: Mapping[str, Any] | None, source: str, fused: Mapping[int, Mapping[str, Mapping[str, TensorRecord]]]
+) -> str:
     """Interleaved (GPT-OSS) or concatenated (Llama-4, Qwen3-VL-MoE) gate/up, from
     ``config.json``'s model_type: the two share names and shapes, so a guess
     from the name would silently swap gate and up rows."""
     kind = model_type(config)
-    text_kind = model_type((config or {}).get("text_config") if isinstance((config or {}).get("text_config"), Mapping) else None)
-    for candidate in (kind, text_kind):
+    for candidate in (kind, model_type(text_config(config))):
         if candidate in _INTERLEAVED_MODELS:
             return "fused_interleaved"
         if candidate in _CONCATENATED_MODELS:
             return "fused_concatenated"
-    example = next(iter(next(iter(fused.values())).values())).name
+    example = next(iter(next(iter(next(iter(fused.values())).values())).values())).name
     raise FormatError(
         f"{source}: fused expert stack {example!r} with model_type {kind!r}: cannot tell whether gate and up are "
         "interleaved (gpt_oss) or concatenated (llama4, qwen3_vl_moe); config.json with a known model_type is needed"
@@ -279,28 +377,29 @@ def _fused_layout(config: Mapping[str, Any] | None, source: str, fused: Mapping[
 
 
 def _fused_orientation(
-    gate_up: TensorRecord, down: TensorRecord, config: Mapping[str, Any] | None, source: str
+    gate_up: tuple[int, ...], down: tuple[int, ...], name: str, config: Mapping[str, Any] | None, source: str
 ) -> str:
     """``"kn"`` for ``gate_up [E, H, 2I]``, ``"nk"`` for ``[E, 2I, H]``, decided by
-    the shapes against ``hidden_size``; refused when both readings fit."""
+    the shapes (``[E, 3]`` logical, blocks unpacked) against ``hidden_size``;
+    refused when both readings fit or neither does."""
     hidden = _config_int(config, "hidden_size")
-    _, first, second = gate_up.shape
-    either = model_type(config) in _EITHER_ORIENTATION_MODELS or model_type(
-        (config or {}).get("text_config") if isinstance((config or {}).get("text_config"), Mapping) else None
-    ) in _EITHER_ORIENTATION_MODELS
+    _, first, second = gate_up
+    either = model_type(config) in _EITHER_ORIENTATION_MODELS or (
+        model_type(text_config(config)) in _EITHER_ORIENTATION_MODELS
+    )
     if hidden is None:
         if either:
             raise FormatError(
-                f"{source}: tensor {gate_up.name!r} {list(gate_up.shape)}: config.json has no hidden_size, "
+                f"{source}: tensor {name!r} {list(gate_up)}: config.json has no hidden_size, "
                 "so the orientation of the fused stack cannot be decided"
             )
         return "kn"
-    fits_kn = first == hidden and second % 2 == 0 and down.shape[1:] == (second // 2, hidden)
-    fits_nk = either and second == hidden and first % 2 == 0 and down.shape[1:] == (hidden, first // 2)
+    fits_kn = first == hidden and second % 2 == 0 and down[1:] == (second // 2, hidden)
+    fits_nk = either and second == hidden and first % 2 == 0 and down[1:] == (hidden, first // 2)
     if fits_kn and fits_nk:
         raise FormatError(
-            f"{source}: tensor {gate_up.name!r} {list(gate_up.shape)} with hidden_size {hidden}: both "
-            "[E, H, 2I] and [E, 2I, H] fit (H == 2I); refusing to guess the orientation"
+            f"{source}: tensor {name!r} {list(gate_up)} with hidden_size {hidden}: both "
+            "[E, H, 2I] and [E, 2I, H] fit; refusing to guess the orientation"
         )
     if fits_kn:
         return "kn"
@@ -310,33 +409,80 @@ def _fused_orientation(
         f" (or [E, 2I, {hidden}] and [E, {hidden}, I])" if either else ""
     )
     raise FormatError(
-        f"{source}: fused stacks {gate_up.name!r} {list(gate_up.shape)} and {down.name!r} {list(down.shape)} "
+        f"{source}: fused stacks {name!r} {list(gate_up)} and down_proj {list(down)} "
         f"do not fit hidden_size {hidden}: expected gate_up_proj {expected}"
     )
 
 
 def _fused_layer(
-    layer: int, found: dict[str, TensorRecord], layout: str, config: Mapping[str, Any] | None, source: str
+    layer: int,
+    found: dict[str, dict[str, TensorRecord]],
+    layout: str,
+    scheme: QuantScheme,
+    config: Mapping[str, Any] | None,
+    source: str,
 ) -> LayerPlan:
     _require(found, ("gate_up", "down"), layer, source)
-    gate_up, down = found["gate_up"], found["down"]
+    for proj in ("gate_up", "down"):
+        if "weight" not in found[proj]:
+            part = next(iter(found[proj].values()))
+            raise FormatError(f"{source}: MoE layer {layer}: {part.name!r} has no {proj}_proj weight beside it")
+        for record in found[proj].values():
+            _known(record, source)
+    if scheme.mxfp4:
+        return _mxfp4_layer(layer, found, layout, config, source)
+    gate_up, down = found["gate_up"]["weight"], found["down"]["weight"]
     _rank(gate_up, 3, source)
     _rank(down, 3, source)
-    orientation = _fused_orientation(gate_up, down, config, source)
-    fused_axis = 2 if orientation == "kn" else 1
-    if gate_up.shape[fused_axis] % 2:
-        raise FormatError(
-            f"{source}: tensor {gate_up.name!r}: fused axis {gate_up.shape[fused_axis]} must be even "
-            "(gate and up fused)"
-        )
-    biases = {key: record for key, record in found.items() if key.endswith("_bias")}
-    experts, ffn = gate_up.shape[0], gate_up.shape[fused_axis] // 2
+    orientation = _fused_orientation(gate_up.shape, down.shape, gate_up.name, config, source)
+    experts = gate_up.shape[0]
+    ffn2 = gate_up.shape[2] if orientation == "kn" else gate_up.shape[1]
     hidden = down.shape[2] if orientation == "kn" else down.shape[1]
-    expected_bias = {"gate_up_bias": (experts, 2 * ffn), "down_bias": (experts, hidden)}
-    for key, record in biases.items():
-        if record.shape != expected_bias[key]:
+    _bias_shapes(found, experts, ffn2, hidden, source)
+    encodings = {proj: Encoding("plain", found[proj]["weight"].dtype) for proj in ("gate_up", "down")}
+    return LayerPlan(layer, layout, {}, found, encodings, orientation, ("gate_up", "down"))
+
+
+def _bias_shapes(
+    found: Mapping[str, Mapping[str, TensorRecord]], experts: int, ffn2: int, hidden: int, source: str
+) -> None:
+    for proj, out in (("gate_up", ffn2), ("down", hidden)):
+        bias = found[proj].get("bias")
+        if bias is not None:
+            _shape(bias, (experts, out), source, f"{proj}_proj bias [E, out]")
+
+
+def _mxfp4_layer(
+    layer: int, found: dict[str, dict[str, TensorRecord]], layout: str, config: Mapping[str, Any] | None, source: str
+) -> LayerPlan:
+    """GPT-OSS MXFP4: ``_blocks`` U8 ``[E, out, in/32, 16]``, ``_scales`` U8
+    (E8M0) ``[E, out, in/32]``, native ``[out, in]``."""
+    for proj in ("gate_up", "down"):
+        parts = found[proj]
+        blocks, scales = parts["weight"], parts.get("scale")
+        if not blocks.name.endswith("_blocks") or scales is None:
             raise FormatError(
-                f"{source}: tensor {record.name!r}: expected shape {list(expected_bias[key])}, found {list(record.shape)}"
+                f"{source}: tensor {blocks.name!r}: quant_method 'mxfp4' needs {proj}_proj_blocks and "
+                f"{proj}_proj_scales"
             )
-    stacked = {"gate_up": gate_up, "down": down}
-    return LayerPlan(layer, layout, {}, stacked, biases, orientation)
+        _rank(blocks, 4, source)
+        _dtype(blocks, ("U8",), source, "MXFP4 blocks")
+        _dtype(scales, ("U8", "F8_E8M0"), source, "MXFP4 scales")
+        if blocks.shape[3] != 16:
+            raise FormatError(f"{source}: tensor {blocks.name!r}: last axis must be 16 bytes (32 E2M1 values)")
+        _shape(scales, blocks.shape[:3], source, "one E8M0 scale per 32 values")
+    gate_up, down = found["gate_up"]["weight"].shape, found["down"]["weight"].shape
+    # logical [E, out, in] of each stack
+    gate_up_logical = (gate_up[0], gate_up[1], gate_up[2] * 32)
+    down_logical = (down[0], down[1], down[2] * 32)
+    orientation = _fused_orientation(
+        (gate_up[0], gate_up_logical[2], gate_up_logical[1]), (down[0], down_logical[2], down_logical[1]),
+        found["gate_up"]["weight"].name, config, source,
+    )
+    if orientation != "kn":  # as [E, in, out] it must read [E, H, 2I]
+        raise FormatError(f"{source}: MXFP4 stacks in an unexpected orientation")
+    _bias_shapes(found, gate_up[0], gate_up[1], down[1], source)
+    encodings = {
+        proj: Encoding("mxfp4", found[proj]["weight"].dtype, (1, 32)) for proj in ("gate_up", "down")
+    }
+    return LayerPlan(layer, layout, {}, found, encodings, "nk", ("gate_up", "down"))

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from ..dequant import dequantize_slab
 from ..errors import ExpertIndexError, StoreClosedError
-from ..formats.records import TensorRecord
-from ..mapping import FileMaps, MappedFile, byte_span
+from ..geometry import Encoding, Orientation, PartGeometry
+from ..mapping import FileMaps, MappedFile
 
 __all__ = ["ExpertStack", "LayerExperts", "SourceSpan"]
-
-Orientation = str  # "kn": native slab is [k, n] (in, out); "nk": native slab is [n, k] (out, in)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +29,20 @@ class SourceSpan:
 class ExpertStack:
     """One projection of one layer, logically ``[E, k, n]`` (``out = x @ stack.expert(e)``).
 
-    The bytes stay in the file.  A stack is either *stacked* (one 3-D tensor,
-    possibly a strided view such as GPT-OSS's interleaved gate) or *gathered*
-    (one 2-D tensor per expert).  :meth:`expert` is always a zero-copy,
-    read-only view; nothing here reads a whole stack.
+    The bytes stay in the file.  A stack is a set of *parts* that share the
+    expert axis and move together: ``weight`` (the values, or the encoded
+    codes or blocks of a quantized stack) and, where the encoding has them,
+    ``scale``, ``bias``, ``zero``...  Each part is described by a
+    :class:`~mmapstore.geometry.PartGeometry`; views are made on use, never at open.
 
-    ``native_orientation`` says how the file stores a slab: ``"kn"`` (in, out)
-    for slab stores and fused checkpoints, ``"nk"`` (out, in) for
-    ``nn.Linear`` weights, whose :meth:`expert` is a transposed view.
+    :meth:`expert` is the zero-copy, read-only ``[k, n]`` view of the weight
+    part: **encoded values** when ``encoding.encoded`` (FP8 codes, MXFP4
+    nibbles, GGUF blocks).  :meth:`dequantize` gives the values (a copy, the
+    only one), :meth:`part` any part's zero-copy view.
+
+    ``native_orientation`` says how the file stores a weight slab: ``"kn"``
+    (in, out) for slab stores and fused checkpoints, ``"nk"`` (out, in) for
+    ``nn.Linear`` weights and GGUF, whose :meth:`expert` is a transposed view.
     """
 
     def __init__(
@@ -45,50 +50,58 @@ class ExpertStack:
         name: str,
         k: int,
         n: int,
-        dtype: np.dtype[np.generic],
-        native_orientation: Orientation,
+        encoding: Encoding,
+        parts: Mapping[str, PartGeometry],
         tensor_names: tuple[str, ...],
         *,
         maps: FileMaps,
-        stacked: npt.NDArray[np.generic] | None = None,
-        stacked_path: str | None = None,
-        records: Sequence[TensorRecord] = (),
+        files: tuple[str, ...],
+        stacked: bool = False,
     ) -> None:
+        if "weight" not in parts:
+            raise ValueError(f"{name}: a stack needs a weight part")
         self.name = name
         self.k = k
         self.n = n
-        self.dtype = dtype
-        self.native_orientation = native_orientation
+        self.encoding = encoding
+        self.parts: dict[str, PartGeometry] = dict(parts)
+        self.geometry = self.parts["weight"]
+        self.native_orientation: Orientation = self.geometry.orientation
+        self.dtype: np.dtype[np.generic] = self.geometry.dtype.numpy
         self.tensor_names = tensor_names
+        self.num_experts = self.geometry.num_experts
         self._maps = maps
+        self._files = files
         self._released = False
-        self._geometry: tuple[MappedFile, int, int, int] | None = None  # mapping, offset, stride, slab extent
         self._stacked = stacked
-        self._stacked_path = stacked_path
-        self._records = tuple(records)
-        self.num_experts = int(stacked.shape[0]) if stacked is not None else len(self._records)
 
     def release(self) -> None:
-        """Drop this stack's own views (the store is closing) so the mapping can go."""
-        self._stacked = None
+        """The store is closing: refuse new views from now on."""
         self._released = True
 
     @property
+    def weight_nbytes(self) -> int:
+        """Bytes of one expert's weight part (``k * n * itemsize`` for plain stacks)."""
+        return self.geometry.slab_nbytes
+
+    @property
     def slab_nbytes(self) -> int:
-        """Bytes of one expert's slab (``k * n * itemsize``)."""
-        return self.k * self.n * int(self.dtype.itemsize)
+        """Bytes of one expert across every part (weight, scales, bias...)."""
+        return sum(part.slab_nbytes for part in self.parts.values())
 
     @property
     def nbytes(self) -> int:
         return self.slab_nbytes * self.num_experts
 
     @property
-    def native_shape(self) -> tuple[int, int]:
-        return (self.k, self.n) if self.native_orientation == "kn" else (self.n, self.k)
+    def native_shape(self) -> tuple[int, ...]:
+        """Shape of one weight slab as the file stores it (rows of blocks for ggml types)."""
+        return self.geometry.slab_shape
 
     @property
     def is_stacked(self) -> bool:
-        return self._stacked is not None
+        """True for one ``[E, ...]`` tensor; False for one tensor per expert."""
+        return self._stacked
 
     def check_expert(self, expert: object) -> int:
         """``expert`` as an int in ``[0, num_experts)``, else :class:`ExpertIndexError`."""
@@ -104,21 +117,42 @@ class ExpertStack:
             raise ExpertIndexError(f"{self.name}: expert {index} out of range [0, {self.num_experts})")
         return index
 
-    def native(self, expert: int) -> npt.NDArray[np.generic]:
-        """Expert ``expert``'s slab as the file stores it (see ``native_orientation``)."""
-        expert = self.check_expert(expert)
+    def _mapped(self, file: int) -> MappedFile:
         if self._released:
             raise StoreClosedError(f"{self.name}: the store is closed")
-        if self._stacked is not None:
-            return self._stacked[expert]
-        record = self._records[expert]
-        return self._maps.get(record.path).record_view(record)
+        return self._maps.get(self._files[file])
+
+    def part(self, part: str, expert: int) -> npt.NDArray[np.generic]:
+        """Zero-copy, read-only view of one expert's slab of ``part`` as the file stores it."""
+        geometry = self.parts.get(part)
+        if geometry is None:
+            raise KeyError(f"{self.name}: no part {part!r}; parts are {sorted(self.parts)}")
+        expert = self.check_expert(expert)
+        file, offset, _ = geometry.range_of(expert)
+        return self._mapped(file).view(
+            offset + geometry.view_delta, geometry.dtype.numpy, geometry.slab_shape, geometry.slab_strides
+        )
+
+    def native(self, expert: int) -> npt.NDArray[np.generic]:
+        """Expert ``expert``'s weight slab as the file stores it (see ``native_orientation``)."""
+        return self.part("weight", expert)
 
     def expert(self, expert: int) -> npt.NDArray[np.generic]:
-        """Read-only ``[k, n]`` view of one expert in GroupedMatMul orientation."""
+        """Read-only ``[k, n]`` view of one expert's weight part in GroupedMatMul
+        orientation (encoded values for a quantized stack; see :meth:`dequantize`)."""
+        if self.encoding.kind == "ggml" or self.encoding.kind == "mxfp4":
+            return self.native(expert)  # rows of blocks have no [k, n] element view
         slab = self.native(expert)
         return slab if self.native_orientation == "kn" else slab.T
 
+    def dequantize(self, expert: int, dtype: npt.DTypeLike = np.float32) -> npt.NDArray[np.generic]:
+        """Expert ``expert``'s values as a new ``[k, n]`` array of ``dtype``,
+        computed with the encoding's reference formula (plain stacks: a cast copy)."""
+        views = {name: self.part(name, expert) for name in self.parts if name != "bias"}
+        values = dequantize_slab(self.encoding, views, self.native_orientation, self.k, self.n, where=self.name)
+        return np.asarray(values if self.native_orientation == "kn" else values.T).astype(dtype)
+
+    # -- locators kept for callers not yet on geometries ----------------------
     def native_range(self, first: int, count: int) -> npt.NDArray[np.generic] | None:
         """Experts ``first .. first+count-1`` as one ``[count, *native_shape]`` view,
         or None when their slabs are not evenly spaced in one file."""
@@ -126,71 +160,68 @@ class ExpertStack:
         return None if located is None else located[0]
 
     def stacked_geometry(self) -> tuple[npt.NDArray[np.generic], MappedFile, int, int, int] | None:
-        """For a stacked stack: ``(3-D native view, mapping, file offset of
-        expert 0, byte stride between experts, byte extent of one slab)``, so
-        the planner computes ranges with arithmetic; None for gathered stacks."""
-        if self._released:
-            raise StoreClosedError(f"{self.name}: the store is closed")
-        if self._stacked is None:
+        """For a stacked weight: ``(3-D native view, mapping, offset of expert 0,
+        byte stride, byte extent of one slab)``; None for gathered stacks."""
+        geometry = self.geometry
+        if geometry.stride is None:
             return None
-        if self._geometry is None:
-            assert self._stacked_path is not None
-            mapped = self._maps.get(self._stacked_path)
-            low, high = byte_span(self._stacked[0])
-            self._geometry = (mapped, mapped.offset_of(self._stacked[0]), int(self._stacked.strides[0]), high - low)
-        return (self._stacked, *self._geometry)
+        located = self.range_source(0, self.num_experts)
+        assert located is not None
+        view, mapped, _, _ = located
+        return view, mapped, int(geometry.offsets[0]), geometry.stride, geometry.extent
 
     def range_source(
-        self, first: int, count: int
+        self, first: int, count: int, part: str = "weight"
     ) -> tuple[npt.NDArray[np.generic], MappedFile, int, int] | None:
-        """:meth:`native_range` plus where its bytes lie: ``(view, mapping, file
-        offset, byte extent)``."""
+        """:meth:`native_range` of ``part`` plus where its bytes lie: ``(view,
+        mapping, file offset, byte extent)``."""
         self.check_expert(first)
         self.check_expert(first + count - 1)
-        geometry = self.stacked_geometry()
-        if geometry is not None:
-            stacked, mapped, base, stride, extent = geometry
-            return stacked[first : first + count], mapped, base + first * stride, (count - 1) * stride + extent
-        records = self._records[first : first + count]
-        head = records[0]
-        for position, record in enumerate(records):
-            if record.path != head.path or record.offset != head.offset + position * self.slab_nbytes:
-                return None
-        mapped = self._maps.get(head.path)
-        view = mapped.view(head.offset, self.dtype, (count, *self.native_shape))
-        return view, mapped, head.offset, count * self.slab_nbytes
+        geometry = self.parts[part]
+        run = geometry.run_of(first, count)
+        if run is None:
+            return None
+        file, offset, extent = run
+        mapped = self._mapped(file)
+        stride = geometry.stride if geometry.stride is not None else extent
+        view = mapped.view(
+            offset + geometry.view_delta, geometry.dtype.numpy, (count, *geometry.slab_shape),
+            (stride, *geometry.slab_strides),
+        )
+        return view, mapped, offset, extent
 
     def mapped_file(self, expert: int) -> MappedFile:
-        """The mapping that holds ``expert``'s bytes."""
+        """The mapping that holds ``expert``'s weight bytes."""
         expert = self.check_expert(expert)
-        if self._stacked_path is not None:
-            return self._maps.get(self._stacked_path)
-        return self._maps.get(self._records[expert].path)
+        return self._mapped(int(self.geometry.files[expert]))
+
+    def part_span(self, part: str, expert: int) -> SourceSpan:
+        """The file bytes that serving ``part`` of ``expert`` touches."""
+        file, offset, extent = self.parts[part].range_of(self.check_expert(expert))
+        return SourceSpan(self._mapped(file), offset, extent)
 
     def source_span(self, expert: int) -> SourceSpan:
-        """The file bytes that serving ``expert`` touches (for prefetch and residency)."""
-        located = self.range_source(expert, 1)
-        assert located is not None  # a single slab is always one range
-        _, mapped, offset, extent = located
-        return SourceSpan(mapped, offset, extent)
+        """The file bytes that serving ``expert``'s weight touches."""
+        file, offset, extent = self.geometry.range_of(self.check_expert(expert))
+        return SourceSpan(self._mapped(file), offset, extent)
 
     def __repr__(self) -> str:
         kind = "stacked" if self.is_stacked else "gathered"
+        parts = "+".join(self.parts)
         return (
             f"ExpertStack({self.name!r}, experts={self.num_experts}, k={self.k}, n={self.n}, "
-            f"dtype={self.dtype}, native={self.native_orientation}, {kind})"
+            f"{self.encoding.describe()}, parts={parts}, native={self.native_orientation}, {kind})"
         )
 
 
 @dataclass(frozen=True, slots=True)
 class LayerExperts:
-    """The expert stacks of one MoE layer, plus companions (biases) as raw views."""
+    """The expert stacks of one MoE layer."""
 
     layer_index: int
     gate: ExpertStack
     up: ExpertStack
     down: ExpertStack
-    companions: dict[str, npt.NDArray[np.generic]] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -202,7 +233,7 @@ class LayerExperts:
 
     @property
     def expert_nbytes(self) -> int:
-        """Bytes of one expert across gate, up and down (for ``capacity_from_budget``)."""
+        """Bytes of one expert across gate, up and down and every part (for ``capacity_from_budget``)."""
         return self.gate.slab_nbytes + self.up.slab_nbytes + self.down.slab_nbytes
 
     @property

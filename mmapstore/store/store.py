@@ -13,6 +13,8 @@ import numpy.typing as npt
 
 from ..errors import FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
+from ..formats.manifest import manifest_encodings
+from ..geometry import Encoding, Orientation, PartGeometry, c_strides
 from ..mapping import FileMaps
 from .layouts import LayerPlan, discover
 from .stack import ExpertStack, LayerExperts
@@ -37,15 +39,19 @@ class ExpertStore:
         for record in checkpoint.tensors.values():
             sizes[record.path] = max(sizes.get(record.path, 0), record.offset + record.nbytes)
         self._maps = FileMaps(sizes)
-        self.layout, plans = discover(checkpoint.tensors, checkpoint.config, source=checkpoint.path)
-        orientation = "kn"
+        self.files: tuple[str, ...] = checkpoint.files
+        self._file_ids = {path: index for index, path in enumerate(self.files)}
+        slab_encodings, orientation = None, "kn"
         if checkpoint.manifest is not None:
             orientation = str(checkpoint.manifest.get("orientation", "kn"))
-        try:
-            self.layers: list[LayerExperts] = [self._build(plan, orientation) for plan in plans]
-        except BaseException:
-            self._maps.close()
-            raise
+            slab_encodings = manifest_encodings(checkpoint.manifest, path=checkpoint.path)
+        elif checkpoint.kind == "gguf":
+            slab_encodings, orientation = {}, "nk"  # ggml ne = {in, out, E}: numpy [E, out, in]
+        self.layout, plans = discover(
+            checkpoint.tensors, checkpoint.config, source=checkpoint.path,
+            slab_encodings=slab_encodings, slab_orientation=orientation,
+        )
+        self.layers: list[LayerExperts] = [self._build(plan) for plan in plans]
         self._by_index = {layer.layer_index: layer for layer in self.layers}
 
     # -- public surface -------------------------------------------------
@@ -70,10 +76,6 @@ class ExpertStore:
     @property
     def tensors(self) -> Mapping[str, TensorRecord]:
         return self.checkpoint.tensors
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        return self.checkpoint.files
 
     @property
     def closed(self) -> bool:
@@ -112,7 +114,6 @@ class ExpertStore:
         for layer in self.layers:
             for _, stack in layer.stacks:
                 stack.release()
-            layer.companions.clear()
         self._maps.close()
 
     def __enter__(self) -> ExpertStore:
@@ -127,66 +128,128 @@ class ExpertStore:
         return f"ExpertStore({self.path!r}, layout={self.layout}, moe_layers={self.num_layers})"
 
     # -- building -------------------------------------------------------
-    def _stacked_view(self, record: TensorRecord) -> npt.NDArray[np.generic]:
-        return self._maps.get(record.path).record_view(record)
+    def _stacked(self, stack: str, part: str, record: TensorRecord, orientation: Orientation) -> PartGeometry:
+        """Geometry of an ``[E, ...]`` record: expert ``e`` at ``offset + e * stride``."""
+        experts, slab_shape = self._experts_and_slab(record)
+        stride = record.nbytes // experts
+        return PartGeometry.stacked(
+            stack, part, experts, record.dtype, slab_shape, c_strides(slab_shape, record.dtype.itemsize),
+            file=self._file_ids[record.path], base=record.offset, stride=stride, extent=stride,
+            orientation=orientation,
+        )
 
-    def _build(self, plan: LayerPlan, orientation: str) -> LayerExperts:
-        layer = plan.layer_index
-        if plan.layout == "per_expert":
-            stacks = {}
-            for proj, records in plan.experts.items():
-                n, k = records[0].shape
-                stacks[proj] = ExpertStack(
-                    f"layers.{layer}.{proj}", k, n, records[0].dtype.numpy, "nk",
-                    tuple(record.name for record in records), maps=self._maps, records=records,
-                )
-            result = LayerExperts(layer, stacks["gate"], stacks["up"], stacks["down"])
-        elif plan.layout == "slab":
-            stacks = {}
-            for proj, record in plan.stacked.items():
-                _, first, second = record.shape
-                k, n = (first, second) if orientation == "kn" else (second, first)
-                stacks[proj] = ExpertStack(
-                    f"layers.{layer}.{proj}", k, n, record.dtype.numpy, orientation, (record.name,),
-                    maps=self._maps, stacked=self._stacked_view(record), stacked_path=record.path,
-                )
-            result = LayerExperts(layer, stacks["gate"], stacks["up"], stacks["down"])
+    def _half(
+        self, stack: str, part: str, record: TensorRecord, axis: int, which: int, layout: str,
+        orientation: Orientation,
+    ) -> PartGeometry:
+        """Gate (``which=0``) or up (``1``) half of a fused ``[E, ...]`` record,
+        split along slab axis ``axis``: every other index when interleaved, the
+        first or second half when concatenated.  The byte range of a slab stays
+        the whole fused slab; the view is strided inside it."""
+        experts, slab_shape = self._experts_and_slab(record)
+        strides = list(c_strides(slab_shape, record.dtype.itemsize))
+        shape = list(slab_shape)
+        width = shape[axis] // 2
+        if layout == "fused_interleaved":
+            delta = which * strides[axis]
+            strides[axis] *= 2
         else:
-            result = self._build_fused(plan)
+            delta = which * width * strides[axis]
+        shape[axis] = width
+        stride = record.nbytes // experts
+        return PartGeometry.stacked(
+            stack, part, experts, record.dtype, tuple(shape), tuple(strides), file=self._file_ids[record.path],
+            base=record.offset, stride=stride, extent=stride, view_delta=delta, orientation=orientation,
+        )
+
+    def _experts_and_slab(self, record: TensorRecord) -> tuple[int, tuple[int, ...]]:
+        experts = record.shape[0] if record.shape else 0
+        slab_shape = storage_shape(record)[1:]
+        if experts == 0 or 0 in slab_shape:
+            raise FormatError(
+                f"{self.path}: tensor {record.name!r}: expert stack of shape {list(record.shape)} holds no expert data"
+            )
+        return experts, slab_shape
+
+    def _gathered(self, stack: str, part: str, records: tuple[TensorRecord, ...], orientation: Orientation) -> PartGeometry:
+        head = records[0]
+        slab_shape = storage_shape(head)
+        if 0 in slab_shape:
+            raise FormatError(f"{self.path}: tensor {head.name!r}: expert slab of shape {list(head.shape)} is empty")
+        return PartGeometry.gathered(
+            stack, part, head.dtype, slab_shape, [self._file_ids[record.path] for record in records],
+            [record.offset for record in records], head.nbytes, orientation=orientation,
+        )
+
+    def _build(self, plan: LayerPlan) -> LayerExperts:
+        layer = plan.layer_index
+        orientation: Orientation = "kn" if plan.orientation == "kn" else "nk"
+        stacks: dict[str, ExpertStack] = {}
+        if plan.layout == "per_expert":
+            for proj, parts in plan.experts.items():
+                name = f"layers.{layer}.{proj}"
+                geometries = {part: self._gathered(name, part, records, orientation) for part, records in parts.items()}
+                weight = parts["weight"][0]
+                stacks[proj] = self._stack(name, weight, plan.encodings[proj], geometries,
+                                           tuple(record.name for record in parts["weight"]))
+        elif plan.layout == "slab":
+            for proj, parts in plan.stacked.items():
+                name = f"layers.{layer}.{proj}"
+                geometries = {part: self._stacked(name, part, record, orientation) for part, record in parts.items()}
+                stacks[proj] = self._stack(name, parts["weight"], plan.encodings[proj], geometries,
+                                           (parts["weight"].name,))
+        else:
+            stacks = self._build_fused(plan, orientation)
+        result = LayerExperts(layer, stacks["gate"], stacks["up"], stacks["down"])
         self._check_shapes(result, plan)
         return result
 
-    def _build_fused(self, plan: LayerPlan) -> LayerExperts:
+    def _stack(
+        self, name: str, weight: TensorRecord, encoding: Encoding, parts: dict[str, PartGeometry],
+        tensor_names: tuple[str, ...],
+    ) -> ExpertStack:
+        """A stack whose logical ``[k, n]`` comes from the weight record's shape
+        (the last two logical dims, in ``orientation``)."""
+        first, second = weight.shape[-2], weight.shape[-1]
+        k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
+        return ExpertStack(name, k, n, encoding, parts, tensor_names, maps=self._maps, files=self.files,
+                           stacked=len(tensor_names) == 1 and parts["weight"].stride is not None)
+
+    def _build_fused(self, plan: LayerPlan, orientation: Orientation) -> dict[str, ExpertStack]:
+        """Split fused ``gate_up`` parts into gate and up stacks; ``down`` as is.
+
+        Weights split along the fused axis: the last one for ``[E, H, 2I]``
+        ("kn"), the first slab axis for ``[E, 2I, H]`` ("nk", Qwen3-VL-MoE as
+        transformers saves it, and MXFP4 blocks).  Scales and biases always
+        split along their first slab axis (out).
+        """
         layer = plan.layer_index
-        gate_up, down = plan.stacked["gate_up"], plan.stacked["down"]
-        fused = self._stacked_view(gate_up)
-        # Split along the fused axis: the last one for [E, H, 2I] ("kn"), the
-        # middle one for [E, 2I, H] ("nk", Qwen3-VL-MoE as transformers saves it).
-        axis = 2 if plan.orientation == "kn" else 1
-        ffn = gate_up.shape[axis] // 2
-        gate_view, up_view = _split(fused, ffn, plan.layout, axis)
-
-        def make(proj: str, view: npt.NDArray[np.generic], record: TensorRecord) -> ExpertStack:
-            first, second = view.shape[1], view.shape[2]
-            k, n = (first, second) if plan.orientation == "kn" else (second, first)
-            return ExpertStack(
-                f"layers.{layer}.{proj}", k, n, record.dtype.numpy, plan.orientation,
-                (record.name,), maps=self._maps, stacked=view, stacked_path=record.path,
-            )
-
-        companions: dict[str, npt.NDArray[np.generic]] = {}
-        if "gate_up_bias" in plan.biases:
-            bias = self._stacked_view(plan.biases["gate_up_bias"])
-            companions["gate_bias"], companions["up_bias"] = _split(bias, ffn, plan.layout, 1)
-        if "down_bias" in plan.biases:
-            companions["down_bias"] = self._stacked_view(plan.biases["down_bias"])
-        return LayerExperts(
-            layer,
-            make("gate", gate_view, gate_up),
-            make("up", up_view, gate_up),
-            make("down", self._stacked_view(down), down),
-            companions,
-        )
+        fused, down = plan.stacked["gate_up"], plan.stacked["down"]
+        encoding = plan.encodings["gate_up"]
+        stacks: dict[str, ExpertStack] = {}
+        for which, proj in enumerate(("gate", "up")):
+            name = f"layers.{layer}.{proj}"
+            parts = {}
+            for part, record in fused.items():
+                axis = 1 if (part == "weight" and orientation == "kn") else 0
+                parts[part] = self._half(name, part, record, axis, which, plan.layout, orientation)
+            weight = parts["weight"]
+            rows, cols = weight.slab_shape[0], weight.slab_shape[1]
+            if encoding.kind == "mxfp4":
+                k, n = cols * 32, rows  # blocks [out, in/32, 16]
+            else:
+                k, n = (rows, cols) if orientation == "kn" else (cols, rows)
+            stacks[proj] = ExpertStack(name, k, n, encoding, parts, (fused["weight"].name,), maps=self._maps,
+                                       files=self.files, stacked=True)
+        name = f"layers.{layer}.down"
+        parts = {part: self._stacked(name, part, record, orientation) for part, record in down.items()}
+        if plan.encodings["down"].kind == "mxfp4":
+            blocks = down["weight"].shape
+            stacks["down"] = ExpertStack(name, blocks[2] * 32, blocks[1], plan.encodings["down"], parts,
+                                         (down["weight"].name,), maps=self._maps, files=self.files, stacked=True)
+        else:
+            stacks["down"] = self._stack(name, down["weight"], plan.encodings["down"], parts, (down["weight"].name,))
+        return stacks
 
     def _check_shapes(self, layer: LayerExperts, plan: LayerPlan) -> None:
         gate, up, down = layer.gate, layer.up, layer.down
@@ -202,17 +265,14 @@ class ExpertStore:
             raise FormatError(f"{self.path}: MoE layer {plan.layer_index} ({', '.join(names)}): " + "; ".join(problems))
 
 
-def _split(
-    fused: npt.NDArray[np.generic], ffn: int, layout: str, axis: int
-) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]]:
-    index: list[slice] = [slice(None)] * fused.ndim
-    if layout == "fused_interleaved":
-        gate, up = list(index), list(index)
-        gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
-    else:
-        gate, up = list(index), list(index)
-        gate[axis], up[axis] = slice(None, ffn), slice(ffn, None)
-    return fused[tuple(gate)], fused[tuple(up)]
+def storage_shape(record: TensorRecord) -> tuple[int, ...]:
+    """The shape a view of ``record`` has: its logical shape, with the last
+    axis in bytes of blocks for block-quantized (ggml) types."""
+    block_elems = int(getattr(record.dtype, "block_elems", 1))
+    if block_elems <= 1:
+        return record.shape
+    block_nbytes = int(getattr(record.dtype, "block_nbytes", 1))
+    return (*record.shape[:-1], record.shape[-1] // block_elems * block_nbytes)
 
 
 def open_store(path: str | os.PathLike[str]) -> ExpertStore:
