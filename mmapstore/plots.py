@@ -33,8 +33,9 @@ def _draw_policies(axes: Any, comparison: PolicyComparison) -> None:
         hit_axis.plot(comparison.intervals, [r.hit_rate for r in reports], style, marker="o", label=label)
         time_axis.plot(comparison.intervals, [r.seconds for r in reports], style, marker="o", label=label)
     hit_axis.set(xlabel="refresh interval tau (steps)", ylabel="hit rate", title="hit rate against tau")
-    time_axis.set(xlabel="refresh interval tau (steps)", ylabel="modelled seconds (I/O + CPU)",
-                  title="modelled time against tau")
+    time_axis.set(
+        xlabel="refresh interval tau (steps)", ylabel="modelled seconds (I/O + CPU)", title="modelled time against tau"
+    )
     for axis in axes:
         axis.set_xscale("log", base=2)
         axis.grid(True, alpha=0.3)
@@ -52,8 +53,9 @@ def plot_comparison(comparison: PolicyComparison, path: str) -> None:
     plt.close(figure)
 
 
-def plot_tuning(rec: Recommendation, comparison: PolicyComparison, data: ReplayInput, cost: CostModel,
-                path: str) -> None:
+def plot_tuning(
+    rec: Recommendation, comparison: PolicyComparison, data: ReplayInput, cost: CostModel, path: str
+) -> None:
     """Four panels: policies against τ (hit rate, time), Eq. 7 against
     capacity and τ (the model), and the fitted hit decay after a refresh."""
     from .tune import model_seconds
@@ -68,12 +70,17 @@ def plot_tuning(rec: Recommendation, comparison: PolicyComparison, data: ReplayI
         totals = [sum(part.sum() for part in model_seconds(data, fit, cost, index, tau)) for tau in taus]
         model_axis.plot(taus, totals, label=f"capacity {capacity}")
         decay_axis.plot(range(fit.max_interval), 1.0 - fit.miss[index].mean(axis=0), label=f"capacity {capacity}")
-    model_axis.plot([rec.common_interval], [rec.replayed_common.seconds], "k*", markersize=12,
-                    label="recommended, replayed")
-    model_axis.set(xlabel="refresh interval tau", ylabel="Eq. 7 seconds", title="the model: time against tau",
-                   yscale="log")
-    decay_axis.set(xlabel="steps since refresh", ylabel="hit rate of the refreshed target",
-                   title="hit-rate decay f (fitted from the trace)")
+    model_axis.plot(
+        [rec.common_interval], [rec.replayed_common.seconds], "k*", markersize=12, label="recommended, replayed"
+    )
+    model_axis.set(
+        xlabel="refresh interval tau", ylabel="Eq. 7 seconds", title="the model: time against tau", yscale="log"
+    )
+    decay_axis.set(
+        xlabel="steps since refresh",
+        ylabel="hit rate of the refreshed target",
+        title="hit-rate decay f (fitted from the trace)",
+    )
     for axis in (model_axis, decay_axis):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)

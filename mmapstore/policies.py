@@ -174,7 +174,7 @@ class _DecayState(PolicyState):
         self._heat += hits
 
     def scores(self, step: int, resident: npt.NDArray[np.bool_]) -> Scores:
-        return self._heat.copy()
+        return np.array(self._heat, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +219,9 @@ class _FutureState(PolicyState):
         # next_due[t, l]: the first refresh of layer l after step t (or steps).
         self._next_due = np.full((steps + 1, layers), steps, dtype=np.int64)
         for step in range(steps - 1, -1, -1):
-            self._next_due[step] = np.where(due[step + 1], step + 1, self._next_due[step + 1]) if step + 1 < steps \
-                else steps
+            self._next_due[step] = (
+                np.where(due[step + 1], step + 1, self._next_due[step + 1]) if step + 1 < steps else steps
+            )
 
     def observe(self, step: int, hits: Counts) -> None:
         pass

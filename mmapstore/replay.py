@@ -48,8 +48,10 @@ class ReplayGeometry:
     def from_store(cls, store: Any) -> ReplayGeometry:
         """From an open store's layers (``num_experts`` and ``expert_nbytes``
         only: headers, never weights)."""
-        return cls(tuple(int(layer.num_experts) for layer in store.layers),
-                   tuple(int(layer.expert_nbytes) for layer in store.layers))
+        return cls(
+            tuple(int(layer.num_experts) for layer in store.layers),
+            tuple(int(layer.expert_nbytes) for layer in store.layers),
+        )
 
     @classmethod
     def uniform(cls, layers: int, experts: int, expert_nbytes: int) -> ReplayGeometry:
@@ -183,11 +185,19 @@ class SimulationReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "policy": self.policy, "capacity": list(self.capacity), "interval": list(self.interval),
-            "steps": self.num_steps, "hit_rate": self.hit_rate, "layer_hit_rate": self.layer_hit_rate.tolist(),
-            "routed": int(self.routed.sum()), "misses": int(self.misses.sum()),
-            "promotions": int(self.promotions.sum()), "refreshes": int(self.refresh_steps.size),
-            "nbytes_moved": self.nbytes_moved, "io_seconds": self.io_seconds, "cpu_seconds": self.cpu_seconds,
+            "policy": self.policy,
+            "capacity": list(self.capacity),
+            "interval": list(self.interval),
+            "steps": self.num_steps,
+            "hit_rate": self.hit_rate,
+            "layer_hit_rate": self.layer_hit_rate.tolist(),
+            "routed": int(self.routed.sum()),
+            "misses": int(self.misses.sum()),
+            "promotions": int(self.promotions.sum()),
+            "refreshes": int(self.refresh_steps.size),
+            "nbytes_moved": self.nbytes_moved,
+            "io_seconds": self.io_seconds,
+            "cpu_seconds": self.cpu_seconds,
             "seconds": self.seconds,
         }
 
@@ -277,11 +287,20 @@ def replay(
         io_seconds = promotions * nbytes / cost.io_bytes_per_s
         cpu_seconds = total_misses * cost.cpu_seconds_per_pair
     return SimulationReport(
-        policy=policy.describe(), capacity=tuple(int(c) for c in capacities), interval=intervals,
-        num_steps=data.num_steps, routed=routed, hits=routed - total_misses, promotions=promotions, misses=misses,
-        refresh_steps=np.asarray(refresh_steps, dtype=np.int64), refresh_promotions=per_refresh.sum(axis=1),
-        refresh_nbytes=per_refresh @ nbytes, layer_io_seconds=np.asarray(io_seconds, dtype=np.float64),
-        layer_cpu_seconds=np.asarray(cpu_seconds, dtype=np.float64), cost=cost,
+        policy=policy.describe(),
+        capacity=tuple(int(c) for c in capacities),
+        interval=intervals,
+        num_steps=data.num_steps,
+        routed=routed,
+        hits=routed - total_misses,
+        promotions=promotions,
+        misses=misses,
+        refresh_steps=np.asarray(refresh_steps, dtype=np.int64),
+        refresh_promotions=per_refresh.sum(axis=1),
+        refresh_nbytes=per_refresh @ nbytes,
+        layer_io_seconds=np.asarray(io_seconds, dtype=np.float64),
+        layer_cpu_seconds=np.asarray(cpu_seconds, dtype=np.float64),
+        cost=cost,
     )
 
 

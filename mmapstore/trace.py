@@ -94,15 +94,21 @@ class Trace:
             raise FormatError(f"{source}: ids must be integers, got dtype {id_array.dtype}")
         offsets = np.asarray(step_offsets)
         if offsets.ndim != 1 or offsets.size < 1 or not np.issubdtype(offsets.dtype, np.integer):
-            raise FormatError(f"{source}: step_offsets must be a 1-d integer array, got {offsets.dtype} {offsets.shape}")
+            raise FormatError(
+                f"{source}: step_offsets must be a 1-d integer array, got {offsets.dtype} {offsets.shape}"
+            )
         offsets = offsets.astype(np.int64)
         rows = id_array.shape[0]
         if offsets[0] != 0 or offsets[-1] != rows or np.any(np.diff(offsets) < 0):
-            raise FormatError(f"{source}: step_offsets must rise from 0 to {rows} rows, got {offsets[0]}..{offsets[-1]}")
+            raise FormatError(
+                f"{source}: step_offsets must rise from 0 to {rows} rows, got {offsets[0]}..{offsets[-1]}"
+            )
         steps = offsets.size - 1
         phases = _marks(phase, steps, np.int8, int(Phase.DECODE), "phase", source)
         if phases.size and (phases.min() < 0 or phases.max() > max(Phase)):
-            raise FormatError(f"{source}: phase codes must be in 0..{int(max(Phase))}, got {sorted(set(phases.tolist()))}")
+            raise FormatError(
+                f"{source}: phase codes must be in 0..{int(max(Phase))}, got {sorted(set(phases.tolist()))}"
+            )
         blocks = _marks(block, steps, np.int32, -1, "block", source)
         weight_array = None
         if weights is not None:
@@ -115,7 +121,7 @@ class Trace:
             raise FormatError(f"{source}: {len(indices)} layer indices for {layers} trace layers")
         if id_array.size and int(id_array.min()) < 0:
             raise FormatError(f"{source}: ids: negative expert id {int(id_array.min())}")
-        return cls(id_array, offsets, phases, blocks, weight_array, indices, source)
+        return cls(id_array, offsets, phases.astype(np.int8), blocks.astype(np.int32), weight_array, indices, source)
 
     # -- shape ------------------------------------------------------------
     @property
@@ -285,8 +291,13 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool | None = None) -> Tra
     if str(members["format"]) != TRACE_FORMAT:
         raise FormatError(f"{path}: trace format {str(members['format'])!r}, expected {TRACE_FORMAT!r}")
     return Trace.build(
-        members["ids"], members["step_offsets"], phase=members["phase"], block=members["block"],
-        weights=members.get("weights"), layer_indices=[int(i) for i in members["layer_indices"]], source=path,
+        members["ids"],
+        members["step_offsets"],
+        phase=members["phase"],
+        block=members["block"],
+        weights=members.get("weights"),
+        layer_indices=[int(i) for i in members["layer_indices"]],
+        source=path,
     )
 
 
@@ -314,8 +325,10 @@ def _map_member(path: str, info: zipfile.ZipInfo) -> npt.NDArray[np.generic]:
         raise FormatError(f"{path}: array {info.filename!r} is not a C-ordered numeric array")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if data_offset - start + nbytes != info.file_size:
-        raise FormatError(f"{path}: array {info.filename!r}: header says {nbytes} bytes, member holds "
-                          f"{info.file_size - (data_offset - start)}")
+        raise FormatError(
+            f"{path}: array {info.filename!r}: header says {nbytes} bytes, member holds "
+            f"{info.file_size - (data_offset - start)}"
+        )
     mapped = MappedFile(path, min_nbytes=data_offset + nbytes)
     view = mapped.view(data_offset, dtype, tuple(shape))
     mapped.close()  # refuses new views; this one keeps the mapping alive

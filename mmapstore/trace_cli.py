@@ -33,15 +33,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.synth:
         shape = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, seed=args.seed)
         makers = {
-            "uniform": trace_synth.uniform_trace, "zipf": trace_synth.zipf_trace,
-            "recency": trace_synth.recency_trace, "bursty": trace_synth.bursty_trace,
+            "uniform": trace_synth.uniform_trace,
+            "zipf": trace_synth.zipf_trace,
+            "recency": trace_synth.recency_trace,
+            "bursty": trace_synth.bursty_trace,
         }
         if args.synth == "block-diffusion":
             trace = trace_synth.block_diffusion_trace(
-                args.blocks, args.steps // args.blocks, args.layers, args.experts, args.top_k, args.tokens,
-                cosine=args.cosine, skew=1.2, spread=0.5, seed=args.seed)
+                args.blocks,
+                args.steps // args.blocks,
+                args.layers,
+                args.experts,
+                args.top_k,
+                args.tokens,
+                cosine=args.cosine,
+                skew=1.2,
+                spread=0.5,
+                seed=args.seed,
+            )
         else:
-            trace = makers[args.synth](args.steps, **shape)  # type: ignore[operator]
+            trace = makers[args.synth](args.steps, **shape)
     elif args.llama_csv:
         if args.top_k is None:
             print("mmapstore trace: error: --llama-csv needs --top-k", file=sys.stderr)
@@ -51,13 +62,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
         array = np.load(args.array, allow_pickle=False)
         trace = trace_import.from_step_array(array, source=args.array)
     save_trace(trace, args.out)
-    summary = {"path": args.out, "steps": trace.num_steps, "layers": trace.num_layers, "top_k": trace.top_k,
-               "tokens": trace.num_rows, "source": trace.source}
+    summary = {
+        "path": args.out,
+        "steps": trace.num_steps,
+        "layers": trace.num_layers,
+        "top_k": trace.top_k,
+        "tokens": trace.num_rows,
+        "source": trace.source,
+    }
     if args.json:
         _print_json(summary)
     else:
-        print(f"wrote {escape(args.out)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, "
-              f"{trace.num_rows} tokens x top-{trace.top_k} ({escape(trace.source)})")
+        print(
+            f"wrote {escape(args.out)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, "
+            f"{trace.num_rows} tokens x top-{trace.top_k} ({escape(trace.source)})"
+        )
     return 0
 
 
@@ -67,8 +86,12 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-size", default="16MiB", help="bytes of one expert when no store is given")
     parser.add_argument("--io-bandwidth", help="promotion bandwidth per second, e.g. 2GiB (default: a quick probe)")
     parser.add_argument("--cpu-cost", type=float, help="CPU seconds per routed token per expert (default: measured)")
-    parser.add_argument("--clock", choices=["segment", "global"], default="segment",
-                        help="count refresh steps within each block (segment) or over the whole trace")
+    parser.add_argument(
+        "--clock",
+        choices=["segment", "global"],
+        default="segment",
+        help="count refresh steps within each block (segment) or over the whole trace",
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs the [plot] extra)")
 
 
@@ -92,14 +115,20 @@ def _load(args: argparse.Namespace) -> tuple[Trace, ReplayGeometry, ReplayInput,
     expert_nbytes = max(geometry.expert_nbytes)
     tokens = max(1, int(np.median(trace.tokens())) * trace.top_k // max(1, max(geometry.num_experts)))
     cpu = args.cpu_cost if args.cpu_cost is not None else measure_cpu_cost(expert_nbytes, tokens=tokens)
-    source = ("given" if args.io_bandwidth else "probed") + " I/O, " + ("given" if args.cpu_cost is not None
-                                                                         else "measured") + " CPU"
+    source = (
+        ("given" if args.io_bandwidth else "probed")
+        + " I/O, "
+        + ("given" if args.cpu_cost is not None else "measured")
+        + " CPU"
+    )
     return trace, geometry, data, CostModel(io, cpu, source), where
 
 
 def _cost_line(cost: CostModel) -> str:
-    return (f"machine: promotions {cost.io_bytes_per_s / 1e9:.2f} GB/s, CPU {cost.cpu_seconds_per_pair * 1e6:.1f} us "
-            f"per routed token per expert ({cost.source})")
+    return (
+        f"machine: promotions {cost.io_bytes_per_s / 1e9:.2f} GB/s, CPU {cost.cpu_seconds_per_pair * 1e6:.1f} us "
+        f"per routed token per expert ({cost.source})"
+    )
 
 
 def _table(comparison: Any) -> list[str]:
@@ -122,12 +151,21 @@ def run_simulate_trace(args: argparse.Namespace) -> int:
 
         plot_comparison(comparison, args.plot)
     if args.json:
-        _print_json({"trace": args.trace, "capacity": args.capacity, "cost": _cost_json(cost),
-                     "winner": comparison.winner, "verdict": comparison.verdict(),
-                     "reports": {name: [r.to_json() for r in reports] for name, reports in comparison.reports.items()}})
+        _print_json(
+            {
+                "trace": args.trace,
+                "capacity": args.capacity,
+                "cost": _cost_json(cost),
+                "winner": comparison.winner,
+                "verdict": comparison.verdict(),
+                "reports": {name: [r.to_json() for r in reports] for name, reports in comparison.reports.items()},
+            }
+        )
         return 0
-    print(f"trace {escape(args.trace)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, top-{trace.top_k}; "
-          f"{where}; capacity {args.capacity}")
+    print(
+        f"trace {escape(args.trace)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, top-{trace.top_k}; "
+        f"{where}; capacity {args.capacity}"
+    )
     print(_cost_line(cost))
     for line in _table(comparison):
         print(line)
@@ -149,21 +187,36 @@ def run_tune(args: argparse.Namespace) -> int:
         plot_tuning(rec, comparison, data, cost, args.plot)
     winner = comparison.best(comparison.winner)
     if args.json:
-        _print_json({
-            "trace": args.trace, "cost": _cost_json(cost), "budget_nbytes": budget,
-            "capacity": list(rec.capacity), "interval": list(rec.interval), "common_interval": rec.common_interval,
-            "predicted_seconds": rec.predicted_seconds, "replayed": rec.replayed.to_json(),
-            "replayed_common": rec.replayed_common.to_json(), "model_error": rec.model_error,
-            "drift": rec.trace_fit.drift.tolist(), "capacities_fitted": list(rec.trace_fit.capacities),
-            "policy": comparison.winner, "policy_report": winner.to_json(), "verdict": comparison.verdict(),
-        })
+        _print_json(
+            {
+                "trace": args.trace,
+                "cost": _cost_json(cost),
+                "budget_nbytes": budget,
+                "capacity": list(rec.capacity),
+                "interval": list(rec.interval),
+                "common_interval": rec.common_interval,
+                "predicted_seconds": rec.predicted_seconds,
+                "replayed": rec.replayed.to_json(),
+                "replayed_common": rec.replayed_common.to_json(),
+                "model_error": rec.model_error,
+                "drift": rec.trace_fit.drift.tolist(),
+                "capacities_fitted": list(rec.trace_fit.capacities),
+                "policy": comparison.winner,
+                "policy_report": winner.to_json(),
+                "verdict": comparison.verdict(),
+            }
+        )
         return 0
     resident = sum(c * n for c, n in zip(rec.capacity, geometry.expert_nbytes))
-    print(f"trace {escape(args.trace)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, top-{trace.top_k}; "
-          f"{where}")
+    print(
+        f"trace {escape(args.trace)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, top-{trace.top_k}; "
+        f"{where}"
+    )
     print(_cost_line(cost))
-    print(f"budget: {'none' if budget is None else f'{budget / 2**30:.2f} GiB'}; recommended resident "
-          f"{resident / 2**30:.2f} GiB")
+    print(
+        f"budget: {'none' if budget is None else f'{budget / 2**30:.2f} GiB'}; recommended resident "
+        f"{resident / 2**30:.2f} GiB"
+    )
     print(f"  {'layer':>5} {'capacity':>8} {'tau':>4} {'drift d':>8} {'hit rate':>9} {'MB moved':>9} {'seconds':>8}")
     report = rec.replayed
     index = {c: i for i, c in enumerate(rec.trace_fit.capacities)}
@@ -171,12 +224,18 @@ def run_tune(args: argparse.Namespace) -> int:
         moved = report.promotions[layer] * geometry.expert_nbytes[layer] / 1e6
         drift = rec.trace_fit.drift[index[rec.capacity[layer]], layer]
         seconds = report.layer_io_seconds[layer] + report.layer_cpu_seconds[layer]
-        print(f"  {layer:>5} {rec.capacity[layer]:>8} {rec.interval[layer]:>4} {drift:>8.3f} "
-              f"{report.layer_hit_rate[layer]:>9.1%} {moved:>9.1f} {seconds:>8.3g}")
-    print(f"Eq. 7 predicts {rec.predicted_seconds:.4g} s; replaying the recommendation gives {report.seconds:.4g} s "
-          f"(model error {rec.model_error:+.1%}), hit rate {report.hit_rate:.1%}")
-    print(f"one tau for all layers (what SlabService runs): tau={rec.common_interval}, "
-          f"{rec.replayed_common.seconds:.4g} s replayed")
+        print(
+            f"  {layer:>5} {rec.capacity[layer]:>8} {rec.interval[layer]:>4} {drift:>8.3f} "
+            f"{report.layer_hit_rate[layer]:>9.1%} {moved:>9.1f} {seconds:>8.3g}"
+        )
+    print(
+        f"Eq. 7 predicts {rec.predicted_seconds:.4g} s; replaying the recommendation gives {report.seconds:.4g} s "
+        f"(model error {rec.model_error:+.1%}), hit rate {report.hit_rate:.1%}"
+    )
+    print(
+        f"one tau for all layers (what SlabService runs): tau={rec.common_interval}, "
+        f"{rec.replayed_common.seconds:.4g} s replayed"
+    )
     for line in _table(comparison):
         print(line)
     print(f"best: {winner.policy} at the capacities above: {winner.hit_rate:.1%} hits, {winner.seconds:.4g} s modelled")
@@ -185,5 +244,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def _cost_json(cost: CostModel) -> dict[str, Any]:
-    return {"io_bytes_per_s": cost.io_bytes_per_s, "cpu_seconds_per_pair": cost.cpu_seconds_per_pair,
-            "source": cost.source}
+    return {
+        "io_bytes_per_s": cost.io_bytes_per_s,
+        "cpu_seconds_per_pair": cost.cpu_seconds_per_pair,
+        "source": cost.source,
+    }

@@ -55,8 +55,10 @@ def from_vllm(
             if shape is None:
                 shape = (array.shape[1], array.shape[2])
             elif (array.shape[1], array.shape[2]) != shape:
-                raise FormatError(f"{source}: request {number} {role}: [layers, top_k] = "
-                                  f"{list(array.shape[1:])}, earlier requests had {list(shape)}")
+                raise FormatError(
+                    f"{source}: request {number} {role}: [layers, top_k] = "
+                    f"{list(array.shape[1:])}, earlier requests had {list(shape)}"
+                )
             if role == "prompt_routed_experts":
                 if array.shape[0]:
                     pieces.append(array)
@@ -69,8 +71,12 @@ def from_vllm(
     if shape is None:
         raise FormatError(f"{source}: no requests")
     ids = np.concatenate(pieces) if pieces else np.zeros((0, *shape), dtype=np.int64)
-    return Trace.build(_narrow(ids), np.concatenate([[0], np.cumsum(tokens, dtype=np.int64)]),
-                       phase=np.asarray(phases, dtype=np.int8), source=source)
+    return Trace.build(
+        _narrow(ids),
+        np.concatenate([[0], np.cumsum(tokens, dtype=np.int64)]),
+        phase=np.asarray(phases, dtype=np.int8),
+        source=source,
+    )
 
 
 def from_step_array(array: npt.ArrayLike, *, phase: Phase = Phase.DECODE, source: str = "array") -> Trace:
@@ -170,7 +176,9 @@ def from_llama_csv(path: str | os.PathLike[str], top_k: int) -> Trace:
     for number in range(forwards):
         block = experts[position : position + counts[number].sum()]
         position += block.size
-        ids[offsets[number] : offsets[number + 1]] = block.reshape(layer_numbers.size, tokens[number], top_k).transpose(1, 0, 2)
+        ids[offsets[number] : offsets[number + 1]] = block.reshape(layer_numbers.size, tokens[number], top_k).transpose(
+            1, 0, 2
+        )
     phase = np.where(tokens > 1, int(Phase.PREFILL), int(Phase.DECODE)).astype(np.int8)
     return Trace.build(_narrow(ids), offsets, phase=phase, layer_indices=layer_numbers.tolist(), source=path)
 

@@ -45,9 +45,13 @@ def _zipf_logits(rng: np.random.Generator, layers: int, experts: int, skew: floa
     return -skew * np.log(ranks.astype(np.float64))
 
 
-def _steps_trace(ids: npt.NDArray[np.int16], tokens: int, source: str,
-                 phase: npt.NDArray[np.int8] | None = None,
-                 block: npt.NDArray[np.int32] | None = None) -> Trace:
+def _steps_trace(
+    ids: npt.NDArray[np.int16],
+    tokens: int,
+    source: str,
+    phase: npt.NDArray[np.int8] | None = None,
+    block: npt.NDArray[np.int32] | None = None,
+) -> Trace:
     """``ids`` is ``[steps, tokens, layers, top_k]``."""
     steps = ids.shape[0]
     rows = ids.reshape(steps * tokens, ids.shape[2], ids.shape[3])
@@ -77,8 +81,15 @@ def zipf_trace(
 
 
 def recency_trace(
-    steps: int, layers: int, experts: int, top_k: int, tokens: int = 1, *,
-    window: int = 16, speed: float = 0.25, seed: int = 0,
+    steps: int,
+    layers: int,
+    experts: int,
+    top_k: int,
+    tokens: int = 1,
+    *,
+    window: int = 16,
+    speed: float = 0.25,
+    seed: int = 0,
 ) -> Trace:
     """Tokens pick from a working set of ``window`` experts that slides by
     ``speed`` experts per step along a random order of each layer: what was
@@ -97,9 +108,18 @@ def recency_trace(
 
 
 def bursty_trace(
-    steps: int, layers: int, experts: int, top_k: int, tokens: int = 1, *,
-    skew: float = 0.8, burst_rate: float = 0.05, burst_experts: int = 4, burst_steps: int = 12,
-    burst_boost: float = 4.0, seed: int = 0,
+    steps: int,
+    layers: int,
+    experts: int,
+    top_k: int,
+    tokens: int = 1,
+    *,
+    skew: float = 0.8,
+    burst_rate: float = 0.05,
+    burst_experts: int = 4,
+    burst_steps: int = 12,
+    burst_boost: float = 4.0,
+    seed: int = 0,
 ) -> Trace:
     """A Zipf background; at each step a burst starts with probability
     ``burst_rate`` (per layer), boosting ``burst_experts`` random experts by
@@ -118,9 +138,19 @@ def bursty_trace(
 
 
 def block_diffusion_trace(
-    blocks: int, steps_per_block: int, layers: int, experts: int, top_k: int, tokens: int = 32, *,
-    cosine: float = 0.985, skew: float = 0.6, spread: float = 1.0, block_drift: float = 0.3,
-    prefill_tokens: int = 0, seed: int = 0,
+    blocks: int,
+    steps_per_block: int,
+    layers: int,
+    experts: int,
+    top_k: int,
+    tokens: int = 32,
+    *,
+    cosine: float = 0.985,
+    skew: float = 0.6,
+    spread: float = 1.0,
+    block_drift: float = 0.3,
+    prefill_tokens: int = 0,
+    seed: int = 0,
 ) -> Trace:
     """Block-diffusion routing: ``blocks`` blocks of ``tokens`` positions,
     each denoised for ``steps_per_block`` steps (phase DENOISE, ``block``
@@ -161,7 +191,9 @@ def block_diffusion_trace(
                 block_marks.append(number)
                 walk = walk + epsilon * rng.standard_normal(walk.shape)
         return Trace.build(
-            np.concatenate(pieces), np.asarray(offsets, dtype=np.int64), phase=np.asarray(phases, dtype=np.int8),
+            np.concatenate(pieces),
+            np.asarray(offsets, dtype=np.int64),
+            phase=np.asarray(phases, dtype=np.int8),
             block=np.asarray(block_marks, dtype=np.int32),
             source=f"block_diffusion(cosine={cosine}, seed={seed})",
         )

@@ -2,7 +2,7 @@
 
 TIDE's Eq. 7 models the offload cost of refreshing every τ steps as
 
-    Lat_IO(τ)  ≈ nbytes · c · R(τ) · D(τ) / C_IO,  D(τ) = 1 − (1 − d)^τ
+    Lat_IO(τ)  ≈ nbytes · c · R(τ) · D(τ) / C_IO,  D(τ) = 1 - (1 - d)^τ
     Lat_CPU(τ) ≈ C_CPU · Σ_steps routed · m(lag)
 
 with ``c`` resident experts, ``R(τ)`` refreshes (``T/τ`` in the paper; here
@@ -121,7 +121,11 @@ def fit(data: ReplayInput, capacities: Sequence[int], max_interval: int = 31) ->
 
 
 def model_seconds(
-    data: ReplayInput, trace_fit: TraceFit, cost: CostModel, capacity_index: int, interval: int,
+    data: ReplayInput,
+    trace_fit: TraceFit,
+    cost: CostModel,
+    capacity_index: int,
+    interval: int,
     clock: Clock = "segment",
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Eq. 7 per layer for one capacity and τ: ``(io_seconds, cpu_seconds)``."""
@@ -195,13 +199,13 @@ def recommend(
     nbytes = np.asarray(geometry.expert_nbytes, dtype=np.int64)
     choice = _spend_budget(best, np.asarray(grid), nbytes, budget_nbytes)
     capacity = tuple(int(grid[c]) for c in choice)
-    interval = tuple(int(best_tau[c, layer]) for layer, c in enumerate(choice))
+    intervals = tuple(int(best_tau[c, layer]) for layer, c in enumerate(choice))
     per_tau = sum(table[c, :, layer] for layer, c in enumerate(choice))
     common = int(np.argmin(per_tau)) + 1
     predicted = float(sum(best[c, layer] for layer, c in enumerate(choice)))
-    replayed = replay(data, geometry, TidePolicy(interval=interval), capacity, cost=cost, clock=clock)
+    replayed = replay(data, geometry, TidePolicy(interval=intervals), capacity, cost=cost, clock=clock)
     replayed_common = replay(data, geometry, TidePolicy(interval=common), capacity, cost=cost, clock=clock)
-    return Recommendation(capacity, interval, common, predicted, budget_nbytes, replayed, replayed_common, trace_fit)
+    return Recommendation(capacity, intervals, common, predicted, budget_nbytes, replayed, replayed_common, trace_fit)
 
 
 def _capacity_grid(experts: int) -> list[int]:
@@ -261,7 +265,9 @@ class PolicyComparison:
         """One sentence: which policy wins and what that says about the trace."""
         winner = self.winner
         best = {name: self.best(name) for name in self.reports}
-        ranked = sorted((name for name in best if name not in ("belady", "static")), key=lambda name: best[name].seconds)
+        ranked = sorted(
+            (name for name in best if name not in ("belady", "static")), key=lambda name: best[name].seconds
+        )
         runner = ranked[1] if len(ranked) > 1 else winner
         gain = best[runner].seconds / best[winner].seconds if best[winner].seconds else 1.0
         reason = {
@@ -272,15 +278,19 @@ class PolicyComparison:
         static = best["static"].seconds if "static" in best else None
         flat = ""
         if static is not None and best[winner].seconds >= static:
-            return (f"No policy beats leaving the pool alone (static: {static:.4g} s; best policy "
-                    f"{best[winner].policy}: {best[winner].seconds:.4g} s): routing is near-uniform, or moving an "
-                    f"expert costs more than its misses on this machine.{bound_text(best)}")
+            return (
+                f"No policy beats leaving the pool alone (static: {static:.4g} s; best policy "
+                f"{best[winner].policy}: {best[winner].seconds:.4g} s): routing is near-uniform, or moving an "
+                f"expert costs more than its misses on this machine.{bound_text(best)}"
+            )
         if static is not None and best[winner].seconds >= 0.9 * static:
             flat = f" Little to gain: never moving an expert costs {static:.4g} s."
         bound = bound_text(best)
-        return (f"{winner.upper()} wins ({best[winner].policy}: {best[winner].hit_rate:.1%} hits, "
-                f"{best[winner].seconds:.4g} s modelled; {gain:.2f}x faster than {best[runner].policy}): {reason}."
-                f"{bound}{flat}")
+        return (
+            f"{winner.upper()} wins ({best[winner].policy}: {best[winner].hit_rate:.1%} hits, "
+            f"{best[winner].seconds:.4g} s modelled; {gain:.2f}x faster than {best[runner].policy}): {reason}."
+            f"{bound}{flat}"
+        )
 
 
 def bound_text(best: dict[str, SimulationReport]) -> str:
@@ -303,11 +313,26 @@ def compare_policies(
     :data:`LFU_HALF_LIVES` too, keeping the fastest half-life per τ."""
     reports: dict[str, tuple[SimulationReport, ...]] = {}
     for policy in policies:
-        variants = [dataclasses.replace(policy, half_life=h) for h in LFU_HALF_LIVES] \
-            if isinstance(policy, LFUPolicy) else [policy]
+        variants = (
+            [dataclasses.replace(policy, half_life=h) for h in LFU_HALF_LIVES]
+            if isinstance(policy, LFUPolicy)
+            else [policy]
+        )
         reports[policy.name] = tuple(
-            min((replay(data, data.geometry, dataclasses.replace(variant, interval=interval), capacity, cost=cost,
-                        clock=clock) for variant in variants), key=lambda report: report.seconds)
+            min(
+                (
+                    replay(
+                        data,
+                        data.geometry,
+                        dataclasses.replace(variant, interval=interval),
+                        capacity,
+                        cost=cost,
+                        clock=clock,
+                    )
+                    for variant in variants
+                ),
+                key=lambda report: report.seconds,
+            )
             for interval in intervals
         )
     layers = data.geometry.num_layers
@@ -316,8 +341,9 @@ def compare_policies(
 
 
 # -- machine constants -----------------------------------------------------------
-def measure_cpu_cost(expert_nbytes: int, *, param_nbytes: int = 2, tokens: int = 1, repeat: int = 5,
-                     max_params: int = 1 << 22) -> float:
+def measure_cpu_cost(
+    expert_nbytes: int, *, param_nbytes: int = 2, tokens: int = 1, repeat: int = 5, max_params: int = 1 << 22
+) -> float:
     """CPU seconds for one routed token through one expert, measured.
 
     The expert is taken as three float32 matrices (gate, up ``[h, f]``,
