@@ -1,4 +1,4 @@
-"""The ``mmapstore`` command: synth, convert, inspect, verify, simulate, bench.
+"""The ``mmapstore`` command: synth, convert, inspect, verify, simulate, trace, tune, bench.
 
 Exit codes: 0 success, 1 bad input or damage, 2 usage errors.  Text output
 by default, ``--json`` for machines; progress bars go to stderr.
@@ -147,6 +147,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        from .trace_cli import run_simulate_trace
+
+        return run_simulate_trace(args)
     from .simulate import simulate
 
     with tempfile.TemporaryDirectory(prefix="mmapstore-demo-") as scratch:
@@ -175,6 +179,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if summary["verified"] else 1
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .trace_cli import cmd_trace
+
+    if args.synth and args.top_k is None:
+        args.top_k = 8
+    if args.synth and (args.steps < 1 or args.blocks < 1 or args.steps < args.blocks):
+        print("mmapstore trace: error: --steps and --blocks must be positive, steps >= blocks", file=sys.stderr)
+        return 2
+    return cmd_trace(args)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .trace_cli import run_tune
+
+    if args.max_interval < 1:
+        print("mmapstore tune: error: --max-interval must be positive", file=sys.stderr)
+        return 2
+    return run_tune(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -183,6 +207,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from .families import FAMILIES
+    from .trace_cli import SYNTH_KINDS, add_trace_arguments
 
     parser = argparse.ArgumentParser(prog="mmapstore", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="mmapstore 0.1.0")
@@ -238,7 +263,36 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dtype", default=None, help="sink dtype (default: the store's)")
     simulate.add_argument("--orientation", choices=["native", "kn"], default="native")
     simulate.add_argument("--json", action="store_true")
+    simulate.add_argument("--trace", metavar="FILE.npz",
+                          help="replay this trace with every policy over tau (geometry from PATH or --experts)")
     simulate.set_defaults(run=_cmd_simulate)
+    add_trace_arguments(simulate)
+
+    trace = commands.add_parser("trace", help="write a routing trace (.npz): synthetic or imported")
+    trace.add_argument("out", metavar="OUT.npz")
+    source = trace.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synth", choices=SYNTH_KINDS)
+    source.add_argument("--llama-csv", metavar="FILE", help="llama.cpp moe-trace CSV (needs --top-k)")
+    source.add_argument("--array", metavar="FILE.npy", help="[steps, layers, tokens, top_k] ids")
+    trace.add_argument("--steps", type=int, default=256)
+    trace.add_argument("--blocks", type=int, default=8, help="denoising blocks (block-diffusion)")
+    trace.add_argument("--layers", type=int, default=8)
+    trace.add_argument("--experts", type=int, default=64)
+    trace.add_argument("--top-k", type=int, default=None, help="default 8 for --synth")
+    trace.add_argument("--tokens", type=int, default=128, help="tokens per step")
+    trace.add_argument("--cosine", type=float, default=0.985, help="adjacent-step cosine (block-diffusion)")
+    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument("--json", action="store_true")
+    trace.set_defaults(run=_cmd_trace)
+
+    tune = commands.add_parser("tune", help="recommend policy, tau and capacity per layer from a trace")
+    tune.add_argument("path", nargs="?", help="a store (headers only); omitted: --experts and --expert-size")
+    tune.add_argument("--trace", metavar="FILE.npz", required=True)
+    tune.add_argument("--budget", help="resident expert bytes over all layers, e.g. 24GiB (default: no limit)")
+    tune.add_argument("--max-interval", type=int, default=31)
+    tune.add_argument("--json", action="store_true")
+    add_trace_arguments(tune)
+    tune.set_defaults(run=_cmd_tune)
 
     bench = commands.add_parser("bench", help="benchmarks against baselines measured in the same run")
     bench.add_argument("--size", type=parse_size, default=parse_size("2GiB"), help="synthetic data size")
@@ -262,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.run(args)
         return result
     except MmapStoreError as exc:
+        print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # an optional extra (plot) is missing
         print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
         return 1
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
