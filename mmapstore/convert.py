@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DType, can_cast, code_of, parse_user_dtype
+from .dtypes import DType, can_cast, parse_user_dtype
 from .errors import ConvertError, FormatError
 from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
 from .formats.records import load_json_object, split_by_size
+from .geometry import Encoding
 from .mapping import MADV_DONTNEED, PAGE_NBYTES
 from .publish import clean_partials, locked, staged_dir
-from .geometry import Encoding
 from .store import ExpertStack, ExpertStore, open_store
 
 __all__ = ["ConvertResult", "convert", "source_fingerprint"]
