@@ -253,12 +253,21 @@ def _slab_layer(
             raise FormatError(f"{source}: stack {name!r} has parts {sorted(parts)} but no weight")
         weight = parts["weight"]
         _known(weight, source)
-        _rank(weight, 3, source)
         encoding = encodings.get(name)
         if encoding is None:
             encoding = _implied_encoding(weight.dtype)
         chosen[proj] = encoding
-        if encoding.kind == "fp8_block":
+        _rank(weight, 4 if encoding.kind == "mxfp4" else 3, source)
+        if encoding.kind == "mxfp4":
+            scale = parts.get("scale")
+            if scale is None or orientation != "nk":
+                raise FormatError(f"{source}: stack {name!r} is MXFP4: it needs a scale part and orientation 'nk'")
+            _dtype(weight, ("U8",), source, "MXFP4 blocks")
+            _dtype(scale, ("U8", "F8_E8M0"), source, "MXFP4 scales")
+            if weight.shape[3] != 16:
+                raise FormatError(f"{source}: tensor {weight.name!r}: last axis must be 16 bytes (32 E2M1 values)")
+            _shape(scale, weight.shape[:3], source, "one E8M0 scale per 32 values")
+        elif encoding.kind == "fp8_block":
             scale = parts.get("scale")
             if scale is None:
                 raise FormatError(f"{source}: stack {name!r} is {encoding.describe()} but has no scale part")

@@ -210,7 +210,10 @@ class ExpertStore:
     ) -> ExpertStack:
         """A stack whose logical ``[k, n]`` comes from the weight record's shape
         (the last two logical dims, in ``orientation``)."""
-        first, second = weight.shape[-2], weight.shape[-1]
+        if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
+            first, second = weight.shape[1], weight.shape[2] * 32
+        else:
+            first, second = weight.shape[-2], weight.shape[-1]
         k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
         return ExpertStack(name, k, n, encoding, parts, tensor_names, maps=self._maps, files=self.files,
                            stacked=len(tensor_names) == 1 and parts["weight"].stride is not None)
