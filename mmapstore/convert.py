@@ -108,7 +108,7 @@ def convert(
                         raise ConvertError(
                             f"{stack.name}: {stack.encoding.describe()} experts dequantize to floats, not {out_dtype.code}"
                         )
-        chosen = _parse_layers(layers, store.layer_indices)
+        chosen = _parse_layers(layers, sorted(store.layer_indices + [layer.layer_index for layer in store.mtp_layers]))
         options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
         fingerprint = source_fingerprint(store)
         with locked(dst, lock_timeout):

@@ -32,14 +32,14 @@ from .schemes import QuantScheme, model_type, quant_scheme, text_config
 
 __all__ = ["LAYOUTS", "LayerPlan", "discover"]
 
-LAYOUTS = ("slab", "per_expert", "fused_interleaved", "fused_concatenated")
+LAYOUTS = ("slab", "per_expert", "fused_interleaved", "fused_concatenated", "dbrx")
 
 # Canonical ASCII numbers only: `\d` would accept Unicode digits and leading
 # zeros would let `experts.1` and `experts.01` collide on one key.
 _NUM = r"(?:0|[1-9][0-9]{0,8})"
 _SLAB = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)_exps\.(?P<part>weight|scale|bias)")
 _PER_EXPERT = re.compile(
-    rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>block_sparse_moe|mlp|feed_forward)"
+    rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>block_sparse_moe|mlp|feed_forward|ffn|mixer)"
     rf"\.experts\.(?P<expert>{_NUM})\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
     r"\.(?P<suffix>weight|weight_scale_inv|weight_scale)"
 )
@@ -47,12 +47,23 @@ _FUSED = re.compile(
     rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>mlp|feed_forward)"
     r"\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?"
 )
+# GraniteMoE / Granite-4 (block_sparse_moe) and JetMoE (mlp): input_linear [E, 2I, H]
+# (gate rows first), output_linear [E, H, I].
+_LINEAR_FUSED = re.compile(
+    rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>block_sparse_moe|mlp)"
+    r"\.(?P<proj>input_linear|output_linear)\.weight"
+)
+# DBRX: w1 (gate) and v1 (up) [E*I, H] hold [out, in] slabs; w2 [E*I, H] holds [in, out] slabs.
+_DBRX = re.compile(rf"(?P<prefix>(?:[\w]+\.)*?)blocks\.(?P<layer>{_NUM})\.ffn\.experts\.mlp\.(?P<proj>w1|v1|w2)")
 _FUSED_PART = {None: "weight", "_bias": "bias", "_blocks": "weight", "_scales": "scale"}
 _UNDER_EXPERTS = re.compile(r"(?:^|\.)experts\.|_exps\.|(?:^|\.)blk\.[^.]+\.ffn_(?:gate|up|down)\.[^.]+\.")
+# JetMoE's mixture of attention heads: attention weights, not routed FFN experts.
+_ATTENTION_EXPERTS = re.compile(r"(?:^|\.)self_attention\.experts\.")
 _PROJ = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # Fused gate_up: how gate and up share the last axis, by model_type.
 _INTERLEAVED_MODELS = frozenset({"gpt_oss"})
 _CONCATENATED_MODELS = frozenset({"llama4", "llama4_text", "qwen3_vl_moe", "qwen3_vl_moe_text"})
+_LINEAR_FUSED_MODELS = frozenset({"granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe"})
 # Checkpoints whose fused stacks may be saved either way round ([E, H, 2I] or [E, 2I, H]).
 _EITHER_ORIENTATION_MODELS = frozenset({"qwen3_vl_moe", "qwen3_vl_moe_text"})
 MAX_EXPERTS = 1 << 16  # DeepSeek-V3 has 256 routed experts; far above any real model, far below a DoS
@@ -122,6 +133,12 @@ class LayerPlan:
     encodings: Mapping[str, Encoding]
     orientation: str = "kn"
     projections: tuple[str, ...] = field(default=("gate", "up", "down"))
+    orientations: Mapping[str, str] = field(default_factory=dict)  # per projection, where they differ
+    num_experts: int = 0  # DBRX: experts folded into the first axis of each record
+    mtp: bool = False  # DeepSeek's next-token-prediction layer (speculative decoding only)
+
+    def orientation_of(self, proj: str) -> str:
+        return self.orientations.get(proj, self.orientation)
 
 
 def discover(
@@ -152,6 +169,8 @@ def discover(
     slab: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     per_expert: dict[int, dict[str, dict[str, dict[int, TensorRecord]]]] = {}
     fused: dict[int, dict[str, dict[str, TensorRecord]]] = {}
+    linear: dict[int, dict[str, dict[str, TensorRecord]]] = {}
+    dbrx: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     for name, record in tensors.items():
         match = _SLAB.fullmatch(name)
         if match:
@@ -178,22 +197,43 @@ def discover(
                 raise FormatError(f"{source}: tensors {by_part[part].name!r} and {name!r} are the same fused stack")
             by_part[part] = record
             continue
-        if _UNDER_EXPERTS.search(name):
+        match = _LINEAR_FUSED.fullmatch(name)
+        if match:
+            proj = "gate_up" if match["proj"] == "input_linear" else "down"
+            by_part = linear.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+            if "weight" in by_part:
+                raise FormatError(f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same fused stack")
+            by_part["weight"] = record
+            continue
+        match = _DBRX.fullmatch(name)
+        if match:
+            proj = {"w1": "gate", "v1": "up", "w2": "down"}[match["proj"]]
+            by_part = dbrx.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+            if "weight" in by_part:
+                raise FormatError(f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same stack")
+            by_part["weight"] = record
+            continue
+        if _UNDER_EXPERTS.search(name) and not _ATTENTION_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
-    found = [kind for kind, layers in (("slab", slab), ("per_expert", per_expert), ("fused", fused)) if layers]
+    kinds = (("slab", slab), ("per_expert", per_expert), ("fused", fused), ("linear", linear), ("dbrx", dbrx))
+    found = [kind for kind, layers in kinds if layers]
     if len(found) > 1:
         raise FormatError(f"{source}: mixed expert layouts {found}; one checkpoint must use one")
     if not found:
         raise FormatError(f"{source}: no MoE expert tensors found (no slab, per-expert or fused stacks)")
     if found == ["slab"]:
         encodings = slab_encodings or {}
-        return "slab", [
-            _slab_layer(layer, slab[layer], encodings, slab_orientation, source) for layer in sorted(slab)
-        ]
+        plans = [_slab_layer(layer, slab[layer], encodings, slab_orientation, source) for layer in sorted(slab)]
+        return "slab", _mark_mtp(plans, config)
+    if scheme.method is not None and found != ["per_expert"] and not (found == ["fused"] and scheme.mxfp4):
+        raise FormatError(f"{source}: quant_method {scheme.method!r} on {found[0]} expert stacks is not served")
     if found == ["per_expert"]:
-        return "per_expert", [
-            _per_expert_layer(layer, per_expert[layer], scheme, source) for layer in sorted(per_expert)
-        ]
+        plans = [_per_expert_layer(layer, per_expert[layer], scheme, source) for layer in sorted(per_expert)]
+        return "per_expert", _mark_mtp(plans, config)
+    if found == ["linear"]:
+        return "fused_concatenated", [_linear_layer(layer, linear[layer], config, source) for layer in sorted(linear)]
+    if found == ["dbrx"]:
+        return "dbrx", [_dbrx_layer(layer, dbrx[layer], config, source) for layer in sorted(dbrx)]
     layout = _fused_layout(config, source, fused)
     return layout, [_fused_layer(layer, fused[layer], layout, scheme, config, source) for layer in sorted(fused)]
 
@@ -299,6 +339,12 @@ def _implied_encoding(dtype: DType) -> Encoding:
 def _per_expert_layer(
     layer: int, found: dict[str, dict[str, dict[int, TensorRecord]]], scheme: QuantScheme, source: str
 ) -> LayerPlan:
+    if "gate" not in found and "up" in found and "down" in found:
+        example = next(iter(found["up"]["weight"].values())).name if "weight" in found["up"] else "?"
+        raise FormatError(
+            f"{source}: MoE layer {layer} ({example!r}): experts without a gate projection (ReLU^2 experts, as "
+            "Nemotron-H has) are not served: mmapstore's stacks are gated (gate, up, down)"
+        )
     _require(found, ("gate", "up", "down"), layer, source)
     count = max(max(by_expert) for parts in found.values() for by_expert in parts.values()) + 1
     if count > MAX_EXPERTS:
@@ -495,3 +541,72 @@ def _mxfp4_layer(
         proj: Encoding("mxfp4", found[proj]["weight"].dtype, (1, 32)) for proj in ("gate_up", "down")
     }
     return LayerPlan(layer, layout, {}, found, encodings, "nk", ("gate_up", "down"))
+
+
+def _mark_mtp(plans: list[LayerPlan], config: Mapping[str, Any] | None) -> list[LayerPlan]:
+    """DeepSeek-V3's next-token-prediction module sits at layer index
+    ``num_hidden_layers`` and beyond (``num_nextn_predict_layers`` of them):
+    marked, so it is reachable but never counted as a decoding layer."""
+    extra = _config_int(config, "num_nextn_predict_layers")
+    decoding = _config_int(config, "num_hidden_layers")
+    if not extra or decoding is None:
+        return plans
+    return [
+        LayerPlan(plan.layer_index, plan.layout, plan.experts, plan.stacked, plan.encodings, plan.orientation,
+                  plan.projections, plan.orientations, plan.num_experts, mtp=plan.layer_index >= decoding)
+        for plan in plans
+    ]
+
+
+def _linear_layer(
+    layer: int, found: dict[str, dict[str, TensorRecord]], config: Mapping[str, Any] | None, source: str
+) -> LayerPlan:
+    """GraniteMoE / JetMoE: ``input_linear [E, 2I, H]`` (gate rows, then up rows)
+    and ``output_linear [E, H, I]``, both ``[out, in]`` per expert."""
+    kind = model_type(config)
+    if kind not in _LINEAR_FUSED_MODELS:
+        raise FormatError(
+            f"{source}: fused input_linear/output_linear stacks with model_type {kind!r}: only "
+            f"{sorted(_LINEAR_FUSED_MODELS)} are known to put gate rows first; refusing to guess"
+        )
+    _require(found, ("gate_up", "down"), layer, source)
+    gate_up, down = found["gate_up"]["weight"], found["down"]["weight"]
+    for record in (gate_up, down):
+        _known(record, source)
+        _rank(record, 3, source)
+    hidden = _config_int(config, "hidden_size")
+    experts, ffn2, width = gate_up.shape
+    if hidden is not None and width != hidden or ffn2 % 2 or down.shape != (experts, width, ffn2 // 2):
+        raise FormatError(
+            f"{source}: {gate_up.name!r} {list(gate_up.shape)} and {down.name!r} {list(down.shape)} are not "
+            f"input_linear [E, 2I, H] and output_linear [E, H, I] (hidden_size {hidden})"
+        )
+    encodings = {proj: Encoding("plain", found[proj]["weight"].dtype) for proj in ("gate_up", "down")}
+    return LayerPlan(layer, "fused_concatenated", {}, found, encodings, "nk", ("gate_up", "down"))
+
+
+def _dbrx_layer(
+    layer: int, found: dict[str, dict[str, TensorRecord]], config: Mapping[str, Any] | None, source: str
+) -> LayerPlan:
+    """DBRX folds the experts into the first axis: ``[E*I, H]``; w1/v1 slabs
+    are ``[out, in]``, w2 slabs ``[in, out]``."""
+    _require(found, ("gate", "up", "down"), layer, source)
+    ffn_config = (config or {}).get("ffn_config")
+    experts = ffn_config.get("moe_num_experts") if isinstance(ffn_config, Mapping) else None
+    if type(experts) is not int or not 0 < experts <= MAX_EXPERTS:
+        raise FormatError(f"{source}: DBRX expert stacks need config.json ffn_config.moe_num_experts, found {experts!r:.40}")
+    shape = found["gate"]["weight"].shape
+    for proj in ("gate", "up", "down"):
+        record = found[proj]["weight"]
+        _known(record, source)
+        _rank(record, 2, source)
+        if record.shape != shape or shape[0] % experts:
+            raise FormatError(
+                f"{source}: DBRX tensor {record.name!r} {list(record.shape)}: expected [E*I, H] with E = {experts}, "
+                f"like {found['gate']['weight'].name!r} {list(shape)}"
+            )
+    hidden = _config_int(config, "d_model", "hidden_size")
+    if hidden is not None and shape[1] != hidden:
+        raise FormatError(f"{source}: DBRX tensor {found['gate']['weight'].name!r}: second axis {shape[1]} is not d_model {hidden}")
+    encodings = {proj: Encoding("plain", found[proj]["weight"].dtype) for proj in ("gate", "up", "down")}
+    return LayerPlan(layer, "dbrx", {}, found, encodings, "nk", orientations={"down": "kn"}, num_experts=experts)

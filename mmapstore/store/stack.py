@@ -222,6 +222,7 @@ class LayerExperts:
     gate: ExpertStack
     up: ExpertStack
     down: ExpertStack
+    mtp: bool = False  # DeepSeek's next-token-prediction module: used only for speculative decoding
 
     @property
     def num_experts(self) -> int:

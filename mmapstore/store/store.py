@@ -51,8 +51,11 @@ class ExpertStore:
             checkpoint.tensors, checkpoint.config, source=checkpoint.path,
             slab_encodings=slab_encodings, slab_orientation=orientation,
         )
-        self.layers: list[LayerExperts] = [self._build(plan) for plan in plans]
-        self._by_index = {layer.layer_index: layer for layer in self.layers}
+        built = [self._build(plan) for plan in plans]
+        self.layers: list[LayerExperts] = [layer for layer in built if not layer.mtp]
+        # DeepSeek's next-token-prediction layers: reachable by index, never decoding layers.
+        self.mtp_layers: list[LayerExperts] = [layer for layer in built if layer.mtp]
+        self._by_index = {layer.layer_index: layer for layer in built}
 
     # -- public surface -------------------------------------------------
     @property
@@ -198,9 +201,11 @@ class ExpertStore:
                 geometries = {part: self._stacked(name, part, record, orientation) for part, record in parts.items()}
                 stacks[proj] = self._stack(name, parts["weight"], plan.encodings[proj], geometries,
                                            (parts["weight"].name,))
+        elif plan.layout == "dbrx":
+            stacks = self._build_dbrx(plan)
         else:
             stacks = self._build_fused(plan, orientation)
-        result = LayerExperts(layer, stacks["gate"], stacks["up"], stacks["down"])
+        result = LayerExperts(layer, stacks["gate"], stacks["up"], stacks["down"], mtp=plan.mtp)
         self._check_shapes(result, plan)
         return result
 
@@ -252,6 +257,26 @@ class ExpertStore:
                                          (down["weight"].name,), maps=self._maps, files=self.files, stacked=True)
         else:
             stacks["down"] = self._stack(name, down["weight"], plan.encodings["down"], parts, (down["weight"].name,))
+        return stacks
+
+    def _build_dbrx(self, plan: LayerPlan) -> dict[str, ExpertStack]:
+        """DBRX ``[E*I, H]`` records as ``E`` slabs of ``[I, H]``: ``[out, in]``
+        for w1/v1, ``[in, out]`` for w2."""
+        stacks: dict[str, ExpertStack] = {}
+        experts = plan.num_experts
+        for proj, parts in plan.stacked.items():
+            record = parts["weight"]
+            rows, hidden = record.shape[0] // experts, record.shape[1]
+            orientation: Orientation = "kn" if plan.orientation_of(proj) == "kn" else "nk"
+            stride = record.nbytes // experts
+            geometry = PartGeometry.stacked(
+                f"layers.{plan.layer_index}.{proj}", "weight", experts, record.dtype, (rows, hidden),
+                c_strides((rows, hidden), record.dtype.itemsize), file=self._file_ids[record.path],
+                base=record.offset, stride=stride, extent=stride, orientation=orientation,
+            )
+            k, n = (rows, hidden) if orientation == "kn" else (hidden, rows)
+            stacks[proj] = ExpertStack(geometry.stack, k, n, plan.encodings[proj], {"weight": geometry},
+                                       (record.name,), maps=self._maps, files=self.files, stacked=True)
         return stacks
 
     def _check_shapes(self, layer: LayerExperts, plan: LayerPlan) -> None:
