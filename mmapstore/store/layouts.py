@@ -576,7 +576,7 @@ def _linear_layer(
         _rank(record, 3, source)
     hidden = _config_int(config, "hidden_size")
     experts, ffn2, width = gate_up.shape
-    if hidden is not None and width != hidden or ffn2 % 2 or down.shape != (experts, width, ffn2 // 2):
+    if (hidden is not None and width != hidden) or ffn2 % 2 or down.shape != (experts, width, ffn2 // 2):
         raise FormatError(
             f"{source}: {gate_up.name!r} {list(gate_up.shape)} and {down.name!r} {list(down.shape)} are not "
             f"input_linear [E, 2I, H] and output_linear [E, H, I] (hidden_size {hidden})"
