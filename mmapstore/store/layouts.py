@@ -55,6 +55,9 @@ _LINEAR_FUSED = re.compile(
 )
 # DBRX: w1 (gate) and v1 (up) [E*I, H] hold [out, in] slabs; w2 [E*I, H] holds [in, out] slabs.
 _DBRX = re.compile(rf"(?P<prefix>(?:[\w]+\.)*?)blocks\.(?P<layer>{_NUM})\.ffn\.experts\.mlp\.(?P<proj>w1|v1|w2)")
+# GGUF: fused gate/up stack (gate rows first), and the legacy one-tensor-per-expert names.
+_GGUF_FUSED = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_gate_up_exps\.(?P<part>weight|bias)")
+_GGUF_PER_EXPERT = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)\.(?P<expert>{_NUM})\.weight")
 _FUSED_PART = {None: "weight", "_bias": "bias", "_blocks": "weight", "_scales": "scale"}
 _UNDER_EXPERTS = re.compile(r"(?:^|\.)experts\.|_exps\.|(?:^|\.)blk\.[^.]+\.ffn_(?:gate|up|down)\.[^.]+\.")
 # JetMoE's mixture of attention heads: attention weights, not routed FFN experts.
@@ -170,11 +173,22 @@ def discover(
     per_expert: dict[int, dict[str, dict[str, dict[int, TensorRecord]]]] = {}
     fused: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     linear: dict[int, dict[str, dict[str, TensorRecord]]] = {}
+    gguf_fused: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     dbrx: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     for name, record in tensors.items():
         match = _SLAB.fullmatch(name)
         if match:
             slab.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})[match["part"]] = record
+            continue
+        match = _GGUF_FUSED.fullmatch(name)
+        if match:
+            by_part = gguf_fused.setdefault(int(match["layer"]), {}).setdefault("gate_up", {})
+            by_part[match["part"]] = record
+            continue
+        match = _GGUF_PER_EXPERT.fullmatch(name)
+        if match:
+            by_expert = per_expert.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})
+            by_expert.setdefault("weight", {})[int(match["expert"])] = record
             continue
         match = _PER_EXPERT.fullmatch(name)
         if match and (match["suffix"] == "weight" or match["suffix"] == scheme.scale_suffix):
@@ -215,6 +229,9 @@ def discover(
             continue
         if _UNDER_EXPERTS.search(name) and not _ATTENTION_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
+    if gguf_fused:
+        return "fused_concatenated", [_gguf_fused_layer(layer, gguf_fused[layer], slab.pop(layer, {}), source)
+                                      for layer in sorted(gguf_fused)] + _leftover_slab(slab, source)
     kinds = (("slab", slab), ("per_expert", per_expert), ("fused", fused), ("linear", linear), ("dbrx", dbrx))
     found = [kind for kind, layers in kinds if layers]
     if len(found) > 1:
@@ -381,6 +398,41 @@ def _per_expert_layer(
     return LayerPlan(layer, "per_expert", experts, {}, encodings, "nk")
 
 
+def _gguf_fused_layer(
+    layer: int, fused: dict[str, TensorRecord], rest: dict[str, dict[str, TensorRecord]], source: str
+) -> LayerPlan:
+    """GGUF ``ffn_gate_up_exps`` (``[E, 2I, H]``, gate rows first) beside ``ffn_down_exps``."""
+    if set(rest) != {"down"}:
+        raise FormatError(
+            f"{source}: MoE layer {layer} has ffn_gate_up_exps and also {sorted(set(rest) - {'down'}) or 'no'} "
+            "separate gate/up stacks; expected exactly ffn_gate_up_exps and ffn_down_exps"
+        )
+    if "weight" not in fused:
+        raise FormatError(f"{source}: MoE layer {layer}: blk.{layer}.ffn_gate_up_exps.bias has no weight beside it")
+    found = {"gate_up": fused, "down": rest["down"]}
+    for parts in found.values():
+        for record in parts.values():
+            _known(record, source)
+        _rank(parts["weight"], 3, source)
+    gate_up, down = found["gate_up"]["weight"], found["down"]["weight"]
+    experts, ffn2, hidden = gate_up.shape
+    if ffn2 % 2 or down.shape != (experts, hidden, ffn2 // 2):
+        raise FormatError(
+            f"{source}: {gate_up.name!r} {list(gate_up.shape)} and {down.name!r} {list(down.shape)} are not "
+            "[E, 2I, H] and [E, H, I]"
+        )
+    _bias_shapes(found, experts, ffn2, hidden, source)
+    encodings = {proj: _implied_encoding(found[proj]["weight"].dtype) for proj in ("gate_up", "down")}
+    return LayerPlan(layer, "fused_concatenated", {}, found, encodings, "nk", ("gate_up", "down"))
+
+
+def _leftover_slab(slab: dict[int, dict[str, dict[str, TensorRecord]]], source: str) -> list[LayerPlan]:
+    if slab:
+        layer = min(slab)
+        raise FormatError(f"{source}: MoE layer {layer} has separate gate/up stacks while others are fused")
+    return []
+
+
 def _per_expert_encoding(
     weight: TensorRecord, scales: tuple[TensorRecord, ...] | None, scheme: QuantScheme, source: str
 ) -> Encoding:
@@ -388,7 +440,7 @@ def _per_expert_encoding(
     scale beside it; plain for an unquantized module (``modules_to_not_convert``
     and ``ignore`` lists leave those in bf16); refused in between."""
     if not scheme.fp8:
-        return Encoding("plain", weight.dtype)
+        return _implied_encoding(weight.dtype)
     if weight.dtype.code == "F8_E4M3":
         if scales is None:
             raise FormatError(

@@ -245,6 +245,8 @@ class ExpertStore:
             rows, cols = weight.slab_shape[0], weight.slab_shape[1]
             if encoding.kind == "mxfp4":
                 k, n = cols * 32, rows  # blocks [out, in/32, 16]
+            elif encoding.kind == "ggml":
+                k, n = fused["weight"].shape[2], rows  # rows of blocks [out, row bytes]; logical [E, out, in]
             else:
                 k, n = (rows, cols) if orientation == "kn" else (cols, rows)
             stacks[proj] = ExpertStack(name, k, n, encoding, parts, (fused["weight"].name,), maps=self._maps,
