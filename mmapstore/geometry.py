@@ -20,7 +20,7 @@ gate is every other column of the fused ``gate_up`` slab): ``view_delta`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -223,6 +223,9 @@ def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _frozen(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+_Array = TypeVar("_Array", bound=np.ndarray)
+
+
+def _frozen(array: _Array) -> _Array:
     array.flags.writeable = False
     return array

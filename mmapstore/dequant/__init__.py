@@ -49,7 +49,7 @@ def dequantize_slab(
         from .ggml import dequantize_ggml
 
         values = dequantize_ggml(encoding.dtype, np.asarray(weight, dtype=np.uint8), cols)
-        return values.reshape(rows, cols)
+        return np.asarray(values, dtype=np.float32).reshape(rows, cols)
     raise FormatError(f"{where}: encoding {encoding.describe()} cannot be dequantized by mmapstore")
 
 

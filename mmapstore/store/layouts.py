@@ -187,14 +187,14 @@ def discover(
             continue
         match = _GGUF_PER_EXPERT.fullmatch(name)
         if match:
-            by_expert = per_expert.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})
-            by_expert.setdefault("weight", {})[int(match["expert"])] = record
+            legacy = per_expert.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})
+            legacy.setdefault("weight", {})[int(match["expert"])] = record
             continue
         match = _PER_EXPERT.fullmatch(name)
         if match and (match["suffix"] == "weight" or match["suffix"] == scheme.scale_suffix):
             part = "weight" if match["suffix"] == "weight" else "scale"
-            by_part = per_expert.setdefault(int(match["layer"]), {}).setdefault(_PROJ[match["proj"]], {})
-            by_expert = by_part.setdefault(part, {})
+            expert_parts = per_expert.setdefault(int(match["layer"]), {}).setdefault(_PROJ[match["proj"]], {})
+            by_expert = expert_parts.setdefault(part, {})
             expert = int(match["expert"])
             if expert in by_expert:  # e.g. w1 and gate_proj of the same expert
                 raise FormatError(
@@ -230,7 +230,7 @@ def discover(
         if _UNDER_EXPERTS.search(name) and not _ATTENTION_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
     if gguf_fused:
-        return "fused_concatenated", [_gguf_fused_layer(layer, gguf_fused[layer], slab.pop(layer, {}), source)
+        return "fused_concatenated", [_gguf_fused_layer(layer, gguf_fused[layer]["gate_up"], slab.pop(layer, {}), source)
                                       for layer in sorted(gguf_fused)] + _leftover_slab(slab, source)
     kinds = (("slab", slab), ("per_expert", per_expert), ("fused", fused), ("linear", linear), ("dbrx", dbrx))
     found = [kind for kind, layers in kinds if layers]

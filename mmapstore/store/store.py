@@ -189,12 +189,13 @@ class ExpertStore:
         orientation: Orientation = "kn" if plan.orientation == "kn" else "nk"
         stacks: dict[str, ExpertStack] = {}
         if plan.layout == "per_expert":
-            for proj, parts in plan.experts.items():
+            for proj, gathered in plan.experts.items():
                 name = f"layers.{layer}.{proj}"
-                geometries = {part: self._gathered(name, part, records, orientation) for part, records in parts.items()}
-                weight = parts["weight"][0]
-                stacks[proj] = self._stack(name, weight, plan.encodings[proj], geometries,
-                                           tuple(record.name for record in parts["weight"]))
+                geometries = {
+                    part: self._gathered(name, part, records, orientation) for part, records in gathered.items()
+                }
+                stacks[proj] = self._stack(name, gathered["weight"][0], plan.encodings[proj], geometries,
+                                           tuple(record.name for record in gathered["weight"]))
         elif plan.layout == "slab":
             for proj, parts in plan.stacked.items():
                 name = f"layers.{layer}.{proj}"
