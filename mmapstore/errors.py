@@ -18,6 +18,7 @@ __all__ = [
     "StaleRefreshError",
     "StoreClosedError",
     "TensorNotFoundError",
+    "UnsupportedEncodingError",
 ]
 
 
@@ -30,6 +31,12 @@ class FormatError(MmapStoreError, ValueError):
 
     The message names the file, the tensor where one is concerned, and what
     was expected versus found.
+    """
+
+
+class UnsupportedEncodingError(FormatError):
+    """Well-formed data in an encoding the library cannot decode (a ggml
+    block type without a dequantizer, say).  The message names the encoding.
     """
 
 

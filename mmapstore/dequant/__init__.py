@@ -15,8 +15,16 @@ import numpy.typing as npt
 from ..errors import FormatError
 from ..geometry import Encoding, Orientation
 from .blockscaled import dequantize_fp8_block, dequantize_mxfp4
+from .ggml import DEQUANTIZABLE, can_dequantize, dequantize_ggml
 
-__all__ = ["dequantize_fp8_block", "dequantize_mxfp4", "dequantize_slab"]
+__all__ = [
+    "DEQUANTIZABLE",
+    "can_dequantize",
+    "dequantize_fp8_block",
+    "dequantize_ggml",
+    "dequantize_mxfp4",
+    "dequantize_slab",
+]
 
 
 def dequantize_slab(
@@ -46,9 +54,7 @@ def dequantize_slab(
     if encoding.kind == "mxfp4":
         return dequantize_mxfp4(weight, _need(parts, "scale", where), cols, where=where)
     if encoding.kind == "ggml":
-        from .ggml import dequantize_ggml
-
-        values = dequantize_ggml(encoding.dtype, np.asarray(weight, dtype=np.uint8), cols)
+        values = dequantize_ggml(encoding.dtype, np.asarray(weight, dtype=np.uint8), cols, where=where)
         return np.asarray(values, dtype=np.float32).reshape(rows, cols)
     raise FormatError(f"{where}: encoding {encoding.describe()} cannot be dequantized by mmapstore")
 

@@ -111,9 +111,7 @@ def load_json_object(path: str, *, what: str) -> dict[str, Any]:
         if not stat.S_ISREG(info.st_mode):
             raise FormatError(f"{path}: {what} is not a regular file")
         if info.st_size > MAX_MANIFEST_NBYTES:
-            raise FormatError(
-                f"{path}: {what} is {info.st_size} bytes, over the {MAX_MANIFEST_NBYTES} byte limit"
-            )
+            raise FormatError(f"{path}: {what} is {info.st_size} bytes, over the {MAX_MANIFEST_NBYTES} byte limit")
         raw = read_exact(fd, info.st_size, 0, path=path, what=what)
     finally:
         os.close(fd)
@@ -129,18 +127,41 @@ def validate_shape(shape: object, *, path: str, tensor: str) -> tuple[int, ...]:
     for dim in shape:
         # bool is an int subclass; True is not a dimension.
         if type(dim) is not int or dim < 0:
-            raise FormatError(
-                f"{path}: tensor {tensor!r}: shape must hold non-negative integers, found {shape!r:.80}"
-            )
+            raise FormatError(f"{path}: tensor {tensor!r}: shape must hold non-negative integers, found {shape!r:.80}")
     return tuple(shape)
 
 
-def shape_nbytes(shape: tuple[int, ...], dtype: DType) -> int:
-    """Byte size with Python integers, so a hostile shape cannot overflow."""
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * dtype.itemsize
+def shape_nbytes(shape: tuple[int, ...], dtype: DType, *, path: str = "", tensor: str = "") -> int:
+    """Byte size with Python integers, so a hostile shape cannot overflow.
+
+    For a block type (``dtype.is_block``) the last axis must hold a whole
+    number of blocks: bytes = prod(shape[:-1]) * (last // block_elems) *
+    block_nbytes.
+
+    Raises
+    ------
+    FormatError
+        A block type whose last dimension is not a multiple of its block
+        (the message names ``path`` and ``tensor``), or a scalar shape.
+    """
+    if not dtype.is_block:
+        count = 1
+        for dim in shape:
+            count *= dim
+        return count * dtype.itemsize
+    where = f"{path}: tensor {tensor!r}" if path else f"tensor {tensor!r}"
+    if not shape:
+        raise FormatError(f"{where}: a {dtype.code} tensor needs at least one dimension, found a scalar")
+    last = shape[-1]
+    if last % dtype.block_elems:
+        raise FormatError(
+            f"{where}: last dimension {last} of {dtype.code} must be a multiple of its "
+            f"{dtype.block_elems}-value block, shape {list(shape)}"
+        )
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    return rows * (last // dtype.block_elems) * dtype.block_nbytes
 
 
 def resolve_inside(root: str, relative: object, *, what: str, source: str) -> str:
@@ -162,9 +183,7 @@ def resolve_inside(root: str, relative: object, *, what: str, source: str) -> st
     real_root = os.path.realpath(root)
     target = os.path.realpath(os.path.join(real_root, relative))
     if os.path.commonpath([real_root, target]) != real_root:
-        raise FormatError(
-            f"{source}: {what}: file {relative!r:.80} resolves to {target!r}, outside {real_root!r}"
-        )
+        raise FormatError(f"{source}: {what}: file {relative!r:.80} resolves to {target!r}, outside {real_root!r}")
     try:
         info = os.stat(target)
     except FileNotFoundError:
