@@ -275,8 +275,11 @@ def dequantize_ggml(dtype: DType, raw: npt.NDArray[np.uint8], n: int, *, where: 
     blocks = raw.reshape(-1, block_nbytes)
     out = np.empty((blocks.shape[0], block_elems), dtype=np.float32)
     step = max(1, _CHUNK_ELEMS // block_elems)
-    for begin in range(0, blocks.shape[0], step):
-        out[begin : begin + step] = kernel(blocks[begin : begin + step])
+    # ggml decodes an inf or NaN scale (or an E8M0 of 255 times 6) to inf/NaN
+    # without a word; so do we, faithfully, rather than warn about the data.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for begin in range(0, blocks.shape[0], step):
+            out[begin : begin + step] = kernel(blocks[begin : begin + step])
     return out.reshape(shape)
 
 
