@@ -33,7 +33,7 @@ from gguf_builders import (
 
 from mmapstore.dequant import dequantize_ggml
 from mmapstore.errors import FormatError
-from mmapstore.formats import gguf as gguf_format
+from mmapstore.formats import gguf_cursor
 from mmapstore.formats.gguf import is_gguf, read_gguf_files, read_gguf_header
 
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the reference files and dequantizes the oracle values")
@@ -466,7 +466,7 @@ def test_header_cap_is_enforced(tmp_path, monkeypatch):
     data = moe_gguf(kvs=[kv("tokens", ARRAY, array(STRING, ["x" * 100] * 100))]).pack()
     path = write(tmp_path / "big.gguf", data)
     assert read_gguf_header(path).metadata["tokens"] == ["x" * 100] * 100
-    monkeypatch.setattr(gguf_format, "MAX_HEADER_NBYTES", 2048)
+    monkeypatch.setattr(gguf_cursor, "MAX_HEADER_NBYTES", 2048)
     with pytest.raises(FormatError, match="2048 byte limit"):
         read_gguf_header(path)
 
@@ -475,7 +475,7 @@ def test_metadata_element_cap(tmp_path, monkeypatch):
     path = write(
         tmp_path / "many.gguf", with_kv(kv("a", ARRAY, array(U8, [1] * 50)), kv("b", ARRAY, array(U8, [1] * 50))).pack()
     )
-    monkeypatch.setattr(gguf_format, "MAX_METADATA_ELEMS", 80)
+    monkeypatch.setattr(gguf_cursor, "MAX_METADATA_ELEMS", 80)
     with pytest.raises(FormatError, match="over 80 elements in all"):
         read_gguf_header(path)
 
