@@ -32,7 +32,10 @@ F16_FIELDS = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
     "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+    "TQ1_0": (52,),
     "TQ2_0": (64,),
+    "NVFP4": (),
     "MXFP4": (),
 }
 
@@ -110,13 +113,15 @@ def test_random_blocks_bit_identical_to_gguf_py(code):
 
 # The types gguf-py can quantize (it has no K-quant or IQ quantizers).
 @pytest.mark.parametrize(
-    "qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.TQ2_0, Q.BF16, Q.F16], ids=lambda qtype: qtype.name
+    "qtype",
+    [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4, Q.TQ1_0, Q.TQ2_0, Q.BF16, Q.F16],
+    ids=lambda qtype: qtype.name,
 )
 def test_quantized_weights_round_trip(qtype):
     rng = np.random.default_rng(int(qtype))
     weights = rng.standard_normal((4, 8, 256)).astype(np.float32)
-    if qtype == Q.TQ2_0:
-        weights = np.sign(weights) * 0.5  # ternary values are what TQ2_0 holds exactly
+    if qtype in (Q.TQ1_0, Q.TQ2_0):
+        weights = np.sign(weights) * 0.5  # ternary values are what TQ1_0 and TQ2_0 hold exactly
     raw = gguf.quants.quantize(weights, qtype)
     raw = raw.view(np.uint8).reshape(4, 8, -1)
     ours = dequantize_ggml(GGML_TYPES[int(qtype)], raw, 256)
@@ -130,6 +135,7 @@ def test_quantized_weights_round_trip(qtype):
         Q.Q5_1: 0.15,
         Q.Q8_0: 0.02,
         Q.MXFP4: 0.6,
+        Q.TQ1_0: 0.0,
         Q.TQ2_0: 0.0,
         Q.BF16: 0.01,
         Q.F16: 0.002,
@@ -200,7 +206,7 @@ def test_read_only_memory_map(tmp_path):
     )
 
 
-@pytest.mark.parametrize("code", ["IQ2_XXS", "IQ1_M", "Q8_K", "Q8_1", "TQ1_0", "NVFP4", "I32"])
+@pytest.mark.parametrize("code", ["IQ2_XXS", "IQ1_M", "Q8_K", "Q8_1", "Q1_0", "I32"])
 def test_unsupported_types_are_refused_by_name(code):
     dtype = GGML_BLOCK_CODES.get(code) or DTYPE_CODES[code]
     assert not can_dequantize(dtype)

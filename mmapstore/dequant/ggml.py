@@ -197,6 +197,54 @@ def _tq2_0(blocks: U8) -> F32:
     return cast(F32, d * q.astype(np.float32))
 
 
+def _iq4_xs(blocks: U8) -> F32:
+    nb = blocks.shape[0]
+    d = _f16(blocks, 0)
+    high = blocks[:, 2:4].view("<u2")  # [nb, 1]: 2 bits per sub-block scale
+    high = (high >> (2 * np.arange(8, dtype=np.uint16))[None, :]).astype(np.uint8) & np.uint8(0x03)
+    low = (blocks[:, 4:8, None] >> _NIBBLE_SHIFTS[None, None, :]).reshape(nb, 8) & np.uint8(0x0F)
+    scales = (low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
+    dl = (d * scales.astype(np.float32)).reshape(nb, 8, 1)
+    q = _IQ4_NL_VALUES[_nibbles(blocks[:, 8:136].reshape(nb, 8, 16))].astype(np.float32).reshape(nb, 8, 32)
+    return cast(F32, (dl * q).reshape(nb, QK_K))
+
+
+def _tq1_0(blocks: U8) -> F32:
+    nb = blocks.shape[0]
+    d = _f16(blocks, 52)
+    # Base-3 digits packed five (four in qh) to a byte: multiplying by 3**k
+    # (mod 256, as ggml does in uint8) brings digit k to the top, and
+    # (byte * 3) >> 8 reads it.
+    powers = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+    digits = [
+        (blocks[:, None, :32] * powers[None, :, None]).reshape(nb, 160),
+        (blocks[:, None, 32:48] * powers[None, :, None]).reshape(nb, 80),
+        (blocks[:, None, 48:52] * powers[None, :4, None]).reshape(nb, 16),
+    ]
+    q = ((np.concatenate(digits, axis=-1).astype(np.uint16) * 3) >> 8).astype(np.int8) - np.int8(1)
+    return cast(F32, d * q.astype(np.float32))
+
+
+def _ue4m3_half(scale: U8) -> F32:
+    """NVFP4's unsigned E4M3 sub-block scale, halved (the doubled E2M1 table)."""
+    exponent = (scale >> 3).astype(np.int32) & 0xF
+    mantissa = (scale & 0x7).astype(np.float32)
+    value = np.where(
+        exponent == 0,
+        mantissa * np.float32(2.0**-9),
+        (np.float32(1.0) + mantissa / np.float32(8.0)) * (np.float32(2.0) ** (exponent.astype(np.float32) - 7)),
+    )
+    return cast(F32, np.where((scale == 0) | (scale == 0x7F), np.float32(0.0), value * np.float32(0.5)))
+
+
+def _nvfp4(blocks: U8) -> F32:
+    nb = blocks.shape[0]
+    d = _ue4m3_half(blocks[:, :4]).reshape(nb, 4, 1)
+    packed = blocks[:, 4:36].reshape(nb, 4, 8)  # per 16-value sub-block: low nibbles, then high
+    q = _MXFP4_DOUBLED[np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)]
+    return cast(F32, (d * q.astype(np.float32)).reshape(nb, 64))
+
+
 _KERNELS: dict[str, Callable[[U8], F32]] = {
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
@@ -210,7 +258,10 @@ _KERNELS: dict[str, Callable[[U8], F32]] = {
     "Q6_K": _q6_k,
     "MXFP4": _mxfp4,
     "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
+    "TQ1_0": _tq1_0,
     "TQ2_0": _tq2_0,
+    "NVFP4": _nvfp4,
 }
 
 _PLAIN = frozenset({"F32", "F16", "BF16", "F64"})
@@ -247,7 +298,8 @@ def dequantize_ggml(dtype: DType, raw: npt.NDArray[np.uint8], n: int, *, where: 
     Raises
     ------
     UnsupportedEncodingError
-        ``dtype`` has no decoder here (IQ*, Q8_K, TQ1_0, NVFP4, integers...).
+        ``dtype`` has no decoder here (the grid-based IQ types, Q8_1, Q8_K,
+        Q1_0, integers).
     FormatError
         ``raw`` is not uint8 or its rows are not ``n`` values long.
     """
