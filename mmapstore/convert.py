@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DType, can_cast, parse_user_dtype
+from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
 from .errors import ConvertError, FormatError
 from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
 from .formats.records import load_json_object, split_by_size
@@ -289,6 +289,8 @@ def _stack_items(
             if part == "bias":
                 continue
             data_type = geometry.dtype if (out_dtype is None or part != "weight") else out_dtype
+            if data_type.block_elems > 1:  # ggml blocks travel as bytes; the manifest names their type
+                data_type = dtype_from_code("U8")
             shape = geometry.slab_shape[::-1] if flip else geometry.slab_shape
             items.append(_Item(TensorSpec(f"{name}.{part}", data_type, (experts, *shape)), stack, oriented(part), (part,)))
     if "bias" in stack.parts:

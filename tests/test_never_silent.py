@@ -171,12 +171,19 @@ def test_fused_stack_that_does_not_fit_hidden_size_is_refused(tmp_path):
 
 
 def test_gguf_file_is_recognised_as_gguf(tmp_path):
-    path = write_bytes(tmp_path / "model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
-    refused(path, "GGUF")
+    """A GGUF magic routes to the GGUF reader (not read as a safetensors length)."""
+    from mmapstore.formats import read_checkpoint
+
+    empty = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)
+    path = write_bytes(tmp_path / "model.gguf", empty)
+    assert read_checkpoint(path).kind == "gguf"
+    refused(path, "no MoE expert tensors")
     directory = tmp_path / "dir"
     directory.mkdir()
-    write_bytes(directory / "model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
-    refused(str(directory), "GGUF")
+    write_bytes(directory / "model.gguf", empty)
+    assert read_checkpoint(str(directory)).kind == "gguf"
+    # a GGUF file misnamed .safetensors is still read as GGUF, never as a huge header length
+    assert read_checkpoint(write_bytes(tmp_path / "model.safetensors", empty)).kind == "gguf"
 
 
 def test_unknown_dtype_is_refused_only_where_an_expert_needs_it(tmp_path):

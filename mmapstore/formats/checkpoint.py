@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
+from .gguf import is_gguf, read_gguf_files
 from .manifest import MANIFEST_NAME, check_manifest, raw_records
 from .records import PathResolver, TensorRecord, load_json_object, resolve_inside
 from .safetensors import PAD_PREFIX, read_safetensors_header
@@ -27,8 +28,8 @@ CONFIG_NAME = "config.json"
 class Checkpoint:
     """What a checkpoint holds, as validated records.
 
-    ``kind`` is ``"slab_store"``, ``"sharded"``, ``"safetensors_dir"`` or
-    ``"safetensors_file"``.  ``files`` are absolute paths of every data file.
+    ``kind`` is ``"slab_store"``, ``"sharded"``, ``"safetensors_dir"``,
+    ``"safetensors_file"`` or ``"gguf"``.  ``files`` are absolute paths of every data file.
     """
 
     path: str
@@ -37,6 +38,7 @@ class Checkpoint:
     files: tuple[str, ...]
     config: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = field(default=None)
+    metadata: dict[str, Any] | None = field(default=None)  # GGUF key-value metadata
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -49,6 +51,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         manifest is malformed, truncated or points outside the directory.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) and is_gguf(path):
+        return _gguf(path)
     if os.path.isfile(path):
         header = read_safetensors_header(path)
         tensors = _collect([header.tensors], source=path)
@@ -61,13 +65,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _sharded(path)
     names = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
     if not names and any(name.endswith(".gguf") for name in os.listdir(path)):
-        raise FormatError(f"{path}: holds GGUF files, not safetensors; open a .gguf file directly")
+        return _gguf(path)
     if not names:
         raise FormatError(f"{path}: no {MANIFEST_NAME}, {INDEX_NAME} or *.safetensors file here")
     files = [resolve_inside(path, name, what="shard", source=path) for name in names]
     headers = [read_safetensors_header(file) for file in files]
     tensors = _collect([header.tensors for header in headers], source=path)
     return Checkpoint(path, "safetensors_dir", tensors, tuple(files), _config(path))
+
+
+def _gguf(path: str) -> Checkpoint:
+    """A GGUF file, a split set (any part), or a directory holding one of them."""
+    headers = read_gguf_files(path)
+    tensors = _collect([header.tensors for header in headers], source=path)
+    metadata: dict[str, Any] = dict(headers[0].metadata)
+    return Checkpoint(path, "gguf", tensors, tuple(header.path for header in headers), None, None, metadata)
 
 
 def _collect(groups: list[tuple[TensorRecord, ...]], *, source: str) -> dict[str, TensorRecord]:

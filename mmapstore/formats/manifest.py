@@ -106,7 +106,7 @@ def manifest_encodings(manifest: dict[str, Any], *, path: str) -> dict[str, Enco
         kind = entry.get("kind")
         if kind not in ENCODING_KINDS:
             raise FormatError(f"{path}: encoding of {name!r}: kind {kind!r:.40} is not one of {list(ENCODING_KINDS)}")
-        dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: encoding of {name!r}")
+        dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: encoding of {name!r}", block_ok=True)
         block = entry.get("block", [1, 1])
         if not isinstance(block, list) or len(block) != 2 or any(type(v) is not int or v <= 0 for v in block):
             raise FormatError(f"{path}: encoding of {name!r}: block must be [rows, cols] of positive ints")

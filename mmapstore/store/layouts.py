@@ -331,7 +331,15 @@ def _slab_layer(
             _dtype(weight, ("F8_E4M3",), source, "an FP8 block weight")
             _dtype(scale, ("F32", "BF16"), source, "an FP8 block scale")
             _shape(scale, _fp8_grid(weight.shape, encoding.block), source, f"scale grid of {encoding.describe()}")
-        elif "scale" in parts:
+        elif encoding.kind == "ggml":
+            if weight.dtype.code not in ("U8", encoding.dtype.code):
+                raise FormatError(f"{source}: stack {name!r} is {encoding.describe()} but holds {weight.dtype.code}")
+            if weight.dtype.code == "U8" and weight.shape[2] % encoding.dtype.block_nbytes:
+                raise FormatError(
+                    f"{source}: tensor {weight.name!r}: rows of {weight.shape[2]} bytes are not whole "
+                    f"{encoding.dtype.code} blocks of {encoding.dtype.block_nbytes} bytes"
+                )
+        if "scale" in parts and encoding.kind not in ("fp8_block", "mxfp4"):
             raise FormatError(
                 f"{source}: tensor {parts['scale'].name!r}: a scale part on a {encoding.describe()} stack; "
                 "the manifest must name its encoding"

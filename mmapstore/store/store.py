@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -200,6 +201,9 @@ class ExpertStore:
             for proj, parts in plan.stacked.items():
                 name = f"layers.{layer}.{proj}"
                 geometries = {part: self._stacked(name, part, record, orientation) for part, record in parts.items()}
+                encoding = plan.encodings[proj]
+                if encoding.kind == "ggml" and not parts["weight"].dtype.is_block:
+                    geometries["weight"] = replace(geometries["weight"], dtype=encoding.dtype)
                 stacks[proj] = self._stack(name, parts["weight"], plan.encodings[proj], geometries,
                                            (parts["weight"].name,))
         elif plan.layout == "dbrx":
@@ -218,6 +222,9 @@ class ExpertStore:
         (the last two logical dims, in ``orientation``)."""
         if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
             first, second = weight.shape[1], weight.shape[2] * 32
+        elif encoding.kind == "ggml" and not weight.dtype.is_block:  # rows of blocks kept as bytes
+            block = encoding.dtype
+            first, second = weight.shape[-2], weight.shape[-1] // block.block_nbytes * block.block_elems
         else:
             first, second = weight.shape[-2], weight.shape[-1]
         k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
