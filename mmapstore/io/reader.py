@@ -226,7 +226,14 @@ class ColdReader:
         self._check(cancelled)
         if claim.copy_into(view, request.offset):
             return ((("prefetched", view.nbytes),), 0)
-        return self._read(cancelled, request, request.offset, view)
+        tally: Counter[Source] = Counter()
+        device = 0
+        step = self.config.chunk_nbytes
+        for start in range(0, view.nbytes, step):
+            sources, nbytes = self._read(cancelled, request, request.offset + start, view[start : start + step])
+            tally.update(dict(sources))
+            device += nbytes
+        return tuple(tally.items()), device
 
     def _copy(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
         self._check(cancelled)
@@ -266,15 +273,13 @@ class ColdReader:
         nbytes = view.nbytes
         head = min((-offset) % align, nbytes)
         if (address_of(view) + head) % align:
-            # The destination is misaligned against the file: bounce all of it.
-            low = offset - offset % align
-            high = -(-(offset + nbytes) // align) * align
-            bounce = self._bounce().data
-            pread_exact(
-                handles.direct_fd, bounce[: high - low], low, handles.path, need=offset + nbytes - low, direct=True
-            )
-            view[:] = bounce[offset - low : offset - low + nbytes]
-            return ((("bounced", nbytes),), high - low)
+            # The destination is misaligned against the file: bounce all of it,
+            # a bounce buffer at a time.
+            device = 0
+            step = self.config.chunk_nbytes
+            for start in range(0, nbytes, step):
+                device += self._bounce_span(handles, offset + start, view[start : start + step])
+            return ((("bounced", nbytes),), device)
         device = 0
         bounced = 0
         if head:
@@ -293,6 +298,16 @@ class ColdReader:
         if bounced:
             sources.append(("bounced", bounced))
         return tuple(sources), device
+
+    def _bounce_span(self, handles: Handles, offset: int, view: memoryview) -> int:
+        """Read ``view`` (at most a chunk) through the aligned bounce buffer; returns device bytes."""
+        low = offset - offset % ALIGN_NBYTES
+        high = -(-(offset + view.nbytes) // ALIGN_NBYTES) * ALIGN_NBYTES
+        bounce = self._bounce().data
+        need = offset + view.nbytes - low
+        pread_exact(handles.direct_fd, bounce[: high - low], low, handles.path, need=need, direct=True)
+        view[:] = bounce[offset - low : need]
+        return high - low
 
     def _direct_edge(self, handles: Handles, offset: int, view: memoryview) -> int:
         """Read the less-than-a-block ``view`` at ``offset`` through one aligned block."""

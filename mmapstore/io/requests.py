@@ -7,7 +7,9 @@ is the only thing that acts on them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import numpy.typing as npt
 
 from ..errors import OptionError
 from ..mapping import MappedFile
@@ -16,6 +18,7 @@ __all__ = [
     "ALIGN_NBYTES",
     "SOURCES",
     "DirectMode",
+    "FileRange",
     "ReadRequest",
     "ReadResult",
     "ReaderConfig",
@@ -85,6 +88,20 @@ class ReaderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRange:
+    """File bytes ``[offset, offset + nbytes)`` of ``path``: what a prefetch asks for.
+
+    ``mapped`` and ``identity`` as in :class:`ReadRequest`.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+    mapped: MappedFile | None = None
+    identity: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ReadRequest:
     """Fill all of ``destination`` with file bytes ``[offset, offset + len)``.
 
@@ -109,13 +126,13 @@ class ReadRequest:
 
     path: str
     offset: int
-    destination: memoryview
+    destination: memoryview | npt.NDArray[Any]
     mapped: MappedFile | None = None
     identity: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.destination.nbytes
+        return int(self.destination.nbytes)
 
 
 @dataclass(frozen=True, slots=True)
