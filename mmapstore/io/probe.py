@@ -41,7 +41,7 @@ def probe_reader_config(
     base: ReaderConfig | None = None,
     depths: Sequence[int] = DEFAULT_DEPTHS,
     chunks: Sequence[int] = DEFAULT_CHUNKS,
-    sample_nbytes: int = 32 << 20,
+    sample_nbytes: int = 64 << 20,
     margin: float = 0.05,
 ) -> ProbeResult:
     """Measure each candidate on ``sample_nbytes`` of ``ranges`` and return the best.
@@ -50,8 +50,11 @@ def probe_reader_config(
     ----------
     ranges
         Ranges like the ones to be served (e.g. the slabs of a store); they
-        are cut into ``len(depths) * len(chunks)`` disjoint slices, one per
+        are cut into ``2 * len(depths) * len(chunks)`` disjoint slices, two per
         candidate, so they should hold at least that many times ``sample_nbytes``.
+    sample_nbytes
+        Bytes each of a candidate's two timed reads moves; it should hold
+        several chunks per thread of the deepest queue.
     base
         Fields other than queue depth and chunk size come from here.
 
@@ -64,25 +67,32 @@ def probe_reader_config(
     grid = [(depth, chunk) for chunk in chunks for depth in depths]
     if not grid:
         raise OptionError("probe needs at least one queue depth and one chunk size")
-    pieces = _cut(ranges, len(grid), sample_nbytes)
+    # Two timed slices per candidate (the faster counts: noise only slows a
+    # read down), each large enough to keep every thread busy several times.
+    pieces = _cut(ranges, 2 * len(grid), sample_nbytes)
     candidates: list[tuple[int, int, float]] = []
-    for (depth, chunk), slices in zip(grid, pieces, strict=True):
+    for index, (depth, chunk) in enumerate(grid):
         config = replace(base, queue_depth=depth, chunk_nbytes=chunk)
-        buffers = [aligned_empty(item.nbytes) for item in slices]
-        requests = [ReadRequest(item.path, item.offset, buffer) for item, buffer in zip(slices, buffers, strict=True)]
+        best = 0.0
         with ColdReader(config) as reader:
-            start = time.perf_counter()
-            reader.read(requests, residency=False)
-            seconds = time.perf_counter() - start
-        for item in slices:
-            drop_cached(item.path, [(item.offset, item.nbytes)])
-        nbytes = sum(item.nbytes for item in slices)
-        candidates.append((depth, chunk, nbytes / seconds / 1e9 if seconds > 0 else float("inf")))
-    best = candidates[0]
+            for slices in pieces[2 * index : 2 * index + 2]:
+                buffers = [aligned_empty(item.nbytes) for item in slices]
+                for buffer in buffers:
+                    buffer[:] = 0  # fault the buffers in outside the timing
+                requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
+                start = time.perf_counter()
+                reader.read(requests, residency=False)
+                seconds = time.perf_counter() - start
+                for item in slices:
+                    drop_cached(item.path, [(item.offset, item.nbytes)])
+                nbytes = sum(item.nbytes for item in slices)
+                best = max(best, nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
+        candidates.append((depth, chunk, best))
+    chosen = candidates[0]
     for candidate in candidates[1:]:
-        if candidate[2] > best[2] * (1 + margin):
-            best = candidate
-    return ProbeResult(replace(base, queue_depth=best[0], chunk_nbytes=best[1]), tuple(candidates))
+        if candidate[2] > chosen[2] * (1 + margin):
+            chosen = candidate
+    return ProbeResult(replace(base, queue_depth=chosen[0], chunk_nbytes=chosen[1]), tuple(candidates))
 
 
 def _cut(ranges: Sequence[FileRange], count: int, sample_nbytes: int) -> list[list[FileRange]]:
