@@ -14,6 +14,8 @@ __all__ = [
     "FormatError",
     "LayerNotFoundError",
     "MmapStoreError",
+    "OptionError",
+    "ReadCancelledError",
     "SinkError",
     "StaleRefreshError",
     "StoreClosedError",
@@ -80,3 +82,13 @@ class StaleRefreshError(MmapStoreError, RuntimeError):
 class ConvertError(MmapStoreError, RuntimeError):
     """A conversion could not be carried out (destination exists, lock
     timeout, unsupported option)."""
+
+
+class OptionError(MmapStoreError, ValueError):
+    """An argument is outside its allowed range: zero layers or experts, a
+    destination that overlaps the source, an unknown dtype."""
+
+
+class ReadCancelledError(MmapStoreError, RuntimeError):
+    """A read was cancelled before all its bytes landed: its destination
+    holds a mix of old and new bytes and must not be committed."""

@@ -1,0 +1,180 @@
+"""Descriptors for explicit reads, aligned buffers, and the exact-read loop.
+
+Each path gets a buffered descriptor and, where the file system accepts it,
+an ``O_DIRECT`` one.  A file system that refuses ``O_DIRECT`` (at open, or
+with ``EINVAL`` on the first read, as some FUSE and network file systems
+do) is remembered per path and read buffered from then on; the refusal is
+logged once.  tmpfs accepts ``O_DIRECT`` since Linux 6.6 (its "direct"
+reads are copies from its pages, which is what they are anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import FormatError, OptionError, StoreClosedError
+from .requests import ALIGN_NBYTES
+
+__all__ = ["DIRECT_REFUSED_ERRNOS", "FileHandles", "Handles", "address_of", "aligned_empty", "pread_exact"]
+
+_log = logging.getLogger(__name__)
+
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+# What a file system that does not do direct I/O answers, at open or at read.
+DIRECT_REFUSED_ERRNOS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN_NBYTES) -> npt.NDArray[np.uint8]:
+    """An uninitialised ``uint8`` array of ``nbytes`` whose address is a multiple of ``align``
+    (a valid ``O_DIRECT`` destination)."""
+    if align <= 0 or align & (align - 1):
+        raise OptionError(f"alignment must be a power of two, got {align}")
+    base = np.empty(nbytes + align, dtype=np.uint8)
+    skip = (-int(base.__array_interface__["data"][0])) % align
+    return base[skip : skip + nbytes]
+
+
+def address_of(buffer: memoryview) -> int:
+    """Address of the first byte of a contiguous buffer."""
+    array = np.frombuffer(buffer, dtype=np.uint8)
+    return int(array.__array_interface__["data"][0])
+
+
+@dataclass(frozen=True, slots=True)
+class Handles:
+    """The descriptors of one file: ``direct_fd`` is -1 where direct I/O is refused."""
+
+    path: str
+    buffered_fd: int
+    direct_fd: int
+
+
+def pread_exact(
+    fd: int, view: memoryview, offset: int, path: str, *, need: int | None = None, direct: bool = False
+) -> int:
+    """Read ``len(view)`` bytes at ``offset`` into ``view``, looping over partial reads.
+
+    ``need`` (default: all of ``view``) is how many bytes must exist: an
+    ``O_DIRECT`` read of the last block of a file asks for a whole block and
+    gets the file's tail (``direct``: a read that ends off a block boundary
+    is the end of the file).  Returns the bytes read.
+
+    Raises
+    ------
+    FormatError
+        The file ends before ``offset + need``: it shrank after it was planned,
+        or it was shorter than its header said.  Never a short read served as data.
+    """
+    want = len(view)
+    need = want if need is None else need
+    done = 0
+    while done < want:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0 or (direct and got % ALIGN_NBYTES and done + got < want):
+            done += got
+            if done >= need:
+                return done
+            raise FormatError(
+                f"{path}: file ends at byte {offset + done}, but bytes [{offset}, {offset + need}) were planned: "
+                "it shrank or was replaced since; refusing to serve a short read"
+            )
+        done += got
+    return done
+
+
+class FileHandles:
+    """Opens each file once per mode and closes them all together.
+
+    Parameters
+    ----------
+    direct
+        Whether to try ``O_DIRECT`` at all.
+    """
+
+    def __init__(self, *, direct: bool) -> None:
+        self._direct = direct and bool(_O_DIRECT)
+        self._handles: dict[str, Handles] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._retired: list[int] = []
+
+    def get(self, path: str, identity: tuple[int, int] | None = None) -> Handles:
+        """The descriptors of ``path``, opened on first use.
+
+        Raises
+        ------
+        FormatError
+            The file cannot be opened or is not a regular file.
+            Also when ``identity`` is given and ``path`` now names another file.
+        """
+        handles = self._handles.get(path)
+        if handles is not None:
+            return handles
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"{path}: the reader is closed")
+            handles = self._handles.get(path)
+            if handles is None:
+                handles = self._open(path, identity)
+                self._handles[path] = handles
+            return handles
+
+    def _open(self, path: str, identity: tuple[int, int] | None) -> Handles:
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot open for reading: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise FormatError(f"{path}: not a regular file; refusing to read it")
+        # O_NONBLOCK only kept a FIFO from blocking the open; reads of a regular file ignore it.
+        os.set_blocking(fd, True)
+        if identity is not None and (info.st_dev, info.st_ino) != tuple(identity):
+            os.close(fd)
+            raise FormatError(f"{path}: the path names another file than the one planned; not reading it")
+        direct_fd = -1
+        if self._direct:
+            try:
+                direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | _O_CLOEXEC | _O_DIRECT)
+            except OSError as exc:
+                if exc.errno not in DIRECT_REFUSED_ERRNOS and exc.errno != errno.ENOENT:
+                    os.close(fd)
+                    raise FormatError(f"{path}: cannot open for direct reading: {exc.strerror}") from None
+                _log.info("%s: O_DIRECT refused at open (%s); reading buffered", path, exc.strerror)
+        return Handles(path, fd, direct_fd)
+
+    def refuse_direct(self, path: str, reason: str) -> Handles:
+        """Stop using ``O_DIRECT`` for ``path`` (its file system refused a read)."""
+        with self._lock:
+            handles = self._handles[path]
+            if handles.direct_fd < 0:
+                return handles
+            _log.info("%s: O_DIRECT refused at read (%s); reading buffered", path, reason)
+            # The descriptor is not closed: another thread may be inside a read on it.
+            replaced = Handles(path, handles.buffered_fd, -1)
+            self._handles[path] = replaced
+            self._retired.append(handles.direct_fd)
+            return replaced
+
+    def close(self) -> None:
+        """Close every descriptor; later :meth:`get` calls raise."""
+        with self._lock:
+            self._closed = True
+            for handles in self._handles.values():
+                os.close(handles.buffered_fd)
+                if handles.direct_fd >= 0:
+                    os.close(handles.direct_fd)
+            self._handles.clear()
+            for fd in self._retired:
+                os.close(fd)
+            self._retired.clear()

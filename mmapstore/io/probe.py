@@ -1,0 +1,120 @@
+"""Pick a queue depth and read size from a short measurement.
+
+Each candidate ``(queue_depth, chunk_nbytes)`` reads a different slice of the
+sample ranges with ``O_DIRECT`` (so no candidate finds another's bytes in the
+page cache; where direct I/O is refused the slices are dropped from the cache
+after each candidate).  The fastest wins; a deeper queue or larger read must
+beat a shallower one by ``margin`` to be chosen, since deeper queues cost
+threads and memory.  Disk speed on shared machines moves from one second to
+the next: the probe is a default, the config stays overridable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ..errors import OptionError
+from .cache import drop_cached
+from .files import aligned_empty
+from .reader import ColdReader
+from .requests import ALIGN_NBYTES, FileRange, ReaderConfig, ReadRequest
+
+__all__ = ["ProbeResult", "probe_reader_config"]
+
+DEFAULT_DEPTHS = (1, 2, 4, 8, 16)
+DEFAULT_CHUNKS = (1 << 20, 4 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The chosen config and every candidate's ``(queue_depth, chunk_nbytes, GB/s)``."""
+
+    config: ReaderConfig
+    candidates: tuple[tuple[int, int, float], ...]
+
+
+def probe_reader_config(
+    ranges: Sequence[FileRange],
+    *,
+    base: ReaderConfig | None = None,
+    depths: Sequence[int] = DEFAULT_DEPTHS,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    sample_nbytes: int = 64 << 20,
+    margin: float = 0.05,
+) -> ProbeResult:
+    """Measure each candidate on ``sample_nbytes`` of ``ranges`` and return the best.
+
+    Parameters
+    ----------
+    ranges
+        Ranges like the ones to be served (e.g. the slabs of a store); they
+        are cut into ``2 * len(depths) * len(chunks)`` disjoint slices, two per
+        candidate, so they should hold at least that many times ``sample_nbytes``.
+    sample_nbytes
+        Bytes each of a candidate's two timed reads moves; it should hold
+        several chunks per thread of the deepest queue.
+    base
+        Fields other than queue depth and chunk size come from here.
+
+    Raises
+    ------
+    OptionError
+        No candidate, or ranges too small to give each candidate one aligned block.
+    """
+    base = base if base is not None else ReaderConfig()
+    grid = [(depth, chunk) for chunk in chunks for depth in depths]
+    if not grid:
+        raise OptionError("probe needs at least one queue depth and one chunk size")
+    # Two timed slices per candidate (the faster counts: noise only slows a
+    # read down), each large enough to keep every thread busy several times.
+    pieces = _cut(ranges, 2 * len(grid), sample_nbytes)
+    candidates: list[tuple[int, int, float]] = []
+    for index, (depth, chunk) in enumerate(grid):
+        config = replace(base, queue_depth=depth, chunk_nbytes=chunk)
+        best = 0.0
+        with ColdReader(config) as reader:
+            for slices in pieces[2 * index : 2 * index + 2]:
+                buffers = [aligned_empty(item.nbytes) for item in slices]
+                for buffer in buffers:
+                    buffer[:] = 0  # fault the buffers in outside the timing
+                requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
+                start = time.perf_counter()
+                reader.read(requests, residency=False)
+                seconds = time.perf_counter() - start
+                for item in slices:
+                    drop_cached(item.path, [(item.offset, item.nbytes)])
+                nbytes = sum(item.nbytes for item in slices)
+                best = max(best, nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
+        candidates.append((depth, chunk, best))
+    chosen = candidates[0]
+    for candidate in candidates[1:]:
+        if candidate[2] > chosen[2] * (1 + margin):
+            chosen = candidate
+    return ProbeResult(replace(base, queue_depth=chosen[0], chunk_nbytes=chosen[1]), tuple(candidates))
+
+
+def _cut(ranges: Sequence[FileRange], count: int, sample_nbytes: int) -> list[list[FileRange]]:
+    """``count`` disjoint lists of aligned slices of ``ranges``, each up to ``sample_nbytes``."""
+    total = sum(item.nbytes for item in ranges)
+    share = min(sample_nbytes, total // count) // ALIGN_NBYTES * ALIGN_NBYTES
+    if share <= 0:
+        raise OptionError(f"probe ranges hold {total} bytes, too few for {count} candidates")
+    slices: list[list[FileRange]] = [[] for _ in range(count)]
+    current, need = 0, share
+    for item in ranges:
+        offset = -(-item.offset // ALIGN_NBYTES) * ALIGN_NBYTES
+        end = item.offset + item.nbytes
+        while offset < end and current < count:
+            take = min(need, (end - offset) // ALIGN_NBYTES * ALIGN_NBYTES)
+            if take <= 0:
+                break
+            slices[current].append(FileRange(item.path, offset, take, None, item.identity))
+            offset += take
+            need -= take
+            if need == 0:
+                current, need = current + 1, share
+    if current < count:
+        raise OptionError(f"probe ranges hold too few aligned bytes for {count} candidates of {share} bytes")
+    return slices

@@ -1,0 +1,319 @@
+"""``ColdReader``: exact byte ranges into caller buffers, many reads in flight.
+
+Each range is split by residency (:mod:`mmapstore.io.residency`): resident
+pieces are copied from the mapping, the rest are read with ``os.preadv``
+(which releases the GIL) on a pool of ``queue_depth`` threads, ``O_DIRECT``
+where the file system accepts it, straight into the destination.  Only the
+unaligned head and tail of a range (or a destination whose alignment differs
+from the file offset's) go through a small aligned bounce buffer.
+
+Guarantees:
+
+- A read that reaches the end of the file before the end of its range raises
+  :class:`~mmapstore.errors.FormatError` naming the file; a short read is
+  never served as data.  (Pieces copied from the mapping check the file size
+  first; a file truncated during that copy is still SIGBUS, as for any
+  mapping, which is why cold pieces are read, not faulted.)
+- After :meth:`ReadHandle.wait` returns or raises, no thread writes to any
+  destination of that read again.  A cancelled or failed read raises, so a
+  caller that commits only after a successful ``wait`` never commits a slot
+  that holds half old, half new bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import FormatError, OptionError, ReadCancelledError
+from ..mapping import MappedFile
+from .files import DIRECT_REFUSED_ERRNOS, FileHandles, Handles, address_of, aligned_empty, pread_exact
+from .requests import ALIGN_NBYTES, SOURCES, ReaderConfig, ReadRequest, ReadResult, Source
+from .residency import split_by_residency
+
+__all__ = ["ColdReader", "ReadHandle", "StagedClaim", "StagingLookup"]
+
+_Tally = tuple[tuple[tuple[Source, int], ...], int]  # (bytes per source, device bytes)
+
+
+class StagedClaim(Protocol):
+    """Bytes a prefetch has (or will have) in a staging buffer."""
+
+    def copy_into(self, destination: memoryview, offset: int) -> bool:
+        """Wait for the prefetch; copy file bytes ``[offset, offset + len)`` into
+        ``destination`` and return True, or return False if it failed or was cancelled."""
+        ...
+
+
+class StagingLookup(Protocol):
+    def claim(self, path: str, offset: int, nbytes: int) -> StagedClaim | None: ...
+
+
+def _as_bytes(destination: memoryview | npt.NDArray[Any], path: str) -> memoryview:
+    view = memoryview(destination)  # type: ignore[arg-type]
+    if view.readonly:
+        raise OptionError(f"{path}: the destination of a read is read-only")
+    if not view.c_contiguous:
+        raise OptionError(f"{path}: the destination of a read must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class ReadHandle:
+    """A read in progress: :meth:`wait` for its :class:`ReadResult`, or :meth:`cancel` it."""
+
+    def __init__(self, nbytes: int, requests: int, cancelled: threading.Event) -> None:
+        self._nbytes = nbytes
+        self._requests = requests
+        self._cancelled = cancelled
+        self._futures: list[concurrent.futures.Future[_Tally]] = []
+        self._start = time.perf_counter()
+        self._result: ReadResult | None = None
+
+    def done(self) -> bool:
+        """Whether every piece has finished (successfully or not)."""
+        return all(future.done() for future in self._futures)
+
+    def cancel(self) -> None:
+        """Stop: pieces not started are dropped, pieces in flight finish; :meth:`wait` then raises."""
+        self._cancelled.set()
+        for future in self._futures:
+            future.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def wait(self) -> ReadResult:
+        """Block until every piece has landed (or stopped).
+
+        Raises
+        ------
+        ReadCancelledError
+            :meth:`cancel` was called before every piece landed.
+        FormatError
+            A file ended before a planned range (or could not be read).
+        """
+        if self._result is not None:
+            return self._result
+        concurrent.futures.wait(self._futures)
+        tally: Counter[str] = Counter()
+        device_nbytes = 0
+        failure: BaseException | None = None
+        for future in self._futures:
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is not None:
+                if failure is None and not isinstance(error, ReadCancelledError):
+                    failure = error
+                continue
+            sources, device = future.result()
+            for source, nbytes in sources:
+                tally[source] += nbytes
+            device_nbytes += device
+        if failure is not None:
+            raise failure
+        if self._cancelled.is_set() and sum(tally.values()) < self._nbytes:
+            raise ReadCancelledError(
+                f"read of {self._nbytes} bytes cancelled after {sum(tally.values())} landed; "
+                "its destinations must not be committed"
+            )
+        seconds = time.perf_counter() - self._start
+        by_source = tuple((source, tally[source]) for source in SOURCES if tally[source])
+        self._result = ReadResult(self._nbytes, seconds, by_source, device_nbytes, self._requests, len(self._futures))
+        return self._result
+
+
+class ColdReader:
+    """Reads byte ranges of files into caller buffers by the fastest exact path.
+
+    Parameters
+    ----------
+    config
+        Queue depth, chunk size, direct I/O, residency granularity (see
+        :class:`ReaderConfig`; :func:`~mmapstore.io.probe.probe_reader_config`
+        picks them from a short measurement).
+    staging
+        Where prefetched bytes wait (set by :class:`~mmapstore.io.prefetch.Prefetcher`).
+
+    The reader owns threads and descriptors: :meth:`close` it (or use it as a
+    context manager).
+    """
+
+    def __init__(self, config: ReaderConfig | None = None) -> None:
+        self.config = config if config is not None else ReaderConfig()
+        self._files = FileHandles(direct=self.config.direct == "auto")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.config.queue_depth, thread_name_prefix="mmapstore-read"
+        )
+        self._local = threading.local()
+        self.staging: StagingLookup | None = None
+
+    # -- public ---------------------------------------------------------------
+
+    def submit(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadHandle:
+        """Start reading every request; returns at once.
+
+        ``residency=False`` reads every byte explicitly even where a mapping
+        has it resident (what a benchmark of the disk wants).
+
+        Raises
+        ------
+        OptionError
+            A destination is read-only or not contiguous (before anything starts).
+        """
+        views = [_as_bytes(request.destination, request.path) for request in requests]
+        for request in requests:
+            if request.offset < 0:
+                raise OptionError(f"{request.path}: negative offset {request.offset}")
+        cancelled = threading.Event()
+        handle = ReadHandle(sum(view.nbytes for view in views), len(requests), cancelled)
+        chunk = self.config.chunk_nbytes
+        for index, (request, view) in enumerate(zip(requests, views, strict=True)):
+            claim = self.staging.claim(request.path, request.offset, view.nbytes) if self.staging else None
+            if claim is not None:
+                handle._futures.append(self._executor.submit(self._staged, cancelled, request, view, claim))
+                continue
+            mapped = request.mapped if residency else None
+            for piece in split_by_residency(index, mapped, request.offset, view.nbytes, self.config.piece_nbytes):
+                position = request.offset + piece.start
+                end = position + piece.nbytes
+                while position < end:
+                    boundary = min(end, (position // chunk + 1) * chunk)
+                    part = view[position - request.offset : boundary - request.offset]
+                    task: Callable[..., _Tally] = self._copy if piece.warm else self._read
+                    handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
+                    position = boundary
+        return handle
+
+    def read(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadResult:
+        """:meth:`submit` and :meth:`ReadHandle.wait`; a failure cancels what is left."""
+        handle = self.submit(requests, residency=residency)
+        try:
+            return handle.wait()
+        except BaseException:
+            handle.cancel()
+            raise
+
+    def close(self) -> None:
+        """Wait for reads in flight, stop the threads, close the descriptors."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._files.close()
+
+    def __enter__(self) -> ColdReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- tasks (run on the pool) ----------------------------------------------
+
+    @staticmethod
+    def _check(cancelled: threading.Event) -> None:
+        if cancelled.is_set():
+            raise ReadCancelledError("read cancelled")
+
+    def _staged(self, cancelled: threading.Event, request: ReadRequest, view: memoryview, claim: StagedClaim) -> _Tally:
+        self._check(cancelled)
+        if claim.copy_into(view, request.offset):
+            return ((("prefetched", view.nbytes),), 0)
+        tally: Counter[Source] = Counter()
+        device = 0
+        step = self.config.chunk_nbytes
+        for start in range(0, view.nbytes, step):
+            sources, nbytes = self._read(cancelled, request, request.offset + start, view[start : start + step])
+            tally.update(dict(sources))
+            device += nbytes
+        return tuple(tally.items()), device
+
+    def _copy(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
+        self._check(cancelled)
+        mapped: MappedFile | None = request.mapped
+        assert mapped is not None  # warm pieces exist only with a mapping
+        if offset + view.nbytes > mapped.nbytes:
+            raise FormatError(f"{request.path}: bytes [{offset}, {offset + view.nbytes}) lie past its mapping")
+        mapped.check_size()  # a truncated mapping is SIGBUS: refuse first
+        np.copyto(np.frombuffer(view, dtype=np.uint8), mapped.view(offset, np.dtype(np.uint8), (view.nbytes,)))
+        return ((("resident", view.nbytes),), 0)
+
+    def _read(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
+        self._check(cancelled)
+        handles = self._files.get(request.path, request.identity)
+        if handles.direct_fd >= 0:
+            try:
+                return self._read_direct(handles, offset, view)
+            except OSError as exc:
+                if exc.errno not in DIRECT_REFUSED_ERRNOS:
+                    raise FormatError(f"{request.path}: direct read at {offset} failed: {exc.strerror}") from None
+                handles = self._files.refuse_direct(request.path, exc.strerror or errno.errorcode[exc.errno])
+        try:
+            pread_exact(handles.buffered_fd, view, offset, request.path)
+        except OSError as exc:
+            raise FormatError(f"{request.path}: read at {offset} failed: {exc.strerror}") from None
+        return ((("buffered", view.nbytes),), view.nbytes)
+
+    def _bounce(self) -> npt.NDArray[np.uint8]:
+        buffer: npt.NDArray[np.uint8] | None = getattr(self._local, "bounce", None)
+        if buffer is None:
+            buffer = aligned_empty(self.config.chunk_nbytes + 2 * ALIGN_NBYTES)
+            self._local.bounce = buffer
+        return buffer
+
+    def _read_direct(self, handles: Handles, offset: int, view: memoryview) -> _Tally:
+        align = ALIGN_NBYTES
+        nbytes = view.nbytes
+        head = min((-offset) % align, nbytes)
+        if (address_of(view) + head) % align:
+            # The destination is misaligned against the file: bounce all of it,
+            # a bounce buffer at a time.
+            device = 0
+            step = self.config.chunk_nbytes
+            for start in range(0, nbytes, step):
+                device += self._bounce_span(handles, offset + start, view[start : start + step])
+            return ((("bounced", nbytes),), device)
+        device = 0
+        bounced = 0
+        if head:
+            device += self._direct_edge(handles, offset, view[:head])
+            bounced += head
+        body = (nbytes - head) // align * align
+        if body:
+            pread_exact(handles.direct_fd, view[head : head + body], offset + head, handles.path, direct=True)
+            device += body
+        if head + body < nbytes:
+            device += self._direct_edge(handles, offset + head + body, view[head + body :])
+            bounced += nbytes - head - body
+        sources: list[tuple[Source, int]] = []
+        if body:
+            sources.append(("direct", body))
+        if bounced:
+            sources.append(("bounced", bounced))
+        return tuple(sources), device
+
+    def _bounce_span(self, handles: Handles, offset: int, view: memoryview) -> int:
+        """Read ``view`` (at most a chunk) through the aligned bounce buffer; returns device bytes."""
+        low = offset - offset % ALIGN_NBYTES
+        high = -(-(offset + view.nbytes) // ALIGN_NBYTES) * ALIGN_NBYTES
+        bounce = self._bounce().data
+        need = offset + view.nbytes - low
+        pread_exact(handles.direct_fd, bounce[: high - low], low, handles.path, need=need, direct=True)
+        view[:] = bounce[offset - low : need]
+        return high - low
+
+    def _direct_edge(self, handles: Handles, offset: int, view: memoryview) -> int:
+        """Read the less-than-a-block ``view`` at ``offset`` through one aligned block."""
+        low = offset - offset % ALIGN_NBYTES
+        bounce = self._bounce().data[:ALIGN_NBYTES]
+        skip = offset - low
+        pread_exact(handles.direct_fd, bounce, low, handles.path, need=skip + view.nbytes, direct=True)
+        view[:] = bounce[skip : skip + view.nbytes]
+        return ALIGN_NBYTES
