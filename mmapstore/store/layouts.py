@@ -406,7 +406,8 @@ def _per_expert_layer(
             head = records[0]
             for record in records:
                 _known(record, source)
-                _rank(record, 2, source)
+                if part in ("weight", "scale"):  # g_idx, shape, global_scale: 1-D, checked with their packed weight
+                    _rank(record, 2, source)
                 if record.shape != head.shape or record.dtype != head.dtype:
                     raise FormatError(
                         f"{source}: tensor {record.name!r}: {record.dtype.code} {list(record.shape)} differs from "
