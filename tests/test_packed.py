@@ -611,3 +611,15 @@ def test_unquantized_experts_under_an_awq_config_are_plain(tmp_path):
     with open_store(save(tmp_path, tensors, config)) as store:
         assert store.layer(0).gate.encoding.kind == "plain"
         np.testing.assert_array_equal(store.layer(0).gate.expert(2), np.full((H, I), 2, np.float16))
+
+
+def test_e8m0_scales_are_read_as_exponent_bits():
+    """An F8_E8M0 scale tensor holds the same bytes as a U8 one: 2**(byte - 127), never its value cast to int."""
+    from mmapstore.dequant import dequantize_mxfp4
+
+    blocks = np.full((2, 1, 16), 0x22, np.uint8)  # every element 1.0
+    codes = np.array([[120], [130]], np.uint8)
+    as_u8 = dequantize_mxfp4(blocks, codes, 32)
+    as_e8m0 = dequantize_mxfp4(blocks, codes.view(ml_dtypes.float8_e8m0fnu), 32)
+    np.testing.assert_array_equal(as_u8[:, 0], [2.0**-7, 2.0**3])
+    np.testing.assert_array_equal(as_e8m0, as_u8)
