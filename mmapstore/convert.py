@@ -235,20 +235,22 @@ class _Item:
     reads: tuple[str, ...]
 
 
-# Encodings whose bytes cannot be transposed (blocks packed along the input axis).
-_NATIVE_ONLY = ("mxfp4", "ggml")
+# Encodings whose bytes cannot be transposed (blocks or words packed along one axis).
+_NATIVE_ONLY = ("mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq")
 _ML_FLOATS = ("BF16", "F8_E4M3", "F8_E5M2")
 
 
 def _orientation(store: ExpertStore, layers: list[int]) -> str:
     """``kn`` (GroupedMatMul ``[E, k, n]``) unless a stack's encoded blocks
-    cannot be transposed: then every stack keeps ``nk`` (they all are, in
-    such checkpoints)."""
+    cannot be transposed: then every stack keeps its native orientation
+    (``nk``, or ``kn`` for AWQ/GPTQ), which must be one for the whole store."""
     stacks = [stack for index in layers for _, stack in store.layer(index).stacks]
     if any(stack.encoding.kind in _NATIVE_ONLY for stack in stacks):
-        if any(stack.native_orientation != "nk" for stack in stacks):
-            raise ConvertError(f"{store.path}: block-encoded stacks mixed with [in, out] stacks cannot share one store")
-        return "nk"
+        native = {stack.native_orientation for stack in stacks}
+        if len(native) != 1:
+            raise ConvertError(f"{store.path}: block-encoded stacks mixed with stacks of another orientation cannot "
+                               "share one store")
+        return native.pop()
     return "kn"
 
 

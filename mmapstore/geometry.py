@@ -28,15 +28,20 @@ import numpy.typing as npt
 from .dtypes import DType
 from .errors import ExpertIndexError
 
-__all__ = ["ENCODING_KINDS", "Encoding", "EncodingKind", "Orientation", "PartGeometry", "PartName", "c_strides"]
+__all__ = ["ENCODING_KINDS", "PACKED_KINDS", "Encoding", "EncodingKind", "Orientation", "PartGeometry", "PartName", "c_strides"]
 
 Orientation = Literal["kn", "nk"]
 """How a file stores a 2-D slab: ``"kn"`` (in, out) or ``"nk"`` (out, in, ``nn.Linear``)."""
 
-PartName = Literal["weight", "scale", "bias", "zero", "global_scale"]
+PartName = Literal["weight", "scale", "bias", "zero", "global_scale", "g_idx", "shape"]
 
-EncodingKind = Literal["plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4"]
-ENCODING_KINDS: tuple[EncodingKind, ...] = ("plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4")
+EncodingKind = Literal["plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq"]
+ENCODING_KINDS: tuple[EncodingKind, ...] = (
+    "plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq"
+)
+PACKED_KINDS: tuple[EncodingKind, ...] = ("int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq")
+"""Packed 4-bit encodings: their weight part is words or bytes of codes along
+one axis, so a slab has no element view and keeps its native orientation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +56,26 @@ class Encoding:
         127)`` per 32 input elements (GPT-OSS); ``scale`` part U8.
         ``ggml``: a GGUF block type (``weight`` is rows of blocks, ``dtype``
         names the type); scales live inside the blocks.
-        ``int4_group``/``nvfp4``: packed 4-bit weights with group scales.
+        ``int4_group``: compressed-tensors ``pack-quantized`` INT4, eight
+        codes per I32 word along ``in`` (``weight_packed [out, ceil(in/8)]``),
+        value ``(q - zero) * scale`` per group; optional ``zero`` (packed
+        along ``out``), ``g_idx`` and ``shape`` parts.
+        ``nvfp4``: compressed-tensors NVFP4, E2M1 nibbles (two per byte, low
+        first) times ``scale / global_scale`` (F8_E4M3 scale per 16).
+        ``mxfp4_packed``: compressed-tensors MXFP4, the same nibbles times
+        ``2**(e8m0 - 127)`` per 32 (``weight_packed [out, in/2]``).
+        ``awq``: AutoAWQ GEMM, ``qweight [in, out/8]`` in nibble order
+        0,2,4,6,1,3,5,7, ``(q - zero) * scale`` per group of ``in``.
+        ``gptq``: GPTQ v1, ``qweight [in/8, out]``, ``qzeros`` holding
+        ``zero - 1``, groups along ``in`` (``g_idx`` when present).
     ``dtype``
         The weight part's file dtype (``F8_E4M3``, ``Q4_K``, ``U8``...).
     ``block``
         Elements per scale along (out, in) in native orientation; ``(1, 32)``
         for MXFP4, ``(128, 128)`` for DeepSeek FP8; ``(1, block_elems)`` for
-        ggml types; ``(1, 1)`` for plain.
+        ggml types; ``(1, 1)`` for plain; ``(1, group)`` for the packed
+        ``[out, in]`` kinds and ``(group, 1)`` for AWQ/GPTQ (``[in, out]``),
+        ``group`` being the whole row for per-channel scales.
     """
 
     kind: EncodingKind
@@ -68,6 +86,11 @@ class Encoding:
     def encoded(self) -> bool:
         """True when the weight part's bytes are not the values themselves."""
         return self.kind != "plain"
+
+    @property
+    def packed(self) -> bool:
+        """True for packed 4-bit kinds (no element view; native orientation only)."""
+        return self.kind in PACKED_KINDS
 
     def to_json(self) -> dict[str, object]:
         return {"kind": self.kind, "dtype": self.dtype.code, "block": list(self.block)}

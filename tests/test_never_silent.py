@@ -73,6 +73,8 @@ def test_unclaimed_expert_tensors_are_refused_by_name(tmp_path, suffix, fmt):
     refused(path, suffix, fmt)
 
 
+# awq, gptq and compressed-tensors are served (tests/test_packed.py), but not from a config
+# that does not say their bits, packing or format: those are refused rather than guessed.
 @pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "compressed-tensors", "modelopt", "hqq"])
 def test_unserved_quantization_config_is_refused(tmp_path, method):
     config = {"model_type": "qwen3_moe", "quantization_config": {"quant_method": method}}

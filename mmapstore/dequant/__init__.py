@@ -2,7 +2,8 @@
 
 These are the only copies the store layer makes.  Each encoding follows the
 formula its format defines (see FORMATS.md); tests check them against the
-formats' own tools (gguf-py, transformers, compressed-tensors).
+formats' own tools (gguf-py, transformers, compressed-tensors) or, for
+AWQ and GPTQ, their packing definitions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..errors import FormatError
 from ..geometry import Encoding, Orientation
 from .blockscaled import dequantize_fp8_block, dequantize_mxfp4
 from .ggml import DEQUANTIZABLE, can_dequantize, dequantize_ggml
+from .packed import dequantize_packed
 
 __all__ = [
     "DEQUANTIZABLE",
@@ -23,6 +25,7 @@ __all__ = [
     "dequantize_fp8_block",
     "dequantize_ggml",
     "dequantize_mxfp4",
+    "dequantize_packed",
     "dequantize_slab",
 ]
 
@@ -56,6 +59,8 @@ def dequantize_slab(
     if encoding.kind == "ggml":
         values = dequantize_ggml(encoding.dtype, np.asarray(weight, dtype=np.uint8), cols, where=where)
         return np.asarray(values, dtype=np.float32).reshape(rows, cols)
+    if encoding.packed:
+        return dequantize_packed(encoding, parts, rows, cols, where=where)
     raise FormatError(f"{where}: encoding {encoding.describe()} cannot be dequantized by mmapstore")
 
 

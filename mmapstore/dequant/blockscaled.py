@@ -60,6 +60,7 @@ def dequantize_mxfp4(
     codes = np.empty((*packed.shape[:-1], 32), dtype=np.uint8)
     codes[..., 0::2] = packed & 0x0F
     codes[..., 1::2] = packed >> 4
-    exponents = np.asarray(scales, dtype=np.uint8).astype(np.int32) - 127
+    # The exponent bits: a view, since an F8_E8M0 array cast to uint8 would convert values (2**-7 -> 0).
+    exponents = np.asarray(scales).view(np.uint8).astype(np.int32) - 127
     values = np.ldexp(E2M1_VALUES[codes], exponents[..., None])
     return values.reshape(rows, cols).astype(np.float32)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..dtypes import DType
 from ..errors import FormatError
 from ..formats.records import TensorRecord
 from ..geometry import Encoding
+from .packed import packed_layer, packed_part, packed_slab_layer, packed_weight
 from .schemes import QuantScheme, model_type, quant_scheme, text_config
 
 __all__ = ["LAYOUTS", "LayerPlan", "discover"]
@@ -37,11 +38,14 @@ LAYOUTS = ("slab", "per_expert", "fused_interleaved", "fused_concatenated", "dbr
 # Canonical ASCII numbers only: `\d` would accept Unicode digits and leading
 # zeros would let `experts.1` and `experts.01` collide on one key.
 _NUM = r"(?:0|[1-9][0-9]{0,8})"
-_SLAB = re.compile(rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)_exps\.(?P<part>weight|scale|bias)")
+_SLAB = re.compile(
+    rf"blk\.(?P<layer>{_NUM})\.ffn_(?P<proj>gate|up|down)_exps\.(?P<part>weight|scale|bias|zero|g_idx|global_scale|shape)"
+)
 _PER_EXPERT = re.compile(
     rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>block_sparse_moe|mlp|feed_forward|ffn|mixer)"
     rf"\.experts\.(?P<expert>{_NUM})\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
-    r"\.(?P<suffix>weight|weight_scale_inv|weight_scale)"
+    r"\.(?P<suffix>weight|weight_scale_inv|weight_scale|weight_packed|weight_zero_point|weight_g_idx"
+    r"|weight_global_scale|weight_shape|qweight|qzeros|scales|g_idx)"
 )
 _FUSED = re.compile(
     rf"(?P<prefix>(?:[\w]+\.)*?)layers\.(?P<layer>{_NUM})\.(?P<block>mlp|feed_forward)"
@@ -102,6 +106,15 @@ def _config_int(config: Mapping[str, Any] | None, *keys: str) -> int | None:
     return None
 
 
+def _per_expert_part(suffix: str, scheme: QuantScheme) -> str | None:
+    """The part a per-expert tensor suffix is under ``scheme``; None: unclaimed."""
+    if suffix == "weight":
+        return "weight"
+    if suffix == scheme.scale_suffix:
+        return "scale"
+    return packed_part(suffix, scheme)
+
+
 def _unclaimed(name: str, source: str, config: Mapping[str, Any] | None) -> FormatError:
     """The refusal for a tensor under an experts block that no layout claims."""
     last = name.rsplit(".", 1)[-1]
@@ -139,6 +152,7 @@ class LayerPlan:
     orientations: Mapping[str, str] = field(default_factory=dict)  # per projection, where they differ
     num_experts: int = 0  # DBRX: experts folded into the first axis of each record
     mtp: bool = False  # DeepSeek's next-token-prediction layer (speculative decoding only)
+    logical: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # packed stacks: (k, n) per projection
 
     def orientation_of(self, proj: str) -> str:
         return self.orientations.get(proj, self.orientation)
@@ -191,8 +205,8 @@ def discover(
             legacy.setdefault("weight", {})[int(match["expert"])] = record
             continue
         match = _PER_EXPERT.fullmatch(name)
-        if match and (match["suffix"] == "weight" or match["suffix"] == scheme.scale_suffix):
-            part = "weight" if match["suffix"] == "weight" else "scale"
+        part = None if match is None else _per_expert_part(match["suffix"], scheme)
+        if match and part is not None:
             expert_parts = per_expert.setdefault(int(match["layer"]), {}).setdefault(_PROJ[match["proj"]], {})
             by_expert = expert_parts.setdefault(part, {})
             expert = int(match["expert"])
@@ -339,9 +353,12 @@ def _slab_layer(
                     f"{source}: tensor {weight.name!r}: rows of {weight.shape[2]} bytes are not whole "
                     f"{encoding.dtype.code} blocks of {encoding.dtype.block_nbytes} bytes"
                 )
-        if "scale" in parts and encoding.kind not in ("fp8_block", "mxfp4"):
+        if encoding.packed:
+            pass  # checked below, with the other projections that pin its logical shape
+        elif set(parts) - _ALLOWED_PARTS.get(encoding.kind, {"weight", "bias"}):
+            extra = sorted(set(parts) - _ALLOWED_PARTS.get(encoding.kind, {"weight", "bias"}))[0]
             raise FormatError(
-                f"{source}: tensor {parts['scale'].name!r}: a scale part on a {encoding.describe()} stack; "
+                f"{source}: tensor {parts[extra].name!r}: a {extra} part on a {encoding.describe()} stack; "
                 "the manifest must name its encoding"
             )
         if "bias" in parts:
@@ -349,7 +366,13 @@ def _slab_layer(
             _known(bias, source)
             out = weight.shape[2] if orientation == "kn" else weight.shape[1]
             _shape(bias, (weight.shape[0], out), source, "bias [E, out]")
+    if any(encoding.packed for encoding in chosen.values()):
+        logical = packed_slab_layer(found, chosen, orientation, source)
+        return LayerPlan(layer, "slab", {}, found, chosen, orientation, logical=logical)
     return LayerPlan(layer, "slab", {}, found, chosen, orientation)
+
+
+_ALLOWED_PARTS = {"fp8_block": {"weight", "scale", "bias"}, "mxfp4": {"weight", "scale", "bias"}}
 
 
 def _implied_encoding(dtype: DType) -> Encoding:
@@ -376,6 +399,7 @@ def _per_expert_layer(
         raise FormatError(f"{source}: MoE layer {layer}: expert id {count - 1} is over the {MAX_EXPERTS} limit")
     experts: dict[str, dict[str, tuple[TensorRecord, ...]]] = {}
     encodings: dict[str, Encoding] = {}
+    packed: dict[str, dict[str, TensorRecord]] = {}
     for proj in ("gate", "up", "down"):
         parts = found[proj]
         if "weight" not in parts:
@@ -393,7 +417,8 @@ def _per_expert_layer(
             head = records[0]
             for record in records:
                 _known(record, source)
-                _rank(record, 2, source)
+                if part in ("weight", "scale"):  # g_idx, shape, global_scale: 1-D, checked with their packed weight
+                    _rank(record, 2, source)
                 if record.shape != head.shape or record.dtype != head.dtype:
                     raise FormatError(
                         f"{source}: tensor {record.name!r}: {record.dtype.code} {list(record.shape)} differs from "
@@ -401,8 +426,26 @@ def _per_expert_layer(
                     )
             records_of[part] = records
         weight = records_of["weight"][0]
-        encodings[proj] = _per_expert_encoding(weight, records_of.get("scale"), scheme, source)
         experts[proj] = records_of
+        if packed_weight(weight):
+            packed[proj] = {part: records[0] for part, records in records_of.items()}
+            continue
+        extra = sorted(set(records_of) - ({"weight", "scale"} if scheme.fp8 else {"weight"}))
+        if extra:
+            raise FormatError(
+                f"{source}: tensor {records_of[extra[0]][0].name!r} sits beside the unpacked weight {weight.name!r}; "
+                f"a {extra[0]} part belongs to a packed weight: refusing rather than dropping it"
+            )
+        encodings[proj] = _per_expert_encoding(weight, records_of.get("scale"), scheme, source)
+    if packed:
+        if len(packed) != 3:
+            plain = [proj for proj in ("gate", "up", "down") if proj not in packed]
+            raise FormatError(
+                f"{source}: MoE layer {layer}: {sorted(packed)} are packed but {plain} are not "
+                f"({experts[plain[0]]['weight'][0].name!r}); mixed experts are not served"
+            )
+        encodings, logical, orientation = packed_layer(packed, scheme, source)
+        return LayerPlan(layer, "per_expert", experts, {}, encodings, orientation, logical=logical)
     return LayerPlan(layer, "per_expert", experts, {}, encodings, "nk")
 
 
@@ -611,11 +654,7 @@ def _mark_mtp(plans: list[LayerPlan], config: Mapping[str, Any] | None) -> list[
     decoding = _config_int(config, "num_hidden_layers")
     if not extra or decoding is None:
         return plans
-    return [
-        LayerPlan(plan.layer_index, plan.layout, plan.experts, plan.stacked, plan.encodings, plan.orientation,
-                  plan.projections, plan.orientations, plan.num_experts, mtp=plan.layer_index >= decoding)
-        for plan in plans
-    ]
+    return [replace(plan, mtp=plan.layer_index >= decoding) for plan in plans]
 
 
 def _linear_layer(

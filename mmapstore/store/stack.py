@@ -140,8 +140,8 @@ class ExpertStack:
     def expert(self, expert: int) -> npt.NDArray[np.generic]:
         """Read-only ``[k, n]`` view of one expert's weight part in GroupedMatMul
         orientation (encoded values for a quantized stack; see :meth:`dequantize`)."""
-        if self.encoding.kind == "ggml" or self.encoding.kind == "mxfp4":
-            return self.native(expert)  # rows of blocks have no [k, n] element view
+        if self.encoding.kind == "ggml" or self.encoding.kind == "mxfp4" or self.encoding.packed:
+            return self.native(expert)  # rows of blocks or packed words have no [k, n] element view
         slab = self.native(expert)
         return slab if self.native_orientation == "kn" else slab.T
 

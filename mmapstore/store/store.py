@@ -196,7 +196,7 @@ class ExpertStore:
                     part: self._gathered(name, part, records, orientation) for part, records in gathered.items()
                 }
                 stacks[proj] = self._stack(name, gathered["weight"][0], plan.encodings[proj], geometries,
-                                           tuple(record.name for record in gathered["weight"]))
+                                           tuple(record.name for record in gathered["weight"]), plan.logical.get(proj))
         elif plan.layout == "slab":
             for proj, parts in plan.stacked.items():
                 name = f"layers.{layer}.{proj}"
@@ -205,7 +205,7 @@ class ExpertStore:
                 if encoding.kind == "ggml" and not parts["weight"].dtype.is_block:
                     geometries["weight"] = replace(geometries["weight"], dtype=encoding.dtype)
                 stacks[proj] = self._stack(name, parts["weight"], plan.encodings[proj], geometries,
-                                           (parts["weight"].name,))
+                                           (parts["weight"].name,), plan.logical.get(proj))
         elif plan.layout == "dbrx":
             stacks = self._build_dbrx(plan)
         else:
@@ -216,10 +216,16 @@ class ExpertStore:
 
     def _stack(
         self, name: str, weight: TensorRecord, encoding: Encoding, parts: dict[str, PartGeometry],
-        tensor_names: tuple[str, ...],
+        tensor_names: tuple[str, ...], logical: tuple[int, int] | None = None,
     ) -> ExpertStack:
         """A stack whose logical ``[k, n]`` comes from the weight record's shape
-        (the last two logical dims, in ``orientation``)."""
+        (the last two logical dims, in ``orientation``), or for packed stacks
+        from ``logical`` (discovery's ``(k, n)``: a packed shape is not the logical one)."""
+        if logical is not None:
+            return ExpertStack(name, logical[0], logical[1], encoding, parts, tensor_names, maps=self._maps,
+                               files=self.files, stacked=len(tensor_names) == 1 and parts["weight"].stride is not None)
+        if encoding.packed:
+            raise FormatError(f"{self.path}: stack {name!r} is {encoding.describe()} but its logical shape is unknown")
         if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
             first, second = weight.shape[1], weight.shape[2] * 32
         elif encoding.kind == "ggml" and not weight.dtype.is_block:  # rows of blocks kept as bytes
