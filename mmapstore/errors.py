@@ -16,11 +16,13 @@ __all__ = [
     "MmapStoreError",
     "OptionError",
     "ReadCancelledError",
+    "RuntimeConfigError",
     "SinkError",
     "StaleRefreshError",
     "StoreClosedError",
     "TensorNotFoundError",
     "UnsupportedEncodingError",
+    "UnsupportedModelError",
 ]
 
 
@@ -92,3 +94,15 @@ class OptionError(MmapStoreError, ValueError):
 class ReadCancelledError(MmapStoreError, RuntimeError):
     """A read was cancelled before all its bytes landed: its destination
     holds a mix of old and new bytes and must not be committed."""
+
+
+class UnsupportedModelError(MmapStoreError, ValueError):
+    """A checkpoint's model family cannot be run with its experts served from
+    the store (its transformers class does not use the experts interface,
+    or its experts are shaped in a way the runtime does not serve)."""
+
+
+class RuntimeConfigError(MmapStoreError, ValueError):
+    """A model runtime was asked for something it cannot do: a budget too
+    small for one expert per layer, a device that does not exist, a trace
+    path that cannot be written.  Raised before any weight is loaded."""

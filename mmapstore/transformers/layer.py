@@ -1,0 +1,313 @@
+"""One MoE layer at run time: its pool tensors on the device, its slot map, its forward."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ..pool import ExecMode, ExpertPool, count_hits
+from ..store import LayerExperts
+from ._hf import grouped_linear
+from ._torch import as_tensor, copy_into_slot
+
+__all__ = ["ExpertsLayout", "LayerCounters", "LayerRuntime", "OnMiss", "StepState"]
+
+
+class OnMiss(enum.Enum):
+    """What a token routed to a non-resident expert does.
+
+    ``CPU``: computed on the CPU straight from the mapped slabs (TIDE's
+    non-refresh path; the pool changes only on refresh steps).  ``FETCH``:
+    the expert is copied into the pool first (least recently used resident
+    leaves), as LRU expert caches do; tokens beyond the pool's capacity in
+    one forward still run on the CPU.
+    """
+
+    CPU = "cpu"
+    FETCH = "fetch"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertsLayout:
+    """How an experts module holds its weights (transformers' conventions).
+
+    Not ``transposed``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``
+    (``nn.Linear`` rows).  ``transposed``: ``[E, H, 2I]`` and ``[E, I, H]``.
+    ``concatenated``: gate then up along the ``2I`` axis; else interleaved
+    (gate, up, gate, up...).  ``has_bias``: ``gate_up_proj_bias [E, 2I]`` and
+    ``down_proj_bias [E, H]``.
+    """
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    transposed: bool
+    concatenated: bool
+    has_bias: bool
+
+    def gate_up_shape(self, count: int) -> tuple[int, int, int]:
+        two = 2 * self.intermediate
+        return (count, self.hidden, two) if self.transposed else (count, two, self.hidden)
+
+    def down_shape(self, count: int) -> tuple[int, int, int]:
+        return (count, self.intermediate, self.hidden) if self.transposed else (count, self.hidden, self.intermediate)
+
+    def expert_nbytes(self, itemsize: int) -> int:
+        """Bytes one expert takes in a pool of ``itemsize``-byte elements."""
+        biases = 2 * self.intermediate + self.hidden if self.has_bias else 0
+        return (3 * self.hidden * self.intermediate + biases) * itemsize
+
+    def halves(self, fused: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up parts of a fused tensor, split along ``axis``."""
+        if self.concatenated:
+            return fused.narrow(axis, 0, self.intermediate), fused.narrow(axis, self.intermediate, self.intermediate)
+        index = [slice(None)] * fused.dim()
+        index[axis] = slice(0, None, 2)
+        gate = fused[tuple(index)]
+        index[axis] = slice(1, None, 2)
+        return gate, fused[tuple(index)]
+
+    def fuse(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``[rows, 2I]`` from ``[rows, I]`` gate and up outputs, in this layout."""
+        if self.concatenated:
+            return torch.cat((gate, up), dim=-1)
+        return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+@dataclass(slots=True)
+class StepState:
+    """What the model-level hook knows about the forward in flight."""
+
+    prefill: bool = True
+    decode_step: int = 0
+    forward: int = 0
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    """Per-layer running totals (see :class:`~mmapstore.transformers.RunStats`)."""
+
+    pairs: int = 0
+    resident_pairs: int = 0
+    cpu_pairs: int = 0
+    refreshes: int = 0
+    promotions: int = 0
+    copied_nbytes: int = 0
+    cpu_read_nbytes: int = 0
+
+
+Recorder = Callable[[int, npt.NDArray[np.int64]], None]
+# gate, up, down as [k, n] tensors over the mapping, then their biases (or None)
+_Weights = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+]
+
+
+class LayerRuntime:
+    """Pool tensors, slot map and forward of one MoE layer.
+
+    ``gate_up``/``down`` (and biases) hold ``pool.capacity`` experts on the
+    device in the module's own layout; ``slot_map[e]`` is expert ``e``'s slot
+    or -1.  A forward sends resident (token, expert) pairs through a grouped
+    matmul over the pool and the others through the CPU from the mapped
+    slabs, then weighs and sums them exactly as transformers' backends do.
+    """
+
+    def __init__(
+        self,
+        position: int,
+        experts: LayerExperts,
+        module: torch.nn.Module,
+        layout: ExpertsLayout,
+        pool: ExpertPool,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_miss: OnMiss,
+        state: StepState,
+        recorder: Recorder | None,
+    ) -> None:
+        self.position = position
+        self.experts = experts
+        self.module = module
+        self.layout = layout
+        self.pool = pool
+        self.device = device
+        self.dtype = dtype
+        self.on_miss = on_miss
+        self.state = state
+        self.recorder = recorder
+        self.counters = LayerCounters()
+        capacity = pool.capacity
+        self.gate_up = torch.empty(layout.gate_up_shape(capacity), dtype=dtype, device=device)
+        self.down = torch.empty(layout.down_shape(capacity), dtype=dtype, device=device)
+        self.gate_up_bias: torch.Tensor | None = None
+        self.down_bias: torch.Tensor | None = None
+        if layout.has_bias:
+            self.gate_up_bias = torch.empty((capacity, 2 * layout.intermediate), dtype=dtype, device=device)
+            self.down_bias = torch.empty((capacity, layout.hidden), dtype=dtype, device=device)
+        self.slot_map = np.full(layout.num_experts, -1, dtype=np.int64)
+        self._last_used = np.zeros(layout.num_experts, dtype=np.int64)
+        self._cpu_weights: dict[int, _Weights] = {}
+
+    # -- pool contents ---------------------------------------------------
+    def pool_tensors(self) -> dict[str, torch.Tensor]:
+        """The device tensors that stand in for the module's expert parameters."""
+        tensors = {"gate_up_proj": self.gate_up, "down_proj": self.down}
+        if self.gate_up_bias is not None and self.down_bias is not None:
+            tensors |= {"gate_up_proj_bias": self.gate_up_bias, "down_proj_bias": self.down_bias}
+        return tensors
+
+    def fill_initial(self) -> int:
+        """Copy the pool's initial residents (experts ``0..capacity-1``) in; return bytes copied."""
+        experts = self.pool.resident_experts()
+        slots = np.arange(experts.size)
+        copied = self._fill(experts, slots)
+        self.slot_map[:] = -1
+        self.slot_map[experts] = slots
+        return copied
+
+    def _fill(self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]) -> int:
+        """Copy ``experts[i]`` into ``slots[i]`` (every part); return bytes written."""
+        layout, copied = self.layout, 0
+        gate, up, down = self.experts.gate, self.experts.up, self.experts.down
+        fused_axis = 1 if layout.transposed else 0  # the 2I axis of one slot
+        for expert, slot in zip(experts.tolist(), slots.tolist()):
+            gate_dst, up_dst = layout.halves(self.gate_up[slot], fused_axis)
+            for stack, dst in ((gate, gate_dst), (up, up_dst)):
+                source = as_tensor(stack.expert(expert))  # [k=H, n=I]
+                copied += copy_into_slot(dst, source if layout.transposed else source.T)
+            source = as_tensor(down.expert(expert))  # [k=I, n=H]
+            copied += copy_into_slot(self.down[slot], source if layout.transposed else source.T)
+            if self.gate_up_bias is not None and self.down_bias is not None:
+                gate_bias, up_bias = layout.halves(self.gate_up_bias[slot], 0)
+                copied += copy_into_slot(gate_bias, as_tensor(gate.part("bias", expert)))
+                copied += copy_into_slot(up_bias, as_tensor(up.part("bias", expert)))
+                copied += copy_into_slot(self.down_bias[slot], as_tensor(down.part("bias", expert)))
+        return copied
+
+    def _update(self, hits: npt.NDArray[np.int64]) -> None:
+        """Refresh (TIDE) or fetch misses, as the policy and ``on_miss`` say."""
+        pool = self.pool
+        if not pool.offload:
+            return
+        used = hits > 0
+        self._last_used[used] = self.state.forward
+        if self.on_miss is OnMiss.FETCH:
+            if not (used & (self.slot_map < 0)).any():
+                return
+            result = pool.propose(pool.select_target(hits), self._last_used)  # least recently used leave
+        elif pool.should_refresh(ExecMode.REUSE, self.state.decode_step, self.state.prefill):
+            result = pool.propose(pool.select_target(hits), hits)
+        else:
+            return
+        promoted = np.asarray(result.promoted, dtype=np.int64)
+        slots = np.asarray(result.slots, dtype=np.int64)
+        self.counters.copied_nbytes += self._fill(promoted, slots)
+        pool.commit(result)  # only after the copies: the pool never names a slot still in flight
+        self.slot_map[np.asarray(result.demoted, dtype=np.int64)] = -1
+        self.slot_map[promoted] = slots
+        self.counters.refreshes += 1
+        self.counters.promotions += promoted.size
+
+    # -- forward ----------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for ``hidden [tokens, H]``, like transformers' backends."""
+        num_tokens, top_k = top_k_index.shape
+        ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
+        flat = ids.reshape(-1)
+        hits = count_hits(flat, self.layout.num_experts)
+        if self.recorder is not None:
+            self.recorder(self.position, ids)
+        self._update(hits)
+        slots = self.slot_map[flat]
+        resident = np.flatnonzero(slots >= 0)
+        missing = np.flatnonzero(slots < 0)
+        counters = self.counters
+        counters.pairs += flat.size
+        counters.resident_pairs += resident.size
+        counters.cpu_pairs += missing.size
+
+        out = torch.empty((flat.size, self.layout.hidden), dtype=self.dtype, device=hidden.device)
+        cpu_rows = None
+        if missing.size:  # bring the rows over first, so the device works while the CPU computes
+            cpu_tokens, cpu_rows = np.unique(missing // top_k, return_inverse=True)
+            cpu_hidden = hidden[torch.from_numpy(cpu_tokens).to(hidden.device)].to("cpu")
+        if resident.size:
+            order = np.argsort(slots[resident], kind="stable")
+            pairs = resident[order]
+            pair_index = torch.from_numpy(pairs).to(hidden.device)
+            out[pair_index] = self._device_experts(hidden[pair_index // top_k], slots[pairs])
+        if missing.size and cpu_rows is not None:
+            cpu_out = self._cpu_experts(cpu_hidden, cpu_rows, flat[missing])
+            out[torch.from_numpy(missing).to(hidden.device)] = cpu_out.to(hidden.device)
+        weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
+        return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
+
+    def _device_experts(self, inputs: torch.Tensor, slots: npt.NDArray[np.int64]) -> torch.Tensor:
+        """Pairs sorted by slot through the pool: grouped matmuls, gate, down."""
+        module: Any = self.module
+        per_slot = np.bincount(slots, minlength=self.pool.capacity)
+        offsets = torch.from_numpy(np.cumsum(per_slot).astype(np.int32)).to(inputs.device)
+        slot_index = torch.from_numpy(slots).to(inputs.device) if self.gate_up_bias is not None else None
+        transposed = self.layout.transposed
+        bias = self.gate_up_bias[slot_index] if self.gate_up_bias is not None and slot_index is not None else None
+        projected = grouped_linear(inputs, self.gate_up, offsets, bias, transposed)
+        gated: torch.Tensor = module._apply_gate(projected)
+        bias = self.down_bias[slot_index] if self.down_bias is not None and slot_index is not None else None
+        return grouped_linear(gated, self.down, offsets, bias, transposed)
+
+    def _cpu_experts(
+        self, hidden: torch.Tensor, rows: npt.NDArray[np.intp], experts: npt.NDArray[np.int64]
+    ) -> torch.Tensor:
+        """Pairs whose expert is not resident, on the CPU from the mapped slabs.
+
+        ``rows[i]`` is pair ``i``'s row of ``hidden``; ``experts[i]`` its expert.
+        """
+        module: Any = self.module
+        out = torch.empty((experts.size, self.layout.hidden), dtype=self.dtype)
+        order = np.argsort(experts, kind="stable")
+        bounds = np.flatnonzero(np.diff(experts[order])) + 1
+        for group in np.split(order, bounds):
+            expert = int(experts[group[0]])
+            gate, up, down, gate_bias, up_bias, down_bias = self._weights(expert)
+            inputs = hidden[torch.from_numpy(rows[group])].to(self.dtype)
+            gate_out, up_out = inputs @ gate.to(self.dtype), inputs @ up.to(self.dtype)
+            if gate_bias is not None and up_bias is not None:
+                gate_out, up_out = gate_out + gate_bias.to(self.dtype), up_out + up_bias.to(self.dtype)
+            projected = self.layout.fuse(gate_out, up_out)
+            result = module._apply_gate(projected) @ down.to(self.dtype)
+            if down_bias is not None:
+                result = result + down_bias.to(self.dtype)
+            out[torch.from_numpy(group)] = result
+            self.counters.cpu_read_nbytes += self.experts.expert_nbytes
+        return out
+
+    def _weights(self, expert: int) -> _Weights:
+        """Expert ``expert``'s ``[k, n]`` weights and biases as tensors over the mapping (cached)."""
+        cached = self._cpu_weights.get(expert)
+        if cached is None:
+            gate, up, down = self.experts.gate, self.experts.up, self.experts.down
+            gate_bias: torch.Tensor | None = None
+            up_bias: torch.Tensor | None = None
+            down_bias: torch.Tensor | None = None
+            if self.layout.has_bias:
+                gate_bias, up_bias, down_bias = (
+                    as_tensor(stack.part("bias", e)) for stack, e in ((gate, expert), (up, expert), (down, expert))
+                )
+            cached = (
+                as_tensor(gate.expert(expert)),
+                as_tensor(up.expert(expert)),
+                as_tensor(down.expert(expert)),
+                gate_bias,
+                up_bias,
+                down_bias,
+            )
+            self._cpu_weights[expert] = cached
+        return cached

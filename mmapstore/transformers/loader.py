@@ -1,0 +1,420 @@
+"""``load_model``: a checkpoint directory -> a ready model with its experts served from the store.
+
+Everything that can be refused is checked before the first weight is read:
+the family (its transformers class must dispatch through the experts
+interface), the expert shapes against the store, the device, the budget and
+the trace path.  Then the non-expert weights are copied from the mapping to
+the device, each routed-expert parameter is replaced by a pool of
+``capacity`` slots, and the pools are filled with their first residents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, RuntimeConfigError, UnsupportedModelError
+from ..pool import ExpertPool, RefreshPolicy, capacity_from_budget
+from ..store import ExpertStore, LayerExperts, open_store
+from . import _hf
+from ._torch import as_tensor, resolve_device
+from .backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
+from .capture import TraceRecorder
+from .layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
+from .runtime import OffloadedModel
+
+__all__ = ["load_model"]
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(0|[1-9][0-9]*)\.")
+
+
+@dataclass(frozen=True, slots=True)
+class _MoeLayer:
+    """A store layer matched to its experts module (before anything is loaded)."""
+
+    name: str
+    module: torch.nn.Module
+    experts: LayerExperts
+    layout: ExpertsLayout
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str],
+    *,
+    capacity: int | Sequence[int] | None = None,
+    budget_nbytes: int | None = None,
+    every: int = 1,
+    on_miss: str | OnMiss = OnMiss.CPU,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    trace_path: str | os.PathLike[str] | None = None,
+    capture_trace: bool = False,
+) -> OffloadedModel:
+    """Open a Hugging Face MoE checkpoint directory with its routed experts served from the store.
+
+    Parameters
+    ----------
+    checkpoint
+        A directory with ``config.json`` and safetensors weights (single or
+        sharded), as ``save_pretrained`` writes it.
+    capacity
+        Experts per MoE layer held on the device: one number for every
+        layer, or one per MoE layer.  ``None`` with no budget: all experts.
+    budget_nbytes
+        Device bytes for the expert pools over all layers (instead of
+        ``capacity``); spread evenly over the layers.
+    every
+        Refresh each pool every ``every`` decode steps (and on every
+        prefill), TIDE-style.
+    on_miss
+        ``"cpu"`` (default): tokens routed to non-resident experts run on
+        the CPU from the mapped slabs.  ``"fetch"``: missing experts are
+        copied into the pool before the forward (least recently used leave).
+    device
+        Where the non-expert weights and the pools live (``"cpu"``, ``"cuda:0"``...).
+    dtype
+        Compute dtype (a ``torch.dtype`` or its name); default: ``config.json``'s,
+        else float32.
+    trace_path
+        Capture every MoE layer's Top-K ids and write them there (a trace
+        ``mmapstore simulate --trace`` replays) on :meth:`OffloadedModel.close`.
+    capture_trace
+        Capture without a path (read with :meth:`OffloadedModel.trace`).
+
+    Returns
+    -------
+    OffloadedModel
+        ``.model`` is the transformers model, in eval mode, gradients off.
+
+    Raises
+    ------
+    UnsupportedModelError
+        The family's transformers class does not use the experts interface
+        (Llama-4 text in transformers 5), the checkpoint is quantized, or
+        its experts have a shape the runtime does not serve.
+    RuntimeConfigError
+        A device that does not exist, a budget or capacity below one expert
+        per layer, an unwritable trace path, or bad arguments.
+    FormatError
+        No ``config.json``, expert stacks that disagree with the model, or a
+        non-expert weight the checkpoint lacks.
+    """
+    import transformers
+
+    path = os.fspath(checkpoint)
+    mode = _on_miss(on_miss)
+    if type(every) is not int or every < 1:
+        raise RuntimeConfigError(f"every must be a positive integer, got {every!r}")
+    if capacity is not None and budget_nbytes is not None:
+        raise RuntimeConfigError("give capacity or budget_nbytes, not both")
+    target = resolve_device(device)
+    trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
+    config = _read_config(path, transformers)
+    compute_dtype = _dtype(dtype, config)
+    model = _meta_model(path, config, compute_dtype, transformers)
+
+    store = open_store(path)
+    try:
+        layers = _match_layers(path, model, store, config)
+        capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
+        plan = _weight_plan(path, model, store, layers)
+        # -- nothing was read but headers up to here; from here weights move --
+        non_expert_nbytes = _load_non_experts(model, store, plan, target)
+        state = StepState()
+        recorder = None
+        if trace_file is not None or capture_trace:
+            top_k = int(
+                getattr(model.config, "num_experts_per_tok", 0) or getattr(model.config, "experts_per_token", 0)
+            )
+            recorder = TraceRecorder([layer.experts.layer_index for layer in layers], top_k)
+        runtimes = []
+        for position, (layer, slots) in enumerate(zip(layers, capacities)):
+            pool = ExpertPool(layer.layout.num_experts, slots, RefreshPolicy.every_n_decode_steps(every))
+            runtime = LayerRuntime(
+                position,
+                layer.experts,
+                layer.module,
+                layer.layout,
+                pool,
+                device=target,
+                dtype=compute_dtype,
+                on_miss=mode,
+                state=state,
+                recorder=None if recorder is None else recorder.record,
+            )
+            for name, tensor in runtime.pool_tensors().items():
+                _set_tensor(layer.module, name, tensor)
+            runtimes.append(runtime)
+        _finish(model, target, path)
+        initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
+        register_backend()
+        model.set_experts_implementation(BACKEND_NAME)
+        for layer, runtime in zip(layers, runtimes):
+            setattr(layer.module, LAYER_ATTRIBUTE, runtime)
+        model.eval()
+        model.requires_grad_(False)
+        return OffloadedModel(
+            model,
+            store,
+            runtimes,
+            state,
+            recorder,
+            trace_path=trace_file,
+            initial_nbytes=initial_nbytes,
+            non_expert_nbytes=non_expert_nbytes,
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+# -- checks (no weights read) ---------------------------------------------------
+def _on_miss(value: str | OnMiss) -> OnMiss:
+    try:
+        return value if isinstance(value, OnMiss) else OnMiss(value)
+    except ValueError:
+        raise RuntimeConfigError(f"on_miss must be one of {[m.value for m in OnMiss]}, got {value!r}") from None
+
+
+def _check_trace_path(path: str) -> str:
+    """``path`` if a trace can be written there, else :class:`RuntimeConfigError`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RuntimeConfigError(f"trace path {path!r} is a directory")
+    if not os.path.isdir(parent):
+        raise RuntimeConfigError(f"trace path {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise RuntimeConfigError(f"trace path {path!r} cannot be written (no write permission)")
+    return path
+
+
+def _read_config(path: str, transformers: Any) -> Any:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FormatError(f"{path}: no config.json; the runtime needs a Hugging Face checkpoint directory")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"{path}: transformers cannot read config.json: {exc}") from None
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise UnsupportedModelError(
+            f"{path}: quantized checkpoint (quant_method {method!r}); the runtime serves plain expert weights"
+        )
+    return config
+
+
+def _dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+    chosen = dtype if dtype is not None else getattr(config, "dtype", None) or torch.float32
+    if isinstance(chosen, str):
+        resolved = getattr(torch, chosen, None)
+        if not isinstance(resolved, torch.dtype):
+            raise RuntimeConfigError(f"dtype {chosen!r} is not a torch dtype")
+        chosen = resolved
+    if not isinstance(chosen, torch.dtype) or not chosen.is_floating_point:
+        raise RuntimeConfigError(f"dtype must be a floating-point torch dtype, got {chosen!r}")
+    return chosen
+
+
+def _meta_model(path: str, config: Any, dtype: torch.dtype, transformers: Any) -> Any:
+    """The model built on the meta device (no memory), its family checked."""
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} has no causal-LM class: {exc}") from None
+    if not _hf.experts_modules(model) or not type(model)._can_set_experts_implementation():
+        experts = sorted({type(module).__name__ for name, module in model.named_modules() if name.endswith("experts")})
+        raise UnsupportedModelError(
+            f"{path}: {type(model).__name__} (model_type {config.model_type!r}) does not use transformers' experts "
+            f"interface{' (' + ', '.join(experts) + ')' if experts else ''}; its experts cannot be served by the "
+            f"{BACKEND_NAME!r} backend"
+        )
+    return model
+
+
+def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> ExpertsLayout:
+    if not module.has_gate or getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedModelError(
+            f"{path}: {name} ({type(module).__name__}): only gated experts without a post-expert norm are served"
+        )
+    gate_up = module.gate_up_proj.shape
+    hidden, two = (gate_up[1], gate_up[2]) if module.is_transposed else (gate_up[2], gate_up[1])
+    layout = ExpertsLayout(
+        int(gate_up[0]),
+        int(hidden),
+        int(two) // 2,
+        bool(module.is_transposed),
+        bool(module.is_concatenated),
+        bool(module.has_bias),
+    )
+    problems = []
+    for proj, stack in experts.stacks:
+        k, n = (layout.hidden, layout.intermediate) if proj != "down" else (layout.intermediate, layout.hidden)
+        if (stack.num_experts, stack.k, stack.n) != (layout.num_experts, k, n):
+            problems.append(
+                f"{proj} is [{stack.num_experts}, {stack.k}, {stack.n}], expected "
+                f"[{layout.num_experts}, {k}, {n}] ({stack.tensor_names[0]})"
+            )
+        if stack.encoding.encoded:
+            raise UnsupportedModelError(
+                f"{path}: {stack.tensor_names[0]}: {stack.encoding.describe()} experts are "
+                "not served by the runtime yet (plain weights only)"
+            )
+        has_bias = "bias" in stack.parts
+        if has_bias != layout.has_bias:
+            found = "has a bias the model does not expect" if has_bias else "has no bias, the model expects one"
+            problems.append(f"{proj} {found} ({stack.tensor_names[0]})")
+    if problems:
+        raise FormatError(f"{path}: MoE layer {experts.layer_index} ({name}): " + "; ".join(problems))
+    return layout
+
+
+def _match_layers(path: str, model: Any, store: ExpertStore, config: Any) -> list[_MoeLayer]:
+    """Each experts module with its store layer, in model order."""
+    if store.layout == "slab":
+        raise FormatError(f"{path}: a slab store holds only experts; the runtime needs the Hugging Face checkpoint")
+    modules: dict[int, tuple[str, torch.nn.Module]] = {}
+    for name, module in _hf.experts_modules(model):
+        match = _LAYER.search(f".{name}")
+        if match is None:
+            raise UnsupportedModelError(f"{path}: experts module {name!r} is not under a numbered layer")
+        modules[int(match.group(1))] = (name, module)
+    layers_in_model = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    stored = {index for index in store.layer_indices if not layers_in_model or index < layers_in_model}
+    extra = sorted(set(store.layer_indices) - stored)
+    if extra:  # e.g. DeepSeek-V3's multi-token-prediction layer: the causal-LM class has no such layer
+        log.info("%s: MoE layers %s are beyond the model's %d layers; not served", path, extra, layers_in_model)
+    if stored != set(modules):
+        raise FormatError(
+            f"{path}: the checkpoint has experts in layers {sorted(stored)}, the "
+            f"{type(model).__name__} model in layers {sorted(modules)}"
+        )
+    matched = []
+    for index in sorted(modules):
+        name, module = modules[index]
+        experts = store.layer(index)
+        matched.append(_MoeLayer(name, module, experts, _layout(path, name, module, experts)))
+    return matched
+
+
+def _capacities(
+    capacity: int | Sequence[int] | None, budget_nbytes: int | None, layers: Sequence[_MoeLayer], dtype: torch.dtype
+) -> list[int]:
+    experts = [layer.layout.num_experts for layer in layers]
+    if budget_nbytes is not None:
+        if type(budget_nbytes) is not int or budget_nbytes < 0:
+            raise RuntimeConfigError(f"budget_nbytes must be a non-negative integer, got {budget_nbytes!r}")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        expert_nbytes = max(layer.layout.expert_nbytes(itemsize) for layer in layers)
+        per_layer = capacity_from_budget(budget_nbytes, 0, expert_nbytes, len(layers), max(experts))
+        if per_layer < 1:
+            raise RuntimeConfigError(
+                f"budget of {budget_nbytes} bytes is too small for one expert per layer: {len(layers)} MoE layers "
+                f"x {expert_nbytes} bytes per expert ({dtype}) need at least {len(layers) * expert_nbytes}"
+            )
+        return [min(per_layer, count) for count in experts]
+    if capacity is None:
+        return experts
+    wanted = [capacity] * len(layers) if isinstance(capacity, int) else list(capacity)
+    if len(wanted) != len(layers):
+        raise RuntimeConfigError(f"{len(wanted)} capacities for {len(layers)} MoE layers")
+    for value in wanted:
+        if type(value) is not int or value < 1:
+            raise RuntimeConfigError(f"capacity must be at least one expert per layer, got {value!r}")
+    return [min(value, count) for value, count in zip(wanted, experts)]
+
+
+def _weight_plan(path: str, model: Any, store: ExpertStore, layers: Sequence[_MoeLayer]) -> dict[str, str]:
+    """``model key -> checkpoint tensor`` for every non-expert parameter and buffer.
+
+    Raises
+    ------
+    FormatError
+        A non-expert weight of the model is in no checkpoint tensor (and is
+        not tied to one that is).
+    """
+    mapper = _hf.key_mapper(model)
+    expert_prefixes = tuple(f"{layer.name}." for layer in layers)
+    plan: dict[str, str] = {}
+    for tensor in store.tensors:
+        key, converted = mapper(tensor)
+        if converted or key is None or key.startswith(expert_prefixes):
+            continue  # routed experts (served by the pools), or a tensor the model has no place for
+        plan[key] = tensor
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = [
+        key for key in model.state_dict() if key not in plan and key not in tied and not key.startswith(expert_prefixes)
+    ]
+    if missing:
+        raise FormatError(
+            f"{path}: no checkpoint tensor for model weights {missing[:8]}"
+            f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}"
+        )
+    return plan
+
+
+# -- loading -------------------------------------------------------------------
+def _set_tensor(root: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` at ``key`` (a parameter or buffer name), marked initialized for transformers."""
+    owner_name, _, name = key.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    tensor: torch.Tensor
+    if name in owner._parameters:
+        tensor = torch.nn.Parameter(value, requires_grad=False)
+        owner._parameters[name] = tensor
+    else:
+        tensor = value
+        owner._buffers[name] = tensor
+    tensor._is_hf_initialized = True  # type: ignore[attr-defined]  # transformers' init skips these
+
+
+def _load_non_experts(model: Any, store: ExpertStore, plan: dict[str, str], device: torch.device) -> int:
+    """Copy every planned tensor from the mapping to ``device``; return the bytes placed."""
+    override = _hf.dtype_overrides(model, model.dtype)
+    meta = model.state_dict()
+    placed = 0
+    for key, tensor_name in plan.items():
+        empty = meta[key]
+        source = as_tensor(store.view(tensor_name))
+        if tuple(source.shape) != tuple(empty.shape):
+            raise FormatError(
+                f"{store.path}: tensor {tensor_name!r} is {list(source.shape)}, the model's {key!r} "
+                f"is {list(empty.shape)}"
+            )
+        dtype = override(key) or empty.dtype
+        value = source.to(device=device, dtype=dtype, copy=True)  # never alias the read-only mapping
+        _set_tensor(model, key, value)
+        placed += value.numel() * value.element_size()
+    return placed
+
+
+def _finish(model: Any, device: torch.device, path: str) -> None:
+    """Tie, materialize non-persistent buffers (transformers recomputes them), check nothing is left on meta."""
+    model.tie_weights()
+    for key, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            _set_placeholder(model, key, torch.empty_like(buffer, device=device))
+    model.initialize_weights()
+    left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if left:
+        raise FormatError(f"{path}: model tensors {left[:8]} were not loaded")
+    generation = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+
+
+def _set_placeholder(root: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    owner_name, _, name = key.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    owner._buffers[name] = value
