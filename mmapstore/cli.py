@@ -1,4 +1,4 @@
-"""The ``mmapstore`` command: synth, convert, inspect, verify, simulate, trace, tune, bench.
+"""The ``mmapstore`` command: synth, convert, inspect, verify, simulate, trace, tune, bench, run.
 
 Exit codes: 0 success, 1 bad input or damage, 2 usage errors.  Text output
 by default, ``--json`` for machines; progress bars go to stderr.
@@ -205,6 +205,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .transformers.run_cli import run_command
+
+    return run_command(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .families import FAMILIES
     from .trace_cli import SYNTH_KINDS, add_trace_arguments
@@ -302,6 +308,27 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="FILE.png")
     bench.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     bench.set_defaults(run=_cmd_bench)
+
+    run = commands.add_parser("run", help="generate with a transformers MoE model, experts served from the store")
+    run.add_argument("checkpoint", help="a Hugging Face MoE checkpoint directory")
+    prompt = run.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids")
+    prompt.add_argument("--prompt-tokens", type=int, help="this many seeded random token ids (default 16)")
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--capacity", type=int, help="experts per MoE layer on the device (default: all)")
+    size.add_argument("--budget", type=parse_size, help="device bytes for the expert pools, e.g. 8GiB")
+    run.add_argument("--every", type=int, default=1, help="refresh every N decode steps (and on each prefill)")
+    run.add_argument("--on-miss", choices=["cpu", "fetch"], default="cpu",
+                     help="non-resident experts: compute on the CPU from the mapping, or fetch into the pool")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present)")
+    run.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: config.json's)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--trace", metavar="FILE.npz", help="capture every MoE layer's Top-K ids (simulate --trace)")
+    run.add_argument("--seed", type=int, default=0, help="seed of --prompt-tokens")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(run=_cmd_run)
     return parser
 
 
