@@ -1,0 +1,359 @@
+"""The transformers runtime: tiny random models of every family, compared with the stock model on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the transformers runtime needs torch (the dev extra installs it)")
+transformers = pytest.importorskip("transformers", reason="the transformers runtime needs transformers 5")
+if not hasattr(transformers, "integrations") or not hasattr(
+    __import__("transformers.integrations.moe", fromlist=["ExpertsInterface"]), "ExpertsInterface"
+):
+    pytest.skip("transformers without the experts interface (needs 5.x)", allow_module_level=True)
+
+from mmapstore import FormatError, MmapStoreError  # noqa: E402
+from mmapstore.cli import main  # noqa: E402
+from mmapstore.errors import RuntimeConfigError, UnsupportedModelError  # noqa: E402
+from mmapstore.store.store import ExpertStore  # noqa: E402
+from mmapstore.trace import Phase, load_trace  # noqa: E402
+from mmapstore.transformers import BACKEND_NAME, load_model  # noqa: E402
+from mmapstore.transformers.backend import mmapstore_experts_forward  # noqa: E402
+
+EXPERTS = 8
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+
+
+def configs() -> dict[str, object]:
+    t = transformers
+    return {
+        "mixtral": t.MixtralConfig(**SMALL, intermediate_size=16, num_local_experts=EXPERTS, num_experts_per_tok=2),
+        "qwen2_moe": t.Qwen2MoeConfig(
+            **SMALL,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            intermediate_size=24,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+        ),
+        "qwen3_moe": t.Qwen3MoeConfig(
+            **SMALL,
+            moe_intermediate_size=16,
+            intermediate_size=24,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            head_dim=8,
+        ),
+        "deepseek_v3": t.DeepseekV3Config(
+            **SMALL,
+            moe_intermediate_size=16,
+            intermediate_size=24,
+            n_routed_experts=EXPERTS,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            kv_lora_rank=8,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+        "olmoe": t.OlmoeConfig(**SMALL, intermediate_size=16, num_experts=EXPERTS, num_experts_per_tok=2),
+        "gpt_oss": t.GptOssConfig(
+            **SMALL, intermediate_size=16, num_local_experts=EXPERTS, num_experts_per_tok=2, head_dim=8
+        ),
+        "llama4_text": t.Llama4TextConfig(
+            **SMALL,
+            intermediate_size=16,
+            intermediate_size_mlp=24,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=1,
+            head_dim=8,
+        ),
+    }
+
+
+SERVED = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each family saved with ``save_pretrained`` (float32, random weights with a visible spread)."""
+    root = tmp_path_factory.mktemp("hf")
+    paths = {}
+    for index, (family, config) in enumerate(configs().items()):
+        torch.manual_seed(index)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "experts" in name:  # spread the experts apart, so a wrong expert shows in the logits
+                    parameter.normal_(0.0, 0.2)
+        paths[family] = str(root / family)
+        model.save_pretrained(paths[family])
+    return paths
+
+
+_STOCK: dict[tuple[str, object], object] = {}
+
+
+def stock(path: str, dtype=torch.float32):
+    key = (path, dtype)
+    if key not in _STOCK:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        _STOCK[key] = model.eval()
+    return _STOCK[key]
+
+
+def prompt(batch: int = 2, length: int = 7, seed: int = 0):
+    return torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, new_tokens: int = 8):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", SERVED)
+@pytest.mark.parametrize("capacity", [1, 3, EXPERTS])
+def test_logits_and_greedy_tokens_equal_the_stock_model(checkpoints, family, capacity):
+    path = checkpoints[family]
+    reference = stock(path)
+    ids = prompt()
+    with load_model(path, capacity=capacity, every=2, dtype=torch.float32) as loaded:
+        assert loaded.model.config._experts_implementation == BACKEND_NAME
+        torch.testing.assert_close(logits(loaded.model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+        assert torch.equal(greedy(loaded.model, ids), greedy(reference, ids))
+        stats = loaded.stats()
+    assert stats.pairs > 0
+    if capacity < EXPERTS:
+        assert stats.cpu_pairs > 0, "a pool smaller than the experts must send some tokens to the CPU path"
+    else:
+        assert (stats.hit_rate, stats.cpu_pairs, stats.copied_nbytes) == (1.0, 0, 0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_fetch_on_miss_equals_the_stock_model(checkpoints, family):
+    path = checkpoints[family]
+    ids = prompt(batch=1, length=5, seed=3)
+    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
+        assert torch.equal(greedy(loaded.model, ids, 10), greedy(stock(path), ids, 10))
+        stats = loaded.stats()
+    assert stats.promotions > 0 and stats.copied_nbytes > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bfloat16_equals_the_stock_model_in_bfloat16(checkpoints, family):
+    path = checkpoints[family]
+    ids = prompt(batch=1, length=6, seed=5)
+    reference = stock(path, torch.bfloat16)
+    with load_model(path, capacity=2, dtype="bfloat16") as loaded:
+        ours = logits(loaded.model, ids)
+        assert ours.dtype == torch.bfloat16 and loaded.layers[0].gate_up.dtype == torch.bfloat16
+        torch.testing.assert_close(ours, logits(reference, ids), rtol=2e-2, atol=2e-2)
+        assert torch.equal(greedy(loaded.model, ids, 6), greedy(reference, ids, 6))
+
+
+def test_refreshes_on_prefill_and_every_n_decode_steps(checkpoints):
+    with load_model(checkpoints["qwen3_moe"], capacity=2, every=2, dtype=torch.float32) as loaded:
+        greedy(loaded.model, prompt(batch=1), new_tokens=7)  # 1 prefill + decode steps 1..6
+        stats = loaded.stats()
+        assert (stats.prefill_forwards, stats.decode_forwards) == (1, 6)
+        assert stats.refreshes == 2 * (1 + 3)  # per layer: the prefill, decode steps 2, 4, 6
+        loaded.reset_stats()
+        greedy(loaded.model, prompt(batch=1), new_tokens=2)  # a new prompt refreshes again
+        assert loaded.stats().refreshes == 2 * 1
+
+
+def test_pool_slots_hold_exactly_the_stores_experts(checkpoints):
+    path = checkpoints["gpt_oss"]  # fused, interleaved, transposed, with biases: the hardest layout
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
+        greedy(loaded.model, prompt(), new_tokens=5)
+        reference = stock(path)
+        for layer in loaded.layers:
+            module = reference.get_submodule(next(n for n, m in loaded.model.named_modules() if m is layer.module))
+            for expert, slot in enumerate(layer.slot_map.tolist()):
+                if slot < 0:
+                    continue
+                assert torch.equal(layer.gate_up[slot], module.gate_up_proj[expert])
+                assert torch.equal(layer.down[slot], module.down_proj[expert])
+                assert torch.equal(layer.gate_up_bias[slot], module.gate_up_proj_bias[expert])
+                assert torch.equal(layer.down_bias[slot], module.down_proj_bias[expert])
+            assert sorted(np.flatnonzero(layer.slot_map >= 0).tolist()) == sorted(
+                layer.pool.resident_experts().tolist()
+            )
+
+
+def test_routed_experts_are_never_materialized_in_full(checkpoints):
+    path = checkpoints["mixtral"]
+    with load_model(path, capacity=2, dtype=torch.float32) as loaded:
+        expert_params = {name: tensor for name, tensor in loaded.model.named_parameters() if ".experts." in f".{name}."}
+        assert expert_params and all(tensor.shape[0] == 2 for tensor in expert_params.values())
+        state = loaded.model.state_dict(keep_vars=True)
+        total = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
+        stats = loaded.stats()
+        assert total == loaded.non_expert_nbytes + stats.pool_nbytes
+        assert stats.pool_nbytes == 2 * loaded.layers[0].layout.expert_nbytes(4) * len(loaded.layers)
+        full = sum(p.numel() * p.element_size() for p in stock(path).parameters())
+        assert total < full
+
+
+def test_trace_capture_records_the_routers_top_k(checkpoints, tmp_path):
+    path = checkpoints["olmoe"]
+    reference = stock(path)
+    seen: list[list[np.ndarray]] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda module, args: seen[-1].append(args[1].numpy().copy()))
+        for name, module in reference.named_modules()
+        if name.endswith("mlp.experts")
+    ]
+    hooks.append(reference.register_forward_pre_hook(lambda module, args: seen.append([])))  # a step begins
+    ids = prompt(batch=2, length=5)
+    try:
+        greedy(reference, ids, new_tokens=3)  # a prefill and two decode steps
+    finally:
+        for hook in hooks:
+            hook.remove()
+    trace_file = tmp_path / "run.npz"
+    with load_model(path, capacity=2, trace_path=trace_file, dtype=torch.float32) as loaded:
+        greedy(loaded.model, ids, new_tokens=3)
+    trace = load_trace(trace_file)
+    assert trace.num_steps == 3 and trace.layer_indices == (0, 1)
+    assert trace.phase.tolist() == [Phase.PREFILL, Phase.DECODE, Phase.DECODE]
+    assert trace.tokens().tolist() == [10, 2, 2]
+    for step in range(3):
+        expected = np.stack(seen[step], axis=1)  # [tokens, layers, top_k]
+        np.testing.assert_array_equal(trace.step_ids(step), expected)
+
+
+def test_run_command_generates_the_stock_tokens_and_its_trace_replays(checkpoints, tmp_path, capsys):
+    path = checkpoints["qwen2_moe"]
+    trace_file = str(tmp_path / "t.npz")
+    code = main(
+        [
+            "run",
+            path,
+            "--prompt-ids",
+            "5,9,2,40",
+            "--capacity",
+            "3",
+            "--every",
+            "2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "6",
+            "--trace",
+            trace_file,
+            "--json",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    expected = greedy(stock(path), torch.tensor([[5, 9, 2, 40]]), 6)[0, 4:].tolist()
+    assert report["new_ids"] == expected
+    assert 0.0 <= report["stats"]["hit_rate"] <= 1.0 and report["prompt_tokens"] == 4
+    assert report["memory"]["peak_rss_nbytes"] > 0
+    assert load_trace(trace_file).num_steps == 6
+    assert main(["simulate", "--trace", trace_file, path, "--json"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["run", path, "--prompt-ids", "1,2", "--capacity", "2", "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "hit rate" in text and "tok/s" in text and "MB into the pools" in text
+
+
+@pytest.fixture
+def no_weight_read(monkeypatch):
+    """Fail the test if any checkpoint tensor is viewed (bad input must be refused before that)."""
+
+    def refuse(self, name):
+        raise AssertionError(f"weight {name} read before the input was refused")
+
+    monkeypatch.setattr(ExpertStore, "view", refuse)
+
+
+def test_a_family_without_the_experts_interface_is_refused_by_name(checkpoints, no_weight_read):
+    with pytest.raises(UnsupportedModelError, match=r"Llama4ForCausalLM.*llama4_text.*experts interface"):
+        load_model(checkpoints["llama4_text"], capacity=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"budget_nbytes": 1000}, RuntimeConfigError, "too small for one expert per layer"),
+        ({"capacity": 0}, RuntimeConfigError, "at least one expert per layer"),
+        ({"capacity": [2, 2, 2]}, RuntimeConfigError, "3 capacities for 2 MoE layers"),
+        ({"device": "cuda:7"}, RuntimeConfigError, "cuda:7"),
+        ({"device": "no-such-device"}, RuntimeConfigError, "not a device torch knows"),
+        ({"device": "meta"}, RuntimeConfigError, "meta device"),
+        ({"every": 0}, RuntimeConfigError, "positive integer"),
+        ({"on_miss": "swap"}, RuntimeConfigError, "on_miss"),
+        ({"dtype": "int8"}, RuntimeConfigError, "floating-point"),
+        ({"capacity": 2, "budget_nbytes": 1 << 20}, RuntimeConfigError, "not both"),
+    ],
+)
+def test_bad_input_is_refused_before_any_weight_is_read(checkpoints, no_weight_read, kwargs, error, match):
+    if kwargs.get("device") == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has an eighth GPU")
+    with pytest.raises(error, match=match):
+        load_model(checkpoints["mixtral"], **kwargs)
+
+
+def test_unwritable_trace_paths_are_refused_before_any_weight_is_read(checkpoints, tmp_path, no_weight_read):
+    with pytest.raises(RuntimeConfigError, match="does not exist"):
+        load_model(checkpoints["mixtral"], trace_path=tmp_path / "missing" / "t.npz")
+    with pytest.raises(RuntimeConfigError, match="is a directory"):
+        load_model(checkpoints["mixtral"], trace_path=tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running with permissions that ignore the mode (root)")
+    with pytest.raises(RuntimeConfigError, match="cannot be written"):
+        load_model(checkpoints["mixtral"], trace_path=locked / "t.npz")
+
+
+def test_a_directory_without_config_or_with_mismatched_experts_is_a_format_error(checkpoints, tmp_path):
+    with pytest.raises(FormatError, match="no config.json"):
+        load_model(tmp_path)
+    # The config says 16 experts, the tensors hold 8.
+    bent = tmp_path / "bent"
+    bent.mkdir()
+    for name in os.listdir(checkpoints["mixtral"]):
+        shutil.copyfile(os.path.join(checkpoints["mixtral"], name), bent / name)
+    config = json.loads((bent / "config.json").read_text())
+    (bent / "config.json").unlink()
+    (bent / "config.json").write_text(json.dumps(config | {"num_local_experts": 16}))
+    with pytest.raises(FormatError, match=r"gate is \[8, 32, 16\], expected \[16, 32, 16\]"):
+        load_model(bent, capacity=2)
+
+
+def test_command_line_bad_input_exits_1_with_the_reason(checkpoints, capsys):
+    assert main(["run", checkpoints["llama4_text"], "--device", "cpu", "--prompt-ids", "1"]) == 1
+    assert "experts interface" in capsys.readouterr().err
+    assert main(["run", checkpoints["mixtral"], "--device", "cpu", "--budget", "1K", "--prompt-ids", "1"]) == 1
+    assert "too small for one expert per layer" in capsys.readouterr().err
+    assert main(["run", checkpoints["mixtral"], "--device", "cpu", "--prompt-ids", "1,999"]) == 1
+    assert "--prompt-ids" in capsys.readouterr().err
+
+
+def test_the_backend_refuses_a_module_it_did_not_prepare(checkpoints):
+    module = next(m for n, m in stock(checkpoints["mixtral"]).named_modules() if n.endswith("experts"))
+    with pytest.raises(MmapStoreError, match="load_model"):
+        mmapstore_experts_forward(module, torch.zeros(1, 32), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
