@@ -44,10 +44,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: Any, prompt: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 3) -> dict[str, Any]:
+def measure(
+    model: Any, prompt: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 3, warmup_tokens: int = 4
+) -> dict[str, Any]:
     """Prefill seconds (median forward of the prompt) and greedy decode tokens/s."""
     with torch.no_grad():
-        model(prompt)  # warm-up: kernels, allocator, page cache
+        # Warm-up of both shapes (prompt and one-token decode): kernels, allocator, page cache.
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=warmup_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         sync(device)
         times = []
         for _ in range(reps):
@@ -123,7 +132,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--accelerate-tokens", type=int, default=4)
     parser.add_argument(
-        "--runs", default="32:1:cpu,64:1:cpu,32:8:cpu,64:8:cpu,64:1:fetch", help="capacity:every:on_miss,..."
+        "--runs",
+        default="32:1:cpu,64:1:cpu,32:8:cpu,64:8:cpu,32:1:fetch,64:1:fetch,128:1:cpu",
+        help="capacity:every:on_miss,...",
     )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--skip-accelerate", action="store_true")
@@ -200,6 +211,18 @@ def main() -> int:
             **{k: v for k, v in ceiling.items() if k != "ids"},
         },
     )
+    model.set_experts_implementation("batched_mm")
+    batched = measure(model, prompt, args.new_tokens, device)
+    log(
+        args.out,
+        {
+            "case": "all_on_gpu",
+            "experts": "batched_mm",
+            "tokens_equal_grouped_mm": batched["ids"] == ceiling["ids"],
+            **{k: v for k, v in batched.items() if k != "ids"},
+        },
+    )
+    model.set_experts_implementation("grouped_mm")
     model.to("cpu")
     gc.collect()
     if device.type == "cuda":
@@ -259,9 +282,13 @@ def main() -> int:
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_submodules
 
-    minimum = None
+    minimum, done = None, set()
     for label, budget in [("min", None), *[(f"same_as_capacity_{c}", p) for c, p in sorted(peaks.items())]]:
         on_gpu = 0 if minimum is None else max(0, min(args.layers, int((budget - minimum) // expert_layer_nbytes)))
+        if on_gpu in done:
+            log(args.out, {"case": "accelerate", "label": label, "expert_layers_on_gpu": on_gpu, "same_as": on_gpu})
+            continue
+        done.add(on_gpu)
         cpu_names = {f"model.layers.{i}.mlp.experts" for i in range(on_gpu, args.layers)}
         device_map = split_map(model, cpu_names)
         remove_hook_from_submodules(model)
@@ -269,7 +296,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         dispatch_model(model, device_map=device_map, main_device=0)
-        result = measure(model, prompt, args.accelerate_tokens, device, reps=1)
+        result = measure(model, prompt, args.accelerate_tokens, device, reps=1, warmup_tokens=2)
         peak = torch.cuda.max_memory_allocated()
         if minimum is None:
             minimum = peak
