@@ -45,7 +45,14 @@ def sync(device: torch.device) -> None:
 
 
 def measure(
-    model: Any, prompt: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 3, warmup_tokens: int = 4
+    model: Any,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    device: torch.device,
+    reps: int = 3,
+    warmup_tokens: int = 4,
+    random_tokens: int = 32,
+    before: Any = None,
 ) -> dict[str, Any]:
     """Prefill seconds (median forward of the prompt) and greedy decode tokens/s."""
     with torch.no_grad():
@@ -64,6 +71,8 @@ def measure(
             model(prompt)
             sync(device)
             times.append(time.perf_counter() - start)
+        if before is not None:
+            before("greedy")
         timer = _Timer()
         timer.started = time.perf_counter()
         output = model.generate(
@@ -75,6 +84,23 @@ def measure(
             pad_token_id=0,
         )
         sync(device)
+        # Decode with seeded random next tokens instead of the argmax: a random-weight model
+        # repeats one token, whose routing barely changes; random inputs route near-uniformly.
+        out = model(prompt, use_cache=True)
+        cache = out.past_key_values
+        if before is not None:
+            before("random")
+        feed = torch.randint(
+            0, model.config.vocab_size, (random_tokens, 1, 1), generator=torch.Generator().manual_seed(2)
+        )
+        sync(device)
+        start = time.perf_counter()
+        for token in feed:
+            cache = model(token.to(prompt.device), past_key_values=cache, use_cache=True).past_key_values
+        sync(device)
+        random_seconds = time.perf_counter() - start
+        if before is not None:
+            before("end")
     first = timer.first or timer.started
     decode_seconds = timer.last - first
     prefill = statistics.median(times)
@@ -83,6 +109,7 @@ def measure(
         "prefill_tok_s": prompt.shape[1] / prefill,
         "decode_tok_s": (timer.new_tokens - 1) / decode_seconds if decode_seconds > 0 else None,
         "new_tokens": timer.new_tokens,
+        "random_decode_tok_s": random_tokens / random_seconds if random_tokens else None,
         "ids": output[0, prompt.shape[1] :].tolist(),
     }
 
@@ -242,9 +269,15 @@ def main() -> int:
             load_s = time.perf_counter() - started
             with torch.no_grad():
                 ours_logits = loaded.model(prompt).logits.float().cpu()
-            loaded.reset_stats()
-            result = measure(loaded.model, prompt, args.new_tokens, device)
-            stats = loaded.stats()
+            snapshots = {}
+
+            def snapshot(phase: str, loaded: Any = loaded, snapshots: dict[str, Any] = snapshots) -> None:
+                snapshots[phase] = loaded.stats()
+                loaded.reset_stats()
+
+            result = measure(loaded.model, prompt, args.new_tokens, device, before=snapshot)
+            stats = snapshots["random"]  # the greedy generate (prefill + decode)
+            random_stats = snapshots["end"]
             peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
             peaks[int(capacity)] = max(peak, peaks.get(int(capacity), 0))
             tokens = max(1, stats.pairs // len(loaded.layers) // shape["num_experts_per_tok"])
@@ -263,6 +296,9 @@ def main() -> int:
                     "copied_nbytes_per_token": stats.copied_nbytes / tokens,
                     "cpu_read_nbytes_per_token": stats.cpu_read_nbytes / tokens,
                     "refreshes": stats.refreshes,
+                    "random_hit_rate": random_stats.hit_rate,
+                    "random_copied_nbytes_per_token": random_stats.copied_nbytes / max(1, random_stats.forwards),
+                    "random_cpu_read_nbytes_per_token": random_stats.cpu_read_nbytes / max(1, random_stats.forwards),
                     "tokens_equal_ceiling": result["ids"] == ceiling["ids"],
                     "first_diverging_token": next(
                         (i for i, (a, b) in enumerate(zip(result["ids"], ceiling["ids"])) if a != b), None
@@ -296,7 +332,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         dispatch_model(model, device_map=device_map, main_device=0)
-        result = measure(model, prompt, args.accelerate_tokens, device, reps=1, warmup_tokens=2)
+        result = measure(model, prompt, args.accelerate_tokens, device, reps=1, warmup_tokens=2, random_tokens=0)
         peak = torch.cuda.max_memory_allocated()
         if minimum is None:
             minimum = peak
