@@ -298,9 +298,7 @@ class LayerRuntime:
             up_bias: torch.Tensor | None = None
             down_bias: torch.Tensor | None = None
             if self.layout.has_bias:
-                gate_bias, up_bias, down_bias = (
-                    as_tensor(stack.part("bias", e)) for stack, e in ((gate, expert), (up, expert), (down, expert))
-                )
+                gate_bias, up_bias, down_bias = (as_tensor(stack.part("bias", expert)) for stack in (gate, up, down))
             cached = (
                 as_tensor(gate.expert(expert)),
                 as_tensor(up.expert(expert)),
