@@ -15,7 +15,7 @@ import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import MmapStoreError
 
@@ -31,6 +31,35 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M, 4GiB)")
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
     return int(float(match.group(1)) * scale)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def user_dtype(text: str) -> str:
+    """A dtype name the library knows (``bf16``, ``f32``, ``F16``...)."""
+    from .dtypes import parse_user_dtype
+
+    try:
+        parse_user_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def escape(text: object) -> str:
@@ -68,16 +97,34 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     with _progress(lambda: 0, "synth", args.quiet or args.sparse) as progress:
         result = synth_checkpoint(
-            args.out, args.family, layers=args.layers, experts=args.experts, hidden=args.hidden, ffn=args.ffn,
-            top_k=args.top_k, dtype=args.dtype, shard_nbytes=args.shard_size, sparse=args.sparse, seed=args.seed,
-            force=args.force, progress=progress,
+            args.out,
+            args.family,
+            layers=args.layers,
+            experts=args.experts,
+            hidden=args.hidden,
+            ffn=args.ffn,
+            top_k=args.top_k,
+            dtype=args.dtype,
+            shard_nbytes=args.shard_size,
+            sparse=args.sparse,
+            seed=args.seed,
+            force=args.force,
+            progress=progress,
         )
     if args.json:
-        _print_json({"path": result.path, "files": list(result.files), "num_tensors": result.num_tensors,
-                     "nbytes": result.nbytes})
+        _print_json(
+            {
+                "path": result.path,
+                "files": list(result.files),
+                "num_tensors": result.num_tensors,
+                "nbytes": result.nbytes,
+            }
+        )
     else:
-        print(f"wrote {escape(result.path)}: {args.family}, {result.num_tensors} tensors, "
-              f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} shard(s){' (sparse)' if args.sparse else ''}")
+        print(
+            f"wrote {escape(result.path)}: {args.family}, {result.num_tensors} tensors, "
+            f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} shard(s){' (sparse)' if args.sparse else ''}"
+        )
     return 0
 
 
@@ -90,16 +137,33 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             return sum(layer.nbytes for layer in store.layers)
 
     with _progress(total, "convert", args.quiet) as progress:
-        result = convert(args.src, args.dst, storage=args.format, dtype=args.dtype, shard_nbytes=args.shard_size,
-                         layers=args.layers, force=args.force, progress=progress)
+        result = convert(
+            args.src,
+            args.dst,
+            storage=args.format,
+            dtype=args.dtype,
+            shard_nbytes=args.shard_size,
+            layers=args.layers,
+            force=args.force,
+            progress=progress,
+        )
     if args.json:
-        _print_json({"path": result.path, "files": list(result.files), "num_tensors": result.num_tensors,
-                     "nbytes": result.nbytes, "skipped": result.skipped})
+        _print_json(
+            {
+                "path": result.path,
+                "files": list(result.files),
+                "num_tensors": result.num_tensors,
+                "nbytes": result.nbytes,
+                "skipped": result.skipped,
+            }
+        )
     elif result.skipped:
         print(f"{escape(result.path)} already holds this conversion; nothing to do")
     else:
-        print(f"converted {escape(args.src)} -> {escape(result.path)}: {result.num_tensors} stacks, "
-              f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} file(s)")
+        print(
+            f"converted {escape(args.src)} -> {escape(result.path)}: {result.num_tensors} stacks, "
+            f"{result.nbytes / 1e6:.1f} MB in {len(result.files)} file(s)"
+        )
     return 0
 
 
@@ -112,15 +176,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{escape(info['path'])}")
     print(f"  kind: {info['kind']}  layout: {info['layout']}  model_type: {escape(info['model_type'])}")
-    print(f"  MoE layers: {info['moe_layers']}  tensors: {info['num_tensors']}  "
-          f"expert bytes: {info['expert_nbytes'] / 1e6:.1f} MB")
+    print(
+        f"  MoE layers: {info['moe_layers']}  tensors: {info['num_tensors']}  "
+        f"expert bytes: {info['expert_nbytes'] / 1e6:.1f} MB"
+    )
     for layer in info["layers"]:
         parts = []
         for proj, stack in layer["stacks"].items():
             shape = "x".join(str(dim) for dim in stack["shape"])
             extra = "+".join(name for name in stack["parts"] if name != "weight")
-            parts.append(f"{proj} [{shape}] {stack['encoding']}{' +' + extra if extra else ''} "
-                         f"{stack['orientation']} {stack['storage']}")
+            parts.append(
+                f"{proj} [{shape}] {stack['encoding']}{' +' + extra if extra else ''} "
+                f"{stack['orientation']} {stack['storage']}"
+            )
         print(f"  layer {layer['layer']:>3}: " + "; ".join(parts))
     print(f"  files: {len(info['files'])}, {info['total_nbytes'] / 1e6:.1f} MB")
     for entry in info["files"]:
@@ -133,11 +201,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.path)
     if args.json:
-        _print_json({"path": report.path, "ok": report.ok, "checked_tensors": report.checked_tensors,
-                     "checked_nbytes": report.checked_nbytes,
-                     "problems": [{"file": p.file, "tensor": p.tensor, "message": p.message} for p in report.problems]})
+        _print_json(
+            {
+                "path": report.path,
+                "ok": report.ok,
+                "checked_tensors": report.checked_tensors,
+                "checked_nbytes": report.checked_nbytes,
+                "problems": [{"file": p.file, "tensor": p.tensor, "message": p.message} for p in report.problems],
+            }
+        )
     elif report.ok:
-        print(f"ok: {escape(report.path)}: {report.checked_tensors} tensors, {report.checked_nbytes / 1e6:.1f} MB checked")
+        print(
+            f"ok: {escape(report.path)}: {report.checked_tensors} tensors, {report.checked_nbytes / 1e6:.1f} MB checked"
+        )
     else:
         for problem in report.problems:
             where = f"tensor {escape(problem.tensor)} in " if problem.tensor else ""
@@ -158,24 +234,40 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if path is None:
             from .synth import synth_checkpoint
 
-            path = synth_checkpoint(os.path.join(scratch, "mixtral"), "mixtral", layers=2, experts=8,
-                                    hidden=256, ffn=128).path
+            path = synth_checkpoint(
+                os.path.join(scratch, "mixtral"), "mixtral", layers=2, experts=8, hidden=256, ffn=128
+            ).path
             if not args.json:
                 print(f"synthesized a small mixtral checkpoint: {path}")
-        summary = simulate(path, capacity=args.capacity, steps=args.steps, every=args.every, tokens=args.tokens,
-                           top_k=args.top_k, seed=args.seed, dtype=args.dtype, orientation=args.orientation)
+        summary = simulate(
+            path,
+            capacity=args.capacity,
+            steps=args.steps,
+            every=args.every,
+            tokens=args.tokens,
+            top_k=args.top_k,
+            seed=args.seed,
+            dtype=args.dtype,
+            orientation=args.orientation,
+        )
     if args.json:
         _print_json(summary)
         return 0
-    print(f"store: {summary['layout']}, {summary['moe_layers']} MoE layers x {summary['experts']} experts; "
-          f"pool capacity {summary['capacity']} per layer, refresh every {args.every} step(s)")
+    print(
+        f"store: {summary['layout']}, {summary['moe_layers']} MoE layers x {summary['experts']} experts; "
+        f"pool capacity {summary['capacity']} per layer, refresh every {args.every} step(s)"
+    )
     for event in summary["events"]:
         moves = ", ".join(f"L{u['layer']} slot {u['slot']}: {u['old']}->{u['new']}" for u in event["updates"]) or "none"
-        print(f"  step {event['step']:>3}: moved {len(event['updates'])} expert(s), "
-              f"{event['nbytes'] / 1e6:.2f} MB [{moves}]")
+        print(
+            f"  step {event['step']:>3}: moved {len(event['updates'])} expert(s), "
+            f"{event['nbytes'] / 1e6:.2f} MB [{moves}]"
+        )
     stats = summary["stats"]
-    print(f"total: {stats['refreshes']} refreshes, {stats['promotions']} promotions, "
-          f"{stats['nbytes'] / 1e6:.2f} MB copied; every resident slot matches the store: {summary['verified']}")
+    print(
+        f"total: {stats['refreshes']} refreshes, {stats['promotions']} promotions, "
+        f"{stats['nbytes'] / 1e6:.2f} MB copied; every resident slot matches the store: {summary['verified']}"
+    )
     return 0 if summary["verified"] else 1
 
 
@@ -211,22 +303,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``mmapstore simulate: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {escape(message)}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .families import FAMILIES
     from .trace_cli import SYNTH_KINDS, add_trace_arguments
 
-    parser = argparse.ArgumentParser(prog="mmapstore", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mmapstore", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="mmapstore 0.1.0")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic Hugging Face-layout MoE checkpoint")
     synth.add_argument("out")
     synth.add_argument("--family", required=True, choices=sorted(FAMILIES))
-    synth.add_argument("--layers", type=int, default=2)
-    synth.add_argument("--experts", type=int, default=8)
-    synth.add_argument("--hidden", type=int, default=64)
-    synth.add_argument("--ffn", type=int, default=32)
-    synth.add_argument("--top-k", type=int, default=2)
+    synth.add_argument("--layers", type=positive_int, default=2)
+    synth.add_argument("--experts", type=positive_int, default=8)
+    synth.add_argument("--hidden", type=positive_int, default=64)
+    synth.add_argument("--ffn", type=positive_int, default=32)
+    synth.add_argument("--top-k", type=positive_int, default=2)
     synth.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
     synth.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"))
     synth.add_argument("--sparse", action="store_true", help="valid headers over holes: no disk used")
@@ -260,17 +359,20 @@ def _parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="replay a routing trace through SlabService")
     simulate.add_argument("path", nargs="?", help="a store; omitted: a small synthetic checkpoint")
-    simulate.add_argument("--capacity", type=int, default=4)
-    simulate.add_argument("--steps", type=int, default=8)
-    simulate.add_argument("--every", type=int, default=2, help="refresh every N decode steps")
-    simulate.add_argument("--tokens", type=int, default=4, help="tokens per step")
-    simulate.add_argument("--top-k", type=int, default=2)
+    simulate.add_argument("--capacity", type=non_negative_int, default=4)
+    simulate.add_argument("--steps", type=positive_int, default=8)
+    simulate.add_argument("--every", type=positive_int, default=2, help="refresh every N decode steps")
+    simulate.add_argument("--tokens", type=positive_int, default=4, help="tokens per step")
+    simulate.add_argument("--top-k", type=positive_int, default=2)
     simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--dtype", default=None, help="sink dtype (default: the store's)")
+    simulate.add_argument("--dtype", type=user_dtype, default=None, help="sink dtype (default: the store's)")
     simulate.add_argument("--orientation", choices=["native", "kn"], default="native")
     simulate.add_argument("--json", action="store_true")
-    simulate.add_argument("--trace", metavar="FILE.npz",
-                          help="replay this trace with every policy over tau (geometry from PATH or --experts)")
+    simulate.add_argument(
+        "--trace",
+        metavar="FILE.npz",
+        help="replay this trace with every policy over tau (geometry from PATH or --experts)",
+    )
     simulate.set_defaults(run=_cmd_simulate)
     add_trace_arguments(simulate)
 
@@ -302,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks against baselines measured in the same run")
     bench.add_argument("--size", type=parse_size, default=parse_size("2GiB"), help="synthetic data size")
-    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--repeat", type=positive_int, default=5)
     bench.add_argument("--cases", nargs="*", default=None)
     bench.add_argument("--json", dest="json_out", metavar="FILE")
     bench.add_argument("--plot", metavar="FILE.png")
@@ -319,8 +421,12 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--capacity", type=int, help="experts per MoE layer on the device (default: all)")
     size.add_argument("--budget", type=parse_size, help="device bytes for the expert pools, e.g. 8GiB")
     run.add_argument("--every", type=int, default=1, help="refresh every N decode steps (and on each prefill)")
-    run.add_argument("--on-miss", choices=["cpu", "fetch"], default="cpu",
-                     help="non-resident experts: compute on the CPU from the mapping, or fetch into the pool")
+    run.add_argument(
+        "--on-miss",
+        choices=["cpu", "fetch"],
+        default="cpu",
+        help="non-resident experts: compute on the CPU from the mapping, or fetch into the pool",
+    )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present)")
     run.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: config.json's)")
     run.add_argument("--max-new-tokens", type=int, default=32)
@@ -348,6 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # an optional extra (plot) is missing
         print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except OSError as exc:  # a missing path, no permission, a full or read-only disk
         print(f"mmapstore {args.command}: error: {escape(exc)}", file=sys.stderr)
         return 1

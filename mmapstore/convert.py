@@ -4,10 +4,13 @@ Each stack is written contiguous as ``[E, k, n]`` (GroupedMatMul orientation,
 transposed from ``[out, in]`` sources), page-aligned, named
 ``blk.{L}.ffn_{gate,up,down}_exps.weight``, with an ``mmapstore.json``
 manifest carrying provenance and a sha256 per tensor.  Conversion streams
-slab by slab: peak memory is a few slabs whatever the checkpoint size (source
-pages are dropped from this process with ``MADV_DONTNEED`` once copied).  The
-output is built in a staging directory beside the destination under a lock
-and renamed into place (see :mod:`mmapstore.publish`).
+slab by slab: peak memory is a few slabs whatever the checkpoint size.  Source
+bytes are read with ``pread`` into reused buffers, never through the mapping,
+so a source file truncated under a running conversion is a
+:class:`~mmapstore.errors.FormatError`, not a SIGBUS.  The output is built in
+a staging directory beside the destination under a lock and renamed into
+place (see :mod:`mmapstore.publish`).  A destination that is the source, or
+holds it, is refused.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .dequant import dequantize_slab
 from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
 from .errors import ConvertError, FormatError
-from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
-from .formats.records import load_json_object, split_by_size
+from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec, read_checkpoint
+from .formats.records import split_by_size
 from .geometry import Encoding
-from .mapping import MADV_DONTNEED, PAGE_NBYTES
+from .mapping import PAGE_NBYTES
+from .preadcopy import pread_into
 from .publish import clean_partials, locked, staged_dir
 from .store import ExpertStack, ExpertStore, open_store
 
@@ -98,6 +103,7 @@ def convert(
     if storage not in ("safetensors", "raw"):
         raise ConvertError(f"storage must be 'safetensors' or 'raw', got {storage!r}")
     with open_store(src) as store:
+        _refuse_overlap(src, dst, store.files)
         out_dtype = None if dtype == "keep" else parse_user_dtype(dtype)
         if out_dtype is not None:
             for layer in store.layers:
@@ -111,68 +117,111 @@ def convert(
         chosen = _parse_layers(layers, sorted(store.layer_indices + [layer.layer_index for layer in store.mtp_layers]))
         options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
         fingerprint = source_fingerprint(store)
+        orientation = _orientation(store, chosen)
+        plan = [
+            item
+            for index in chosen
+            for proj, stack in store.layer(index).stacks
+            for item in _stack_items(index, proj, stack, out_dtype, orientation)
+        ]
         with locked(dst, lock_timeout):
             clean_partials(dst)
-            done = None if force else _existing_conversion(dst, os.path.abspath(src), fingerprint, options)
-            if done is not None:
-                files = tuple(os.path.join(dst, name) for name in done.get("files", []))
-                total = sum(entry["nbytes"] for entry in done["tensors"].values())
-                return ConvertResult(dst, files, len(done["tensors"]), total, True)
-            with staged_dir(dst, replace=force) as staging:
-                orientation = _orientation(store, chosen)
-                plan = [
-                    item
-                    for index in chosen
-                    for proj, stack in store.layer(index).stacks
-                    for item in _stack_items(index, proj, stack, out_dtype, orientation)
-                ]
-                entries = _write(staging, plan, storage, shard_nbytes, progress)
-                encodings = {
-                    f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, orientation).to_json()
-                    for index in chosen
-                    for proj, stack in store.layer(index).stacks
-                    if out_dtype is None and stack.encoding.encoded
-                }
-                manifest = {
-                    "format": FORMAT_NAME,
-                    "format_version": FORMAT_VERSION,
-                    "storage": storage,
-                    "layout": "slab",
-                    "orientation": orientation,
-                    "encodings": encodings,
-                    "dtype": (out_dtype.code if out_dtype else "keep"),
-                    "tool_version": TOOL_VERSION,
-                    "source": {
-                        "path": os.path.abspath(src),
-                        "kind": store.kind,
-                        "layout": store.layout,
-                        "config": store.config,
-                        "fingerprint": fingerprint,
-                    },
-                    "options": options,
-                    "files": sorted({entry["file"] for entry in entries.values()}),
-                    "tensors": entries,
-                }
-                with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-                    json.dump(manifest, handle, indent=1, sort_keys=True)
-                    handle.write("\n")
-    files = tuple(os.path.join(dst, name) for name in manifest["files"])
+            if not force:
+                done = _existing_conversion(dst, os.path.abspath(src), fingerprint, options, plan)
+                if done is not None:
+                    return done
+            try:
+                with staged_dir(dst, replace=force) as staging:
+                    entries = _write(staging, plan, storage, shard_nbytes, progress)
+                    encodings = {
+                        f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, orientation).to_json()
+                        for index in chosen
+                        for proj, stack in store.layer(index).stacks
+                        if out_dtype is None and stack.encoding.encoded
+                    }
+                    manifest = {
+                        "format": FORMAT_NAME,
+                        "format_version": FORMAT_VERSION,
+                        "storage": storage,
+                        "layout": "slab",
+                        "orientation": orientation,
+                        "encodings": encodings,
+                        "dtype": (out_dtype.code if out_dtype else "keep"),
+                        "tool_version": TOOL_VERSION,
+                        "source": {
+                            "path": os.path.abspath(src),
+                            "kind": store.kind,
+                            "layout": store.layout,
+                            "config": store.config,
+                            "fingerprint": fingerprint,
+                        },
+                        "options": options,
+                        "files": sorted({entry["file"] for entry in entries.values()}),
+                        "tensors": entries,
+                    }
+                    with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+                        json.dump(manifest, handle, indent=1, sort_keys=True)
+                        handle.write("\n")
+            except OSError as exc:  # disk full, read-only or vanished destination
+                raise ConvertError(f"{dst}: cannot write the conversion: {exc.strerror or exc}") from None
+    files = tuple(os.path.join(dst, name) for name in sorted({entry["file"] for entry in entries.values()}))
     return ConvertResult(dst, files, len(entries), sum(entry["nbytes"] for entry in entries.values()), False)
 
 
+def _refuse_overlap(src: str, dst: str, files: tuple[str, ...]) -> None:
+    """Refuse a destination that is the source, or a directory holding any of it
+    (replacing it would delete the checkpoint being read), like ``cp a a``."""
+    real_dst = os.path.realpath(dst)
+    for path in (src, *files):
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_dst, real]) == real_dst:
+            what = "is" if real == real_dst else "contains"
+            raise ConvertError(f"{dst} {what} the source {path}: refusing to convert a checkpoint onto itself")
+    try:
+        target = os.stat(dst)
+    except OSError:
+        return
+    # The same directory under another name (a bind mount, a hard-linked file):
+    # compare identities along the source's ancestors.
+    current = os.path.realpath(src)
+    while True:
+        try:
+            info = os.stat(current)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            raise ConvertError(f"{dst} is {current}, which holds the source {src}: refusing to convert onto it")
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
+
+
 def _existing_conversion(
-    dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The manifest of ``dst`` if it already holds this very conversion, else None."""
-    if not os.path.exists(os.path.join(dst, MANIFEST_NAME)):
+    dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any], plan: list[_Item]
+) -> ConvertResult | None:
+    """``dst`` as a result if it already holds this very conversion, intact in
+    structure (every header valid, every file of the size its header needs,
+    every expected stack present with its dtype and shape), else None."""
+    if not os.path.lexists(os.path.join(dst, MANIFEST_NAME)):
         return None
     try:
-        manifest = load_json_object(os.path.join(dst, MANIFEST_NAME), what="manifest")
+        checkpoint = read_checkpoint(dst)
     except FormatError:
+        return None  # damaged or not a store: not "this conversion"
+    manifest = checkpoint.manifest or {}
+    source = manifest.get("source")
+    if not isinstance(source, dict):
         return None
-    source = manifest.get("source") or {}
     same = source.get("path") == src and source.get("fingerprint") == fingerprint and manifest.get("options") == options
-    return manifest if same else None
+    if not same or len(checkpoint.tensors) != len(plan):
+        return None
+    for spec in (item.spec for item in plan):
+        record = checkpoint.tensors.get(spec.name)
+        if record is None or record.dtype.code != spec.dtype.code or record.shape != spec.shape:
+            return None
+    total = sum(record.nbytes for record in checkpoint.tensors.values())
+    return ConvertResult(dst, checkpoint.files, len(checkpoint.tensors), total, True)
 
 
 def _write(
@@ -225,14 +274,45 @@ def _write_shard(
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One ``[E, ...]`` tensor to write: ``slab(e)`` gives expert ``e``'s slab
-    as written (a view of the mapping, or values computed from its parts);
-    ``reads`` are the parts it reads (their pages are dropped once written)."""
+    """One ``[E, ...]`` tensor to write: ``slab(reader, e)`` gives expert
+    ``e``'s slab as written (bytes read by ``reader``, possibly transposed, or
+    values computed from its parts); ``reads`` are the parts it reads."""
 
     spec: TensorSpec
     stack: ExpertStack
-    slab: Callable[[int], npt.NDArray[np.generic]]
+    slab: Callable[[_Reader, int], npt.NDArray[np.generic]]
     reads: tuple[str, ...]
+
+
+class _Reader:
+    """Reads one stack's expert slabs with ``pread`` into buffers reused from
+    slab to slab (one per part): a source that shrinks is a short read and a
+    :class:`FormatError`, never a fault on a mapped page.  A returned array is
+    valid until the next read of the same part."""
+
+    def __init__(self, stack: ExpertStack) -> None:
+        self.stack = stack
+        self._buffers: dict[str, npt.NDArray[np.uint8]] = {}
+
+    def part(self, part: str, expert: int) -> npt.NDArray[np.generic]:
+        span = self.stack.part_span(part, expert)
+        layout = self.stack.part(part, expert)  # a view of the mapping: only its layout is used, never its bytes
+        buffer = self._buffers.get(part)
+        if buffer is None or buffer.nbytes < span.nbytes:
+            buffer = self._buffers[part] = np.empty(span.nbytes, dtype=np.uint8)
+        pread_into(span.mapped, span.offset, buffer[: span.nbytes])
+        delta = span.mapped.offset_of(layout) - span.offset
+        slab: npt.NDArray[np.generic] = np.ndarray(
+            layout.shape, dtype=layout.dtype, buffer=buffer, offset=delta, strides=layout.strides
+        )
+        return slab
+
+    def dequantize(self, expert: int) -> npt.NDArray[np.generic]:
+        """:meth:`ExpertStack.dequantize` over the bytes read (``[k, n]`` float32)."""
+        stack = self.stack
+        views = {name: self.part(name, expert) for name in stack.parts if name != "bias"}
+        values = dequantize_slab(stack.encoding, views, stack.native_orientation, stack.k, stack.n, where=stack.name)
+        return np.asarray(values if stack.native_orientation == "kn" else values.T).astype(np.float32)
 
 
 # Encodings whose bytes cannot be transposed (blocks or words packed along one axis).
@@ -248,8 +328,9 @@ def _orientation(store: ExpertStore, layers: list[int]) -> str:
     if any(stack.encoding.kind in _NATIVE_ONLY for stack in stacks):
         native = {stack.native_orientation for stack in stacks}
         if len(native) != 1:
-            raise ConvertError(f"{store.path}: block-encoded stacks mixed with stacks of another orientation cannot "
-                               "share one store")
+            raise ConvertError(
+                f"{store.path}: block-encoded stacks mixed with stacks of another orientation cannot share one store"
+            )
         return native.pop()
     return "kn"
 
@@ -265,9 +346,7 @@ def _written_encoding(stack: ExpertStack, out_dtype: DType | None, orientation: 
     return encoding
 
 
-def _stack_items(
-    layer: int, proj: str, stack: ExpertStack, out_dtype: DType | None, orientation: str
-) -> list[_Item]:
+def _stack_items(layer: int, proj: str, stack: ExpertStack, out_dtype: DType | None, orientation: str) -> list[_Item]:
     """What to write for one stack: its weight (cast, or dequantized with
     every part it needs, never encoded values cast as if they were weights),
     and, when encodings are kept, each other part; biases always."""
@@ -276,13 +355,15 @@ def _stack_items(
     name = f"blk.{layer}.ffn_{proj}_exps"
     experts = stack.num_experts
 
-    def oriented(part: str) -> Callable[[int], npt.NDArray[np.generic]]:
-        return (lambda e: stack.part(part, e).T) if flip else (lambda e: stack.part(part, e))
+    def oriented(part: str) -> Callable[[_Reader, int], npt.NDArray[np.generic]]:
+        return (lambda reader, e: reader.part(part, e).T) if flip else (lambda reader, e: reader.part(part, e))
 
     if stack.encoding.encoded and out_dtype is not None:
-        shape = (stack.k, stack.n) if orientation == "kn" else (stack.n, stack.k)
-        dequantized: Callable[[int], npt.NDArray[np.generic]] = (
-            (lambda e: stack.dequantize(e)) if orientation == "kn" else (lambda e: stack.dequantize(e).T)
+        shape: tuple[int, ...] = (stack.k, stack.n) if orientation == "kn" else (stack.n, stack.k)
+        dequantized: Callable[[_Reader, int], npt.NDArray[np.generic]] = (
+            (lambda reader, e: reader.dequantize(e))
+            if orientation == "kn"
+            else (lambda reader, e: reader.dequantize(e).T)
         )
         reads = tuple(part for part in stack.parts if part != "bias")
         items.append(_Item(TensorSpec(f"{name}.weight", out_dtype, (experts, *shape)), stack, dequantized, reads))
@@ -294,12 +375,20 @@ def _stack_items(
             if data_type.block_elems > 1:  # ggml blocks travel as bytes; the manifest names their type
                 data_type = dtype_from_code("U8")
             shape = geometry.slab_shape[::-1] if flip else geometry.slab_shape
-            items.append(_Item(TensorSpec(f"{name}.{part}", data_type, (experts, *shape)), stack, oriented(part), (part,)))
+            items.append(
+                _Item(TensorSpec(f"{name}.{part}", data_type, (experts, *shape)), stack, oriented(part), (part,))
+            )
     if "bias" in stack.parts:
         bias = stack.parts["bias"]
         data_type = out_dtype or bias.dtype
-        items.append(_Item(TensorSpec(f"{name}.bias", data_type, (experts, *bias.slab_shape)), stack,
-                           lambda e: stack.part("bias", e), ("bias",)))
+        items.append(
+            _Item(
+                TensorSpec(f"{name}.bias", data_type, (experts, *bias.slab_shape)),
+                stack,
+                lambda reader, e: reader.part("bias", e),
+                ("bias",),
+            )
+        )
     return items
 
 
@@ -315,8 +404,11 @@ def copy_slab(destination: npt.NDArray[np.generic], source: npt.NDArray[np.gener
     rows, cols = source.shape
     for row in range(0, rows, _TILE):
         for col in range(0, cols, _TILE):
-            np.copyto(destination[row : row + _TILE, col : col + _TILE],
-                      source[row : row + _TILE, col : col + _TILE], casting="unsafe")
+            np.copyto(
+                destination[row : row + _TILE, col : col + _TILE],
+                source[row : row + _TILE, col : col + _TILE],
+                casting="unsafe",
+            )
 
 
 def _stream_stack(
@@ -327,35 +419,26 @@ def _stream_stack(
 ) -> str:
     """Write one ``[E, ...]`` part stack slab by slab; return its sha256.
 
-    Hashing runs on ``hasher`` (one thread, so updates stay in order; hashlib
-    releases the GIL) while this thread transposes and writes the next slab;
-    two staging slabs alternate so neither is overwritten while being hashed.
+    Each slab is read with ``pread`` (see :class:`_Reader`), transposed or
+    cast into one of two output slabs, hashed on ``hasher`` (one thread, so
+    updates stay in order; hashlib releases the GIL) while this thread reads
+    and writes the next slab; the two output slabs alternate so neither is
+    overwritten while being hashed.
     """
     spec, stack = item.spec, item.stack
     digest = hashlib.sha256()
-    staging: list[npt.NDArray[np.generic]] = []
+    reader = _Reader(stack)
+    staging = [np.empty(spec.shape[1:], dtype=spec.dtype.numpy) for _ in range(2)]
     pending: list[Future[None] | None] = [None, None]
     for expert in range(stack.num_experts):
-        slab = item.slab(expert)
-        if slab.dtype == spec.dtype.numpy and slab.flags.c_contiguous:
-            out = slab  # already laid out in the right dtype: written straight from the page cache
-        else:
-            if not staging:
-                staging = [np.empty(spec.shape[1:], dtype=spec.dtype.numpy) for _ in range(2)]
-            which = expert % 2
-            previous = pending[which]
-            if previous is not None:
-                previous.result()  # its last hash must finish before we overwrite it
-            out = staging[which]
-            copy_slab(out, slab)
-        hashed = hasher.submit(digest.update, memoryview(out.reshape(-1).view(np.uint8)))
-        pending[expert % 2] = hashed
+        which = expert % 2
+        previous = pending[which]
+        if previous is not None:
+            previous.result()  # its last hash must finish before we overwrite it
+        out = staging[which]
+        copy_slab(out, item.slab(reader, expert))
+        pending[which] = hasher.submit(digest.update, out.reshape(-1).view(np.uint8).data)
         writer.append(out)
-        # The copy is done; drop the source pages from this process (they stay
-        # in the page cache), so RSS stays at a few slabs.
-        for part in item.reads:
-            span = stack.part_span(part, expert)
-            span.mapped.advise(span.offset, span.nbytes, MADV_DONTNEED)
         if progress is not None:
             progress(out.nbytes)
     for future in pending:
@@ -383,7 +466,7 @@ class _RawWriter:
     def append(self, data: npt.NDArray[np.generic]) -> None:
         spec = self._specs[self._current]
         self._file.seek(self.offsets[spec.name] + self._written)
-        self._file.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+        self._file.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
         self._written += data.nbytes
         if self._written >= spec.nbytes:
             self._current += 1

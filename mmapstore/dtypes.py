@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError
+from .errors import FormatError, OptionError
 
 __all__ = [
     "DTYPE_CODES",
@@ -254,7 +254,7 @@ def parse_user_dtype(name: str) -> DType:
     code = _USER_NAMES.get(name.lower(), name.upper())
     entry = DTYPE_CODES.get(code)
     if entry is None:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_USER_NAMES)}")
+        raise OptionError(f"unknown dtype {name!r}; expected one of {sorted(_USER_NAMES)}")
     return entry
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "CapturedIdsError",
     "ConvertError",
     "ExpertIndexError",
+    "FileChangedError",
     "FormatError",
     "LayerNotFoundError",
     "MmapStoreError",
@@ -41,6 +42,13 @@ class FormatError(MmapStoreError, ValueError):
 class UnsupportedEncodingError(FormatError):
     """Well-formed data in an encoding the library cannot decode (a ggml
     block type without a dequantizer, say).  The message names the encoding.
+    """
+
+
+class FileChangedError(FormatError):
+    """A file or directory was replaced, or changed size, between the moment
+    it was validated and the moment it was used (for instance a store being
+    re-converted while it is opened).  Opening again sees a consistent state.
     """
 
 

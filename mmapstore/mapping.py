@@ -11,23 +11,31 @@ Pitfalls, stated once:
   when the last view is garbage-collected.  ``close()`` only refuses new views.
 - mmap cannot protect against another process truncating a mapped file:
   touching a page past the new end raises SIGBUS.  :meth:`MappedFile.check_size`
-  lets callers check before a bulk copy; publish new files by rename instead of
+  lets callers check before a bulk copy, and bulk readers that must survive a
+  file shrinking under them read through :func:`mmapstore.preadcopy.pread_into`
+  (a short read, never a fault); publish new files by rename instead of
   rewriting them (every writer in mmapstore does).
+- A file is mapped through the descriptor that :func:`open_regular` opened
+  (never blocking, regular files only) and, when the caller passes the
+  :class:`FileIdentity` recorded at validation, only if it is still that file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import threading
+from collections.abc import Iterable
 from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError, StoreClosedError
+from .errors import FileChangedError, FormatError, StoreClosedError
+from .formats.files import FileIdentity, open_regular
 from .formats.records import TensorRecord
 
 __all__ = [
@@ -85,12 +93,15 @@ def _mincore(address: int, nbytes: int) -> int:
     if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"mincore failed: {os.strerror(error)}")
-    resident = np.frombuffer(vector, dtype=np.uint8) & 1
+    resident = np.frombuffer(memoryview(vector).cast("B"), dtype=np.uint8) & 1
     return int(resident.sum()) * PAGE_NBYTES
 
 
 class MappedFile:
     """One read-only shared mapping of one file.
+
+    The descriptor the file was opened with stays open (for
+    :func:`mmapstore.preadcopy.pread_into`) until :meth:`close`.
 
     Parameters
     ----------
@@ -99,24 +110,37 @@ class MappedFile:
     min_nbytes
         The size its header promised; a shorter file raises :class:`FormatError`
         (it shrank after its header was read, or the header lied).
+    identity
+        The file as validated; if ``path`` now names another file, or the
+        file changed size or mtime, :class:`FileChangedError` is raised.
+
+    Raises
+    ------
+    FormatError
+        The file is missing, not a regular file, or shorter than ``min_nbytes``.
+    FileChangedError
+        The file is not the one ``identity`` describes.
     """
 
-    def __init__(self, path: str, min_nbytes: int = 0) -> None:
+    def __init__(self, path: str, min_nbytes: int = 0, identity: FileIdentity | None = None) -> None:
         self.path = path
         self._closed = False
+        self.fd = -1
+        fd, info = open_regular(path, what="file to map")
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise FormatError(f"{path}: cannot open for mapping: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
+            change = identity.describe_change(info) if identity is not None else None
+            if change is not None:
+                raise FileChangedError(f"{path}: {change} since it was validated")
+            size = info.st_size
             if size < min_nbytes:
                 raise FormatError(f"{path}: file is {size} bytes, its header needs {min_nbytes}: truncated")
             self.nbytes = size
             # mmap cannot map an empty file; an empty file serves only empty tensors.
             self._mmap: mmap.mmap | None = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
-        finally:
-            os.close(fd)  # mmap keeps its own duplicate descriptor
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
         if self._mmap is not None:
             self._base: npt.NDArray[np.uint8] = np.frombuffer(self._mmap, dtype=np.uint8)
         else:
@@ -139,8 +163,16 @@ class MappedFile:
         shape: tuple[int, ...],
         strides: tuple[int, ...] | None = None,
     ) -> npt.NDArray[np.generic]:
-        """A read-only array over ``shape`` elements of ``dtype`` at file ``offset``."""
+        """A read-only array over ``shape`` elements of ``dtype`` at file ``offset``.
+
+        Raises
+        ------
+        FormatError
+            Some element would lie outside the mapping (numpy accepts negative
+            offsets and strides that do; we never build such a view).
+        """
         self._check_open()
+        _check_inside(self.path, self.nbytes, offset, dtype, shape, strides)
         array: npt.NDArray[np.generic] = np.ndarray(
             shape, dtype=dtype, buffer=self._base, offset=offset, strides=strides
         )
@@ -169,7 +201,17 @@ class MappedFile:
             return
         start = offset - offset % PAGE_NBYTES
         end = min(offset + nbytes, self.nbytes)
-        self._mmap.madvise(advice, start, end - start)
+        try:
+            self._mmap.madvise(advice, start, end - start)
+        except OSError as exc:
+            # MADV_POPULATE_READ faults the range in: EFAULT means a page lies
+            # past the end of the file, which shrank under the mapping.
+            if advice == MADV_POPULATE_READ and exc.errno == errno.EFAULT:
+                raise FormatError(
+                    f"{self.path}: file shrank under its mapping (bytes [{start}, {end}) are no longer "
+                    f"in the file); refusing to read it"
+                ) from None
+            raise
 
     def resident_nbytes(self, offset: int = 0, nbytes: int | None = None) -> int:
         """Bytes of ``[offset, offset + nbytes)`` in memory now, in whole pages."""
@@ -200,6 +242,9 @@ class MappedFile:
             return
         self._closed = True
         del self._base
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if self._mmap is not None:
             try:
                 self._mmap.close()
@@ -211,17 +256,51 @@ class MappedFile:
     def __enter__(self) -> MappedFile:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
 
-class FileMaps:
-    """Maps each file at most once, on first use; closes them all together."""
+def _check_inside(
+    path: str,
+    file_nbytes: int,
+    offset: int,
+    dtype: np.dtype[np.generic],
+    shape: tuple[int, ...],
+    strides: tuple[int, ...] | None,
+) -> None:
+    """Refuse a view any element of which would lie outside ``[0, file_nbytes)``."""
+    itemsize = int(dtype.itemsize)
+    low = high = offset
+    if strides is None:  # C order: one contiguous run
+        count = 1
+        for extent in shape:
+            count *= extent
+        high = offset + count * itemsize
+    elif all(shape):
+        for extent, stride in zip(shape, strides):
+            if stride >= 0:
+                high += (extent - 1) * stride
+            else:
+                low += (extent - 1) * stride
+        high += itemsize
+    if low < 0 or high > file_nbytes or offset > file_nbytes:
+        raise FormatError(
+            f"{path}: a view of {list(shape)} {dtype} at offset {offset} would touch bytes "
+            f"[{low}, {high}) outside the {file_nbytes} byte file"
+        )
 
-    def __init__(self, sizes: dict[str, int]) -> None:
+
+class FileMaps:
+    """Maps each file at most once; closes them all together.
+
+    ``identities`` (path -> the file as validated) make every mapping check
+    that it maps the very file whose header was read.  :meth:`map_all` maps
+    every known file now, so later replacements of a path do not matter.
+    """
+
+    def __init__(self, sizes: dict[str, int], identities: dict[str, FileIdentity] | None = None) -> None:
         self._sizes = dict(sizes)  # path -> bytes its header needs
+        self._identities = dict(identities or {})
         self._maps: dict[str, MappedFile] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -239,9 +318,14 @@ class FileMaps:
                 raise StoreClosedError(f"{path}: the store is closed")
             mapped = self._maps.get(path)
             if mapped is None:
-                mapped = MappedFile(path, self._sizes.get(path, 0))
+                mapped = MappedFile(path, self._sizes.get(path, 0), self._identities.get(path))
                 self._maps[path] = mapped
             return mapped
+
+    def map_all(self, paths: Iterable[str]) -> None:
+        """Map every one of ``paths`` now (each checked against its identity)."""
+        for path in paths:
+            self.get(path)
 
     def mapped(self) -> list[MappedFile]:
         return list(self._maps.values())

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from .errors import CapturedIdsError
 from .mapping import MappedFile
 from .pool import ExecMode, ExpertPool, RefreshResult, count_hits
-from .store import ExpertStack, ExpertStore
+from .store import ExpertStack, ExpertStore, LayerExperts
 
 __all__ = [
     "DEFAULT_PARAM_NAME",
@@ -25,6 +25,7 @@ __all__ = [
     "ParamWrite",
     "PoolUpdate",
     "RefreshPlan",
+    "check_pools",
     "plan_full_push",
     "plan_refresh",
     "plan_resident",
@@ -184,6 +185,25 @@ def _plan(store: ExpertStore, step: int, updates: list[PoolUpdate], located: lis
     return RefreshPlan(store, step, tuple(updates), writes, tuple(merged), results)
 
 
+def check_pools(layers: Sequence[LayerExperts], pools: Sequence[ExpertPool]) -> None:
+    """One pool per MoE layer, each sized for its layer's experts.
+
+    Raises
+    ------
+    CapturedIdsError
+        The counts differ, or a pool was made for a layer with another number
+        of experts (it would plan experts the layer does not have).
+    """
+    if len(pools) != len(layers):
+        raise CapturedIdsError(f"{len(pools)} pools for {len(layers)} MoE layers")
+    for layer, pool in zip(layers, pools):
+        if pool.num_experts != layer.num_experts:
+            raise CapturedIdsError(
+                f"MoE layer {layer.layer_index} has {layer.num_experts} experts, its pool was made for "
+                f"{pool.num_experts}"
+            )
+
+
 def plan_refresh(
     store: ExpertStore,
     pools: Sequence[ExpertPool],
@@ -204,14 +224,14 @@ def plan_refresh(
     Raises
     ------
     CapturedIdsError
-        Wrong number of layers or pools, ids out of range or not integers.
+        Wrong number of layers or pools, a pool sized for another number of
+        experts, ids out of range or not integers.
     StoreClosedError
         The store is closed.
     """
     store.check_open()
     layers = store.layers
-    if len(pools) != len(layers):
-        raise CapturedIdsError(f"{len(pools)} pools for {len(layers)} MoE layers")
+    check_pools(layers, pools)
     if not any(pool.should_refresh(mode, step, is_prefill_block) for pool in pools):
         return None
     if len(captured) != len(layers):
@@ -246,8 +266,7 @@ def plan_resident(
 ) -> RefreshPlan:
     """Writes that fill every pool slot with its current expert (the initial load)."""
     store.check_open()
-    if len(pools) != len(store.layers):
-        raise CapturedIdsError(f"{len(pools)} pools for {len(store.layers)} MoE layers")
+    check_pools(store.layers, pools)
     writes: list[Located] = []
     for layer, pool in zip(store.layers, pools):
         pairs = list(enumerate(int(expert) for expert in pool.resident_experts()))

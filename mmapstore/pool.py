@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError, StaleRefreshError
+from .errors import CapturedIdsError, OptionError, StaleRefreshError
 
 __all__ = [
     "ExecMode",
@@ -63,7 +63,7 @@ class RefreshPolicy:
 
     def __post_init__(self) -> None:
         if type(self.interval) is not int or self.interval < 1:
-            raise ValueError(f"refresh interval must be a positive integer, got {self.interval!r}")
+            raise OptionError(f"refresh interval must be a positive integer, got {self.interval!r}")
 
     @classmethod
     def every_forward(cls) -> RefreshPolicy:
@@ -107,9 +107,13 @@ def count_hits(ids: object, num_experts: int) -> npt.NDArray[np.int64]:
     Raises
     ------
     CapturedIdsError
-        Ids are not integers, or lie outside ``[0, num_experts)``.
+        Ids are not integers, are ragged (rows of different lengths), or lie
+        outside ``[0, num_experts)``.
     """
-    array = np.asarray(ids)
+    try:
+        array = np.asarray(ids)
+    except (ValueError, TypeError) as exc:  # ragged nested sequences, unconvertible objects
+        raise CapturedIdsError(f"captured expert ids must be a rectangular array of integers: {exc}") from None
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         if array.size == 0 and array.dtype == np.float64:  # [] parses as float64
             return np.zeros(num_experts, dtype=np.int64)
@@ -148,9 +152,9 @@ class ExpertPool:
 
     def __init__(self, num_experts: int, capacity: int, policy: RefreshPolicy | None = None) -> None:
         if type(num_experts) is not int or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+            raise OptionError(f"num_experts must be a positive integer, got {num_experts!r}")
         if type(capacity) is not int or capacity < 0:
-            raise ValueError(f"capacity must be a non-negative integer, got {capacity!r}")
+            raise OptionError(f"capacity must be a non-negative integer, got {capacity!r}")
         self.num_experts = num_experts
         self.capacity = min(capacity, num_experts)
         self.offload = capacity < num_experts
@@ -200,8 +204,17 @@ class ExpertPool:
 
         ``hits`` rank the demotable experts (coldest leave first); without
         them the lowest ids leave first.
+
+        Raises
+        ------
+        CapturedIdsError
+            ``target`` is not integers, too long, out of range or repeats an
+            expert; ``hits`` is not one integer count per expert.
         """
-        wanted = np.asarray(target)
+        try:
+            wanted = np.asarray(target)
+        except (ValueError, TypeError):
+            raise CapturedIdsError("target experts must be a flat array of integers") from None
         if wanted.size and (wanted.dtype == np.bool_ or not np.issubdtype(wanted.dtype, np.integer)):
             raise CapturedIdsError(f"target experts must be integers, got dtype {wanted.dtype}")
         wanted = wanted.reshape(-1).astype(np.int64)
@@ -216,7 +229,7 @@ class ExpertPool:
         in_target[wanted] = True
         promoted = np.sort(wanted[~resident[wanted]])
         demotable = np.flatnonzero(resident & ~in_target)
-        heat = np.zeros(self.num_experts, dtype=np.int64) if hits is None else hits
+        heat = np.zeros(self.num_experts, dtype=np.int64) if hits is None else self._check_hits(hits)
         coldest_first = demotable[np.lexsort((demotable, heat[demotable]))]
         leaving = coldest_first[: promoted.size]
         # Promoted experts, in id order, take the freed slots in slot order.
@@ -231,6 +244,18 @@ class ExpertPool:
             tuple(int(s) for s in slots),
             self._generation,
         )
+
+    def _check_hits(self, hits: object) -> npt.NDArray[np.int64]:
+        try:
+            array = np.asarray(hits)
+        except (ValueError, TypeError):
+            raise CapturedIdsError("hits must be an array of integer counts, one per expert") from None
+        if array.shape != (self.num_experts,) or not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            raise CapturedIdsError(
+                f"hits must be {self.num_experts} integer counts (one per expert), got shape "
+                f"{list(array.shape)} of {array.dtype}"
+            )
+        return array.astype(np.int64, copy=False)
 
     def commit(self, result: RefreshResult) -> None:
         """Make a proposal the pool's state; it must be based on the current state."""
@@ -267,7 +292,8 @@ class ExpertPool:
 
     def resident_experts(self) -> npt.NDArray[np.int64]:
         """Expert in each slot (``slot -> expert``), a copy."""
-        return self._slot_expert.copy()
+        result: npt.NDArray[np.int64] = self._slot_expert.copy()
+        return result
 
     def slot_of(self, expert: int) -> int | None:
         if not 0 <= expert < self.num_experts:

@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -59,15 +60,31 @@ def locked(dst: str, timeout: float = -1) -> Iterator[None]:
         lock.release()
 
 
+def _leftover_pattern(name: str) -> re.Pattern[str]:
+    """Exactly the staging and old-directory names that writers of ``name`` make
+    (so cleaning ``m`` never touches the staging directory of ``m.old-1``)."""
+    escaped = re.escape(name)
+    return re.compile(rf"\.{escaped}\.(?:partial-\d+-[0-9a-f]{{8}}|old-[0-9a-f]{{8}})")
+
+
+def _remove(path: str) -> None:
+    """Remove a directory tree, a file or a symlink (never following it)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def clean_partials(dst: str) -> list[str]:
     """Remove what interrupted writers left beside ``dst``; call with the lock held."""
-    parent, prefix = _partial_prefix(dst)
+    parent, name = os.path.split(os.path.abspath(dst))
+    pattern = _leftover_pattern(name)
     removed = []
-    _, name = os.path.split(os.path.abspath(dst))
     for entry in os.listdir(parent):
-        if entry.startswith(prefix) or entry.startswith(f".{name}.old-"):
+        if pattern.fullmatch(entry):
             path = os.path.join(parent, entry)
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             removed.append(path)
     if removed:
         log.info("removed %d leftover partial outputs of %s", len(removed), dst)
@@ -138,4 +155,4 @@ def staged_dir(dst: str, *, replace: bool) -> Iterator[str]:
         _fsync_dir(parent)
     finally:
         if staging:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)  # the old dst may have been a file or a symlink

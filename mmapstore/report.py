@@ -8,17 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import FormatError
-from .formats import MANIFEST_NAME, read_safetensors_header
-from .formats.manifest import check_manifest
-from .formats.records import load_json_object, resolve_inside
-from .mapping import MADV_DONTNEED, MappedFile
+from .formats import MANIFEST_NAME, FileIdentity, TensorRecord
+from .formats.checkpoint import read_header_in
+from .formats.files import Directory, open_regular
+from .formats.manifest import check_manifest, check_overlaps, raw_record
+from .preadcopy import pread_into
 from .store import open_store
 
 __all__ = ["Problem", "VerifyReport", "describe", "verify"]
 
-_HASH_CHUNK = 64 << 20
+_HASH_CHUNK = 8 << 20
 
 
 def describe(path: str) -> dict[str, Any]:
@@ -32,13 +34,15 @@ def describe(path: str) -> dict[str, Any]:
                     "shape": [stack.num_experts, stack.k, stack.n],
                     "dtype": str(stack.dtype),
                     "encoding": stack.encoding.describe(),
-                    "parts": {name: {"dtype": part.dtype.code, "slab_shape": list(part.slab_shape)}
-                              for name, part in stack.parts.items()},
+                    "parts": {
+                        name: {"dtype": part.dtype.code, "slab_shape": list(part.slab_shape)}
+                        for name, part in stack.parts.items()
+                    },
                     "orientation": stack.native_orientation,
                     "storage": "stacked" if stack.is_stacked else "per_expert",
                     "nbytes": stack.nbytes,
-                    "tensors": list(stack.tensor_names[:1]) + ([f"... {len(stack.tensor_names) - 1} more"]
-                                                                if len(stack.tensor_names) > 1 else []),
+                    "tensors": list(stack.tensor_names[:1])
+                    + ([f"... {len(stack.tensor_names) - 1} more"] if len(stack.tensor_names) > 1 else []),
                 }
             layers.append({"layer": layer.layer_index, "experts": layer.num_experts, "stacks": stacks})
         files = [{"path": file, "nbytes": os.stat(file).st_size} for file in store.files]
@@ -78,15 +82,24 @@ class VerifyReport:
 def verify(path: str) -> VerifyReport:
     """Check structure and, for slab stores, every tensor's sha256.
 
-    Every file and tensor is checked; a damaged one does not stop the rest.
+    The structure is validated by the same code as :func:`open_store` (one
+    problem per tensor, so a damaged one does not stop the rest); bytes are
+    read with ``pread`` (a file that shrinks while it is hashed is a problem
+    in the report, never a SIGBUS) and never through a mapping.
     """
     report = VerifyReport(os.path.abspath(path))
-    manifest_path = os.path.join(path, MANIFEST_NAME)
-    if os.path.isdir(path) and os.path.exists(manifest_path):
-        _verify_slab_store(path, manifest_path, report)
+    if os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+        try:
+            with Directory(path) as directory:
+                _verify_slab_store(directory, report)
+        except FormatError as exc:
+            report.problems.append(Problem(path, None, str(exc)))
+        slab_store = True
+    else:
+        slab_store = False
     try:
         with open_store(path) as store:
-            if not os.path.exists(manifest_path):
+            if not slab_store:
                 report.checked_tensors = len(store.tensors)
     except FormatError as exc:
         if not report.problems:  # the per-tensor pass did not already say it
@@ -94,61 +107,85 @@ def verify(path: str) -> VerifyReport:
     return report
 
 
-def _verify_slab_store(root: str, manifest_path: str, report: VerifyReport) -> None:
-    try:
-        manifest = load_json_object(manifest_path, what="manifest")
-        check_manifest(manifest, path=manifest_path)
-    except FormatError as exc:
-        report.problems.append(Problem(manifest_path, None, str(exc)))
-        return
-    headers: dict[str, dict[str, Any] | FormatError] = {}
-    for name, entry in manifest["tensors"].items():
+def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
+    manifest_path = os.path.join(directory.path, MANIFEST_NAME)
+    manifest = directory.load_json(MANIFEST_NAME, what="manifest")
+    check_manifest(manifest, path=manifest_path)
+    entries: dict[str, dict[str, Any]] = manifest["tensors"]
+    raw_files: dict[str, tuple[str, FileIdentity]] = {}
+    headers: dict[str, dict[str, TensorRecord] | FormatError] = {}
+    records: dict[str, TensorRecord] = {}
+    for name, entry in entries.items():
         file_name = entry.get("file")
         try:
-            file_path = resolve_inside(root, file_name, what=f"tensor {name!r}", source=manifest_path)
-        except FormatError as exc:
-            report.problems.append(Problem(str(file_name), name, str(exc)))
-            continue
-        if manifest["storage"] == "safetensors":
-            if file_path not in headers:
-                try:
-                    header = read_safetensors_header(file_path)
-                    headers[file_path] = {record.name: record for record in header.tensors}
-                except FormatError as exc:
-                    headers[file_path] = exc
-            found = headers[file_path]
-            if isinstance(found, FormatError):
-                report.problems.append(Problem(file_path, name, str(found)))
+            if manifest["storage"] == "raw":
+                records[name] = raw_record(directory, name, entry, raw_files, path=manifest_path)
                 continue
+            key = file_name if isinstance(file_name, str) else repr(file_name)
+            if key not in headers:
+                try:
+                    header = read_header_in(directory, file_name, what=f"tensor {name!r}", source=manifest_path)
+                    headers[key] = {record.name: record for record in header.tensors}
+                except FormatError as exc:
+                    headers[key] = exc
+            found = headers[key]
+            if isinstance(found, FormatError):
+                raise found
             record = found.get(name)
             if record is None:
-                report.problems.append(Problem(file_path, name, "tensor missing from the file"))
-                continue
-            offset, nbytes = record.offset, record.nbytes
-        else:
-            offset, nbytes = entry.get("offset", 0), entry.get("nbytes", 0)
-        report.checked_tensors += 1
-        problem = _check_bytes(file_path, name, offset, nbytes, entry.get("sha256"))
-        if problem is not None:
-            report.problems.append(problem)
-        else:
-            report.checked_nbytes += nbytes
+                raise FormatError(f"{manifest_path}: tensor {name!r} is missing from {file_name!r}")
+            records[name] = record
+        except FormatError as exc:
+            where = os.path.join(directory.path, file_name) if isinstance(file_name, str) else repr(file_name)
+            report.problems.append(Problem(where, name, str(exc)))
+    if manifest["storage"] == "raw":
+        try:
+            check_overlaps(records, path=manifest_path)
+        except FormatError as exc:
+            report.problems.append(Problem(manifest_path, None, str(exc)))
+    buffer = np.empty(_HASH_CHUNK, dtype=np.uint8)
+    descriptors: dict[str, int] = {}
+    try:
+        for name, record in records.items():
+            report.checked_tensors += 1
+            problem = _check_bytes(record, entries[name].get("sha256"), descriptors, buffer)
+            if problem is not None:
+                report.problems.append(problem)
+            else:
+                report.checked_nbytes += record.nbytes
+    finally:
+        for fd in descriptors.values():
+            os.close(fd)
 
 
-def _check_bytes(path: str, name: str, offset: int, nbytes: int, expected: str | None) -> Problem | None:
-    size = os.stat(path).st_size
-    if offset + nbytes > size:
-        return Problem(path, name, f"truncated: bytes [{offset}, {offset + nbytes}) but the file is {size} bytes")
-    if expected is None:
-        return None
-    digest = hashlib.sha256()
-    with MappedFile(path, offset + nbytes) as mapped:
-        for start in range(offset, offset + nbytes, _HASH_CHUNK):
-            length = min(_HASH_CHUNK, offset + nbytes - start)
-            chunk = mapped.view(start, np.dtype(np.uint8), (length,))
-            digest.update(memoryview(chunk))
-            del chunk
-            mapped.advise(start, length, MADV_DONTNEED)
+def _check_bytes(
+    record: TensorRecord, expected: str | None, descriptors: dict[str, int], buffer: npt.NDArray[np.uint8]
+) -> Problem | None:
+    try:
+        if record.path not in descriptors:
+            descriptors[record.path] = open_regular(record.path, what="data file")[0]
+        fd = descriptors[record.path]
+        size = os.fstat(fd).st_size
+        if record.offset + record.nbytes > size:
+            return Problem(
+                record.path,
+                record.name,
+                f"truncated: bytes [{record.offset}, {record.offset + record.nbytes}) but the file is {size} bytes",
+            )
+        if expected is None:
+            return None
+        digest = hashlib.sha256()
+        end = record.offset + record.nbytes
+        for start in range(record.offset, end, _HASH_CHUNK):
+            chunk = buffer[: min(_HASH_CHUNK, end - start)]
+            pread_into(fd, start, chunk, path=record.path)
+            digest.update(chunk.data)
+    except FormatError as exc:
+        return Problem(record.path, record.name, str(exc))
     if digest.hexdigest() != expected:
-        return Problem(path, name, f"sha256 mismatch: manifest {expected[:16]}..., file {digest.hexdigest()[:16]}...")
+        return Problem(
+            record.path,
+            record.name,
+            f"sha256 mismatch: manifest {expected[:16]}..., file {digest.hexdigest()[:16]}...",
+        )
     return None

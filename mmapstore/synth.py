@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .dtypes import DType, parse_user_dtype
+from .errors import OptionError
 from .families import FamilyShape, family_tensors
 from .formats import INDEX_NAME, SafetensorsWriter, TensorSpec
 from .formats.records import split_by_size
@@ -53,8 +54,16 @@ def synth_checkpoint(
     """Write a synthetic ``family`` checkpoint to directory ``out``, atomically.
 
     ``progress`` is called with the bytes written after each chunk.
+
+    Raises
+    ------
+    OptionError
+        Fewer than one layer or expert, or a non-positive hidden or ffn size.
     """
     out = os.fspath(out)
+    for option, value in (("layers", layers), ("experts", experts), ("hidden", hidden), ("ffn", ffn), ("top_k", top_k)):
+        if type(value) is not int or value < 1:
+            raise OptionError(f"{option} must be a positive integer, got {value!r}")
     data_type: DType = parse_user_dtype(dtype)
     shape = FamilyShape(layers=layers, experts=experts, hidden=hidden, ffn=ffn, top_k=min(top_k, experts))
     config, tensors = family_tensors(family, shape)
@@ -76,14 +85,14 @@ def synth_checkpoint(
                 files.append(os.path.join(out, file_name))
                 weight_map.update({spec.name: file_name for spec in shard})
             total = sum(spec.nbytes for spec in specs)
-            _write_json(os.path.join(staging, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _write_json(
+                os.path.join(staging, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
             _write_json(os.path.join(staging, "config.json"), config)
     return SynthResult(out, tuple(files), len(specs), total)
 
 
-def _chunks(
-    seed: int, spec: TensorSpec, progress: Callable[[int], None] | None
-) -> Iterator[npt.NDArray[np.generic]]:
+def _chunks(seed: int, spec: TensorSpec, progress: Callable[[int], None] | None) -> Iterator[npt.NDArray[np.generic]]:
     count = spec.nbytes // spec.dtype.itemsize
     for start in range(0, count, CHUNK_ELEMENTS):
         chunk = synth_values(seed, spec.name, start, min(CHUNK_ELEMENTS, count - start), spec.dtype.numpy)

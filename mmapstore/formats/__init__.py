@@ -1,6 +1,7 @@
 """File formats: parse and fully validate headers into frozen records; write them."""
 
 from .checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from .files import FileIdentity
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from .records import TensorRecord
 from .safetensors import SafetensorsHeader, SafetensorsWriter, TensorSpec, read_safetensors_header
@@ -11,6 +12,7 @@ __all__ = [
     "INDEX_NAME",
     "MANIFEST_NAME",
     "Checkpoint",
+    "FileIdentity",
     "SafetensorsHeader",
     "SafetensorsWriter",
     "TensorRecord",

@@ -4,21 +4,27 @@ Accepted: a slab store directory (``mmapstore.json``), a sharded Hugging Face
 directory (``model.safetensors.index.json``), a directory of ``*.safetensors``
 files, or a single ``.safetensors`` file.  Every header is validated before
 any record is returned; nothing here maps or reads weight bytes.
+
+A directory is opened once and every file in it is opened relative to that
+descriptor, and the identity of each data file (device, inode, size, mtime)
+is recorded, so the mapping layer maps exactly the files that were validated.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
+from .files import Directory, FileIdentity, open_regular
 from .gguf import is_gguf, read_gguf_files
 from .manifest import MANIFEST_NAME, check_manifest, raw_records
-from .records import PathResolver, TensorRecord, load_json_object, resolve_inside
-from .safetensors import PAD_PREFIX, read_safetensors_header
+from .records import MAX_TENSORS, TensorRecord
+from .safetensors import PAD_PREFIX, SafetensorsHeader, read_header_fd
 
-__all__ = ["INDEX_NAME", "Checkpoint", "read_checkpoint"]
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "Checkpoint", "read_checkpoint", "read_header_in"]
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -29,7 +35,9 @@ class Checkpoint:
     """What a checkpoint holds, as validated records.
 
     ``kind`` is ``"slab_store"``, ``"sharded"``, ``"safetensors_dir"``,
-    ``"safetensors_file"`` or ``"gguf"``.  ``files`` are absolute paths of every data file.
+    ``"safetensors_file"`` or ``"gguf"``.  ``files`` are absolute paths of every
+    data file; ``identities`` say which file each path named when it was
+    validated (GGUF files are not recorded yet).
     """
 
     path: str
@@ -39,6 +47,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = field(default=None)
     metadata: dict[str, Any] | None = field(default=None)  # GGUF key-value metadata
+    identities: dict[str, FileIdentity] = field(default_factory=dict)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -47,31 +56,61 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     Raises
     ------
     FormatError
-        The path does not exist, holds no checkpoint, or any header, index or
-        manifest is malformed, truncated or points outside the directory.
+        The path does not exist, holds no checkpoint, is not a regular file or
+        directory, or any header, index or manifest is malformed, truncated or
+        points outside the directory.
+    FileChangedError
+        A file was replaced while the checkpoint was being read (open again).
     """
     path = os.fspath(path)
-    if os.path.isfile(path) and is_gguf(path):
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file or directory") from None
+    except (OSError, UnicodeEncodeError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot stat: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISREG(info.st_mode) and is_gguf(path):
         return _gguf(path)
-    if os.path.isfile(path):
-        header = read_safetensors_header(path)
-        tensors = _collect([header.tensors], source=path)
-        return Checkpoint(path, "safetensors_file", tensors, (header.path,), _config(os.path.dirname(path)))
-    if not os.path.isdir(path):
-        raise FormatError(f"{path}: no such file or directory")
-    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
-        return _slab_store(path)
-    if os.path.exists(os.path.join(path, INDEX_NAME)):
-        return _sharded(path)
-    names = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
-    if not names and any(name.endswith(".gguf") for name in os.listdir(path)):
-        return _gguf(path)
-    if not names:
-        raise FormatError(f"{path}: no {MANIFEST_NAME}, {INDEX_NAME} or *.safetensors file here")
-    files = [resolve_inside(path, name, what="shard", source=path) for name in names]
-    headers = [read_safetensors_header(file) for file in files]
-    tensors = _collect([header.tensors for header in headers], source=path)
-    return Checkpoint(path, "safetensors_dir", tensors, tuple(files), _config(path))
+    if stat.S_ISREG(info.st_mode):
+        return _single_file(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise FormatError(f"{path}: neither a regular file nor a directory")
+    with Directory(path) as directory:
+        if directory.has(MANIFEST_NAME):
+            return _slab_store(directory)
+        if directory.has(INDEX_NAME):
+            return _sharded(directory)
+        listing = directory.listdir()
+        names = sorted(name for name in listing if name.endswith(".safetensors"))
+        if not names and any(name.endswith(".gguf") for name in listing):
+            return _gguf(path)
+        if not names:
+            raise FormatError(f"{path}: no {MANIFEST_NAME}, {INDEX_NAME} or *.safetensors file here")
+        headers = [read_header_in(directory, name, what="shard", source=path) for name in names]
+        return _from_headers(path, "safetensors_dir", headers, _config(directory))
+
+
+def _single_file(path: str) -> Checkpoint:
+    fd, info = open_regular(path, what="safetensors file")
+    try:
+        header = read_header_fd(fd, info, path)
+    finally:
+        os.close(fd)
+    parent = os.path.dirname(path) or "."
+    config = None
+    if os.path.lexists(os.path.join(parent, CONFIG_NAME)):
+        with Directory(parent) as directory:
+            config = _config(directory)
+    return _from_headers(path, "safetensors_file", [header], config)
+
+
+def read_header_in(directory: Directory, name: object, *, what: str, source: str) -> SafetensorsHeader:
+    """The validated header of the safetensors file ``name`` (from ``source``) in ``directory``."""
+    fd, info, target = directory.open(name, what=what, source=source)
+    try:
+        return read_header_fd(fd, info, target)
+    finally:
+        os.close(fd)
 
 
 def _gguf(path: str) -> Checkpoint:
@@ -94,64 +133,77 @@ def _collect(groups: list[tuple[TensorRecord, ...]], *, source: str) -> dict[str
                     f"and {record.path!r}"
                 )
             tensors[record.name] = record
+        if len(tensors) > MAX_TENSORS:
+            raise FormatError(f"{source}: more than {MAX_TENSORS} tensors, over the limit")
     return tensors
 
 
-def _config(directory: str) -> dict[str, Any] | None:
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_path):
+def _from_headers(path: str, kind: str, headers: list[SafetensorsHeader], config: dict[str, Any] | None) -> Checkpoint:
+    tensors = _collect([header.tensors for header in headers], source=path)
+    identities = {header.path: header.identity for header in headers if header.identity is not None}
+    files = tuple(header.path for header in headers)
+    return Checkpoint(path, kind, tensors, files, config, identities=identities)
+
+
+def _config(directory: Directory) -> dict[str, Any] | None:
+    if not directory.has(CONFIG_NAME):
         return None
-    return load_json_object(config_path, what="config.json")
+    return directory.load_json(CONFIG_NAME, what="config.json")
 
 
-def _sharded(root: str) -> Checkpoint:
+def _sharded(directory: Directory) -> Checkpoint:
+    root = directory.path
     index_path = os.path.join(root, INDEX_NAME)
-    index = load_json_object(index_path, what="safetensors index")
+    index = directory.load_json(INDEX_NAME, what="safetensors index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise FormatError(f"{index_path}: 'weight_map' must be an object of tensor name to file")
+    if len(weight_map) > MAX_TENSORS:
+        raise FormatError(f"{index_path}: {len(weight_map)} tensors, over the {MAX_TENSORS} limit")
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
         if not isinstance(file_name, str):
             raise FormatError(f"{index_path}: tensor {name!r}: file must be a string, found {file_name!r:.80}")
         by_file.setdefault(file_name, []).append(name)
     tensors: dict[str, TensorRecord] = {}
-    files: list[str] = []
+    identities: dict[str, FileIdentity] = {}
     for file_name, names in sorted(by_file.items()):
-        file_path = resolve_inside(root, file_name, what=f"shard of tensor {names[0]!r}", source=index_path)
-        header = read_safetensors_header(file_path)
-        files.append(file_path)
+        header = read_header_in(directory, file_name, what=f"shard of tensor {names[0]!r}", source=index_path)
+        if header.identity is not None:
+            identities[header.path] = header.identity
         present = {record.name: record for record in header.tensors}
         for name in names:
             record = present.get(name)
             if record is None:
-                raise FormatError(
-                    f"{index_path}: tensor {name!r} is mapped to {file_name!r}, which does not hold it"
-                )
+                raise FormatError(f"{index_path}: tensor {name!r} is mapped to {file_name!r}, which does not hold it")
             tensors[name] = record
-    return Checkpoint(root, "sharded", tensors, tuple(files), _config(root))
+    return Checkpoint(root, "sharded", tensors, tuple(identities), _config(directory), identities=identities)
 
 
-def _slab_store(root: str) -> Checkpoint:
+def _slab_store(directory: Directory) -> Checkpoint:
+    root = directory.path
     manifest_path = os.path.join(root, MANIFEST_NAME)
-    manifest = load_json_object(manifest_path, what="manifest")
+    manifest = directory.load_json(MANIFEST_NAME, what="manifest")
     check_manifest(manifest, path=manifest_path)
     entries: dict[str, dict[str, Any]] = manifest["tensors"]
     if manifest["storage"] == "raw":
-        tensors = raw_records(root, manifest, path=manifest_path)
-        files = tuple(sorted({record.path for record in tensors.values()}))
-        return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest)
+        tensors, identities = raw_records(directory, manifest, path=manifest_path)
+        files = tuple(sorted(identities))
+        return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest, identities=identities)
     tensors = {}
     headers: dict[str, dict[str, TensorRecord]] = {}
-    resolve = PathResolver(root, manifest_path)
+    identities = {}
     for name, entry in entries.items():
-        file_path = resolve(entry.get("file"), what=f"tensor {name!r}")
-        if file_path not in headers:
-            header = read_safetensors_header(file_path)
-            headers[file_path] = {record.name: record for record in header.tensors}
-        record = headers[file_path].get(name)
+        file_name = entry.get("file")
+        if not isinstance(file_name, str) or file_name not in headers:
+            header = read_header_in(directory, file_name, what=f"tensor {name!r}", source=manifest_path)
+            assert isinstance(file_name, str)
+            headers[file_name] = {record.name: record for record in header.tensors}
+            if header.identity is not None:
+                identities[header.path] = header.identity
+        record = headers[file_name].get(name)
         if record is None:
-            raise FormatError(f"{manifest_path}: tensor {name!r} is listed in {entry.get('file')!r}, which does not hold it")
+            raise FormatError(f"{manifest_path}: tensor {name!r} is listed in {file_name!r}, which does not hold it")
         if "dtype" in entry and entry["dtype"] != record.dtype.code:
             raise FormatError(
                 f"{manifest_path}: tensor {name!r}: manifest says dtype {entry['dtype']!r:.20}, "
@@ -163,11 +215,14 @@ def _slab_store(root: str) -> Checkpoint:
                 f"{record.path} holds {list(record.shape)}"
             )
         tensors[name] = record
-    return Checkpoint(root, "slab_store", tensors, tuple(sorted(headers)), _source_config(manifest), manifest)
+    files = tuple(sorted(identities))
+    return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest, identities=identities)
 
 
 def _source_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
     source = manifest.get("source")
-    if isinstance(source, dict) and isinstance(source.get("config"), dict):
-        return source["config"]
+    if isinstance(source, dict):
+        config = source.get("config")
+        if isinstance(config, dict):
+            return config
     return None

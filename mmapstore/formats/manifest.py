@@ -15,9 +15,19 @@ from typing import Any
 from ..dtypes import dtype_from_code
 from ..errors import FormatError
 from ..geometry import ENCODING_KINDS, Encoding
-from .records import MAX_TENSORS, PathResolver, TensorRecord, shape_nbytes, validate_shape
+from .files import Directory, FileIdentity
+from .records import MAX_TENSORS, TensorRecord, shape_nbytes, validate_shape
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "check_manifest", "manifest_encodings", "raw_records"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "check_manifest",
+    "check_overlaps",
+    "manifest_encodings",
+    "raw_record",
+    "raw_records",
+]
 
 MANIFEST_NAME = "mmapstore.json"
 FORMAT_NAME = "mmapstore.slab_store"
@@ -52,34 +62,40 @@ def check_manifest(manifest: dict[str, Any], *, path: str) -> None:
             raise FormatError(f"{path}: tensor {name!r}: sha256 must be 64 lowercase hex digits")
 
 
-def raw_records(root: str, manifest: dict[str, Any], *, path: str) -> dict[str, TensorRecord]:
-    """Records of a raw slab store: every file inside ``root``, every byte present,
-    no two tensors of one file overlapping."""
-    records: dict[str, TensorRecord] = {}
-    sizes: dict[str, int] = {}
-    resolve = PathResolver(root, path)
-    for name, entry in manifest["tensors"].items():
-        where = f"tensor {name!r}"
-        file_path = resolve(entry.get("file"), what=where)
-        dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: {where}")
-        shape = validate_shape(entry.get("shape"), path=path, tensor=name)
-        offset = entry.get("offset")
-        if type(offset) is not int or offset < 0:
-            raise FormatError(f"{path}: {where}: offset must be a non-negative integer, found {offset!r:.40}")
-        nbytes = shape_nbytes(shape, dtype)
-        if "nbytes" in entry and entry["nbytes"] != nbytes:
-            raise FormatError(
-                f"{path}: {where}: nbytes {entry['nbytes']!r:.40} disagrees with shape {list(shape)} of "
-                f"{dtype.code} ({nbytes} bytes)"
-            )
-        if file_path not in sizes:
-            sizes[file_path] = os.stat(file_path).st_size
-        if offset + nbytes > sizes[file_path]:
-            raise FormatError(
-                f"{path}: {where}: bytes [{offset}, {offset + nbytes}) run past the end of "
-                f"{entry['file']!r} ({sizes[file_path]} bytes): truncated or wrong offset"
-            )
-        records[name] = TensorRecord(name, dtype, shape, file_path, offset, nbytes)
+def raw_record(
+    directory: Directory, name: str, entry: dict[str, Any], files: dict[str, tuple[str, FileIdentity]], *, path: str
+) -> TensorRecord:
+    """Validate one tensor entry of a raw manifest; ``files`` caches each file
+    opened so far (name -> resolved path, identity).  Every byte must lie in the file."""
+    where = f"tensor {name!r}"
+    file_name = entry.get("file")
+    if not isinstance(file_name, str) or file_name not in files:
+        fd, info, target = directory.open(file_name, what=where, source=path)
+        os.close(fd)
+        assert isinstance(file_name, str)
+        files[file_name] = (target, FileIdentity.of(info))
+    file_path, identity = files[file_name]
+    dtype = dtype_from_code(entry.get("dtype"), where=f"{path}: {where}")
+    shape = validate_shape(entry.get("shape"), path=path, tensor=name)
+    offset = entry.get("offset")
+    if type(offset) is not int or offset < 0:
+        raise FormatError(f"{path}: {where}: offset must be a non-negative integer, found {offset!r:.40}")
+    nbytes = shape_nbytes(shape, dtype)
+    if "nbytes" in entry and (type(entry["nbytes"]) is not int or entry["nbytes"] != nbytes):
+        raise FormatError(
+            f"{path}: {where}: nbytes {entry['nbytes']!r:.40} disagrees with shape {list(shape)} of "
+            f"{dtype.code} ({nbytes} bytes)"
+        )
+    if offset + nbytes > identity.nbytes:
+        raise FormatError(
+            f"{path}: {where}: bytes [{offset}, {offset + nbytes}) run past the end of "
+            f"{file_name!r} ({identity.nbytes} bytes): truncated or wrong offset"
+        )
+    return TensorRecord(name, dtype, shape, file_path, offset, nbytes)
+
+
+def check_overlaps(records: dict[str, TensorRecord], *, path: str) -> None:
+    """No two tensors of one raw file may share a byte."""
     by_file: dict[str, list[TensorRecord]] = {}
     for record in records.values():
         by_file.setdefault(record.path, []).append(record)
@@ -87,10 +103,20 @@ def raw_records(root: str, manifest: dict[str, Any], *, path: str) -> dict[str, 
         file_records.sort(key=lambda record: (record.offset, record.nbytes))
         for before, after in zip(file_records, file_records[1:]):
             if after.nbytes and before.offset + before.nbytes > after.offset:
-                raise FormatError(
-                    f"{path}: tensors {before.name!r} and {after.name!r} overlap in {before.path!r}"
-                )
-    return records
+                raise FormatError(f"{path}: tensors {before.name!r} and {after.name!r} overlap in {before.path!r}")
+
+
+def raw_records(
+    directory: Directory, manifest: dict[str, Any], *, path: str
+) -> tuple[dict[str, TensorRecord], dict[str, FileIdentity]]:
+    """Records of a raw slab store and the identity of each file: every file
+    inside the store, every byte present, no two tensors of one file overlapping."""
+    files: dict[str, tuple[str, FileIdentity]] = {}
+    records = {
+        name: raw_record(directory, name, entry, files, path=path) for name, entry in manifest["tensors"].items()
+    }
+    check_overlaps(records, path=path)
+    return records, dict(files.values())
 
 
 def manifest_encodings(manifest: dict[str, Any], *, path: str) -> dict[str, Encoding]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,25 +13,32 @@ from ..errors import FormatError
 
 __all__ = [
     "MAX_DIMS",
-    "PathResolver",
+    "MAX_ELEMENTS",
     "MAX_HEADER_NBYTES",
     "MAX_MANIFEST_NBYTES",
     "MAX_TENSORS",
     "TensorRecord",
-    "load_json_object",
+    "parse_json_object",
     "read_exact",
-    "resolve_inside",
     "split_by_size",
     "validate_shape",
 ]
 
 # safetensors refuses headers over 100 MB; we use the same cap.
 MAX_HEADER_NBYTES = 100_000_000
-# A JSON manifest or index larger than this is refused before it is read.
-MAX_MANIFEST_NBYTES = 256 * 1024 * 1024
-# Far beyond any real checkpoint (DeepSeek-V3 has ~91k tensors), far below a DoS.
-MAX_TENSORS = 2_000_000
+# A JSON manifest, index or config larger than this is refused before it is
+# read.  DeepSeek-V3's index (91k tensors) is 8.9 MB; an index naming the
+# MAX_TENSORS limit of tensors fits in about 50 MB.
+MAX_MANIFEST_NBYTES = 64 * 1024 * 1024
+# Tensors in one checkpoint (or one header, or one manifest).  DeepSeek-V3 has
+# ~91k tensors, Kimi-K2 with INT4 experts (three tensors per expert
+# projection) ~210k.  A header claiming more is refused before it is decoded.
+MAX_TENSORS = 500_000
 MAX_DIMS = 32
+# Elements of one tensor, counting zero dimensions as one: numpy refuses
+# shapes whose non-zero dimensions multiply past 2**63 bytes even when the
+# array is empty, so a zero-byte tensor of [0, 2**63] is refused here.
+MAX_ELEMENTS = 1 << 56
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,36 +104,23 @@ def parse_json_object(raw: bytes, *, path: str, what: str) -> dict[str, Any]:
     return value
 
 
-def load_json_object(path: str, *, what: str) -> dict[str, Any]:
-    """Read a small JSON file (manifest, index, config) with a size cap."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: {what} does not exist") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot open {what}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{path}: {what} is not a regular file")
-        if info.st_size > MAX_MANIFEST_NBYTES:
-            raise FormatError(f"{path}: {what} is {info.st_size} bytes, over the {MAX_MANIFEST_NBYTES} byte limit")
-        raw = read_exact(fd, info.st_size, 0, path=path, what=what)
-    finally:
-        os.close(fd)
-    return parse_json_object(raw, path=path, what=what)
-
-
 def validate_shape(shape: object, *, path: str, tensor: str) -> tuple[int, ...]:
     """A shape must be a list of at most MAX_DIMS non-negative Python ints."""
     if not isinstance(shape, list):
         raise FormatError(f"{path}: tensor {tensor!r}: shape must be a list, found {shape!r:.80}")
     if len(shape) > MAX_DIMS:
         raise FormatError(f"{path}: tensor {tensor!r}: {len(shape)} dimensions, limit is {MAX_DIMS}")
+    elements = 1
     for dim in shape:
         # bool is an int subclass; True is not a dimension.
         if type(dim) is not int or dim < 0:
             raise FormatError(f"{path}: tensor {tensor!r}: shape must hold non-negative integers, found {shape!r:.80}")
+        elements *= max(dim, 1)
+        if elements > MAX_ELEMENTS:
+            raise FormatError(
+                f"{path}: tensor {tensor!r}: shape {shape!r:.80} has dimensions multiplying past "
+                f"{MAX_ELEMENTS} elements (zero dimensions counted as one)"
+            )
     return tuple(shape)
 
 
@@ -162,55 +155,6 @@ def shape_nbytes(shape: tuple[int, ...], dtype: DType, *, path: str = "", tensor
     for dim in shape[:-1]:
         rows *= dim
     return rows * (last // dtype.block_elems) * dtype.block_nbytes
-
-
-def resolve_inside(root: str, relative: object, *, what: str, source: str) -> str:
-    """Resolve ``relative`` against ``root``; refuse anything that escapes it.
-
-    Refused: non-strings, empty names, NUL bytes, absolute paths, ``..``
-    components, and symlinks whose target lies outside ``root``.  The file
-    must exist and be a regular file.
-    """
-    if not isinstance(relative, str) or not relative:
-        raise FormatError(f"{source}: {what}: file name must be a non-empty string, found {relative!r:.80}")
-    if "\x00" in relative:
-        raise FormatError(f"{source}: {what}: file name {relative!r:.80} contains a NUL byte")
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
-        raise FormatError(f"{source}: {what}: file name {relative!r:.80} is absolute")
-    parts = relative.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise FormatError(f"{source}: {what}: file name {relative!r:.80} escapes the store with '..'")
-    real_root = os.path.realpath(root)
-    target = os.path.realpath(os.path.join(real_root, relative))
-    if os.path.commonpath([real_root, target]) != real_root:
-        raise FormatError(f"{source}: {what}: file {relative!r:.80} resolves to {target!r}, outside {real_root!r}")
-    try:
-        info = os.stat(target)
-    except FileNotFoundError:
-        raise FormatError(f"{source}: {what}: file {relative!r:.80} does not exist") from None
-    except OSError as exc:
-        raise FormatError(f"{source}: {what}: cannot stat {relative!r:.80}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise FormatError(f"{source}: {what}: {relative!r:.80} is not a regular file")
-    return target
-
-
-class PathResolver:
-    """:func:`resolve_inside` with a cache per file name (a store names few files
-    many times; resolving costs a realpath and a stat)."""
-
-    def __init__(self, root: str, source: str) -> None:
-        self.root = root
-        self.source = source
-        self._cache: dict[str, str] = {}
-
-    def __call__(self, relative: object, *, what: str) -> str:
-        if isinstance(relative, str) and relative in self._cache:
-            return self._cache[relative]
-        resolved = resolve_inside(self.root, relative, what=what, source=self.source)
-        assert isinstance(relative, str)
-        self._cache[relative] = resolved
-        return resolved
 
 
 Item = TypeVar("Item")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy.typing as npt
 
 from ..dtypes import DType, dtype_from_code, opaque_dtype
 from ..errors import FormatError
+from .files import FileIdentity, open_regular
 from .records import (
     MAX_HEADER_NBYTES,
     MAX_TENSORS,
@@ -33,7 +33,7 @@ from .records import (
     validate_shape,
 )
 
-__all__ = ["SafetensorsHeader", "SafetensorsWriter", "TensorSpec", "read_safetensors_header"]
+__all__ = ["SafetensorsHeader", "SafetensorsWriter", "TensorSpec", "read_header_fd", "read_safetensors_header"]
 
 _ENTRY_KEYS = ("dtype", "shape", "data_offsets")
 GGUF_MAGIC = b"GGUF"
@@ -48,6 +48,7 @@ class SafetensorsHeader:
     data_offset: int
     metadata: dict[str, str]
     tensors: tuple[TensorRecord, ...]
+    identity: FileIdentity | None = None
 
 
 def read_safetensors_header(path: str) -> SafetensorsHeader:
@@ -56,44 +57,46 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
     Raises
     ------
     FormatError
-        If the file is missing, truncated, or its header is malformed in any
-        way (the message names the file and, where one is at fault, the tensor).
+        If the file is missing, not a regular file, truncated, or its header is
+        malformed in any way (the message names the file and, where one is at
+        fault, the tensor).
     """
+    fd, info = open_regular(path, what="safetensors file")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such safetensors file") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{path}: not a regular file")
-        file_nbytes = info.st_size
-        if file_nbytes < 8:
-            raise FormatError(f"{path}: truncated: {file_nbytes} bytes, a safetensors file needs at least 8")
-        prefix = read_exact(fd, 8, 0, path=path, what="header length")
-        if prefix[:4] == GGUF_MAGIC:
-            raise FormatError(f"{path}: a GGUF file (magic 'GGUF'), not safetensors")
-        (header_nbytes,) = struct.unpack("<Q", prefix)
-        if header_nbytes > MAX_HEADER_NBYTES:
-            raise FormatError(
-                f"{path}: header length {header_nbytes} is over the {MAX_HEADER_NBYTES} byte limit"
-            )
-        if 8 + header_nbytes > file_nbytes:
-            raise FormatError(
-                f"{path}: truncated: header length {header_nbytes} runs past the end of the "
-                f"{file_nbytes} byte file"
-            )
-        raw = read_exact(fd, header_nbytes, 8, path=path, what="header")
+        return read_header_fd(fd, info, path)
     finally:
         os.close(fd)
+
+
+def read_header_fd(fd: int, info: os.stat_result, path: str) -> SafetensorsHeader:
+    """:func:`read_safetensors_header` from an open descriptor (``info`` is its
+    ``fstat``); the header records the file's identity for whoever maps it."""
+    file_nbytes = info.st_size
+    if file_nbytes < 8:
+        raise FormatError(f"{path}: truncated: {file_nbytes} bytes, a safetensors file needs at least 8")
+    prefix = read_exact(fd, 8, 0, path=path, what="header length")
+    if prefix[:4] == GGUF_MAGIC:
+        raise FormatError(f"{path}: a GGUF file (magic 'GGUF'), not safetensors")
+    (header_nbytes,) = struct.unpack("<Q", prefix)
+    if header_nbytes > MAX_HEADER_NBYTES:
+        raise FormatError(f"{path}: header length {header_nbytes} is over the {MAX_HEADER_NBYTES} byte limit")
+    if 8 + header_nbytes > file_nbytes:
+        raise FormatError(
+            f"{path}: truncated: header length {header_nbytes} runs past the end of the {file_nbytes} byte file"
+        )
+    raw = read_exact(fd, header_nbytes, 8, path=path, what="header")
+    # Every entry spells "data_offsets": count them before decoding, so a header
+    # of millions of tensors is refused in milliseconds, not after a gigabyte.
+    claimed = raw.count(b'"data_offsets"')
+    if claimed > MAX_TENSORS:
+        raise FormatError(f"{path}: header describes {claimed} tensors, over the {MAX_TENSORS} limit")
     header = parse_json_object(raw, path=path, what="safetensors header")
-    data_offset = 8 + header_nbytes
-    return _validate(path, header, data_offset, file_nbytes)
+    return _validate(path, header, 8 + header_nbytes, file_nbytes, FileIdentity.of(info))
 
 
-def _validate(path: str, header: dict[str, object], data_offset: int, file_nbytes: int) -> SafetensorsHeader:
+def _validate(
+    path: str, header: dict[str, object], data_offset: int, file_nbytes: int, identity: FileIdentity
+) -> SafetensorsHeader:
     metadata: dict[str, str] = {}
     if "__metadata__" in header:
         metadata = string_map(header.pop("__metadata__"), path=path, what="__metadata__")
@@ -112,11 +115,7 @@ def _validate(path: str, header: dict[str, object], data_offset: int, file_nbyte
         dtype = opaque_dtype(entry["dtype"], where=f"{path}: tensor {name!r}")
         shape = validate_shape(entry["shape"], path=path, tensor=name)
         offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or any(type(value) is not int for value in offsets)
-        ):
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(type(value) is not int for value in offsets):
             raise FormatError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], found {offsets!r:.80}")
         begin, end = offsets
         if begin < 0 or end < begin:
@@ -133,9 +132,13 @@ def _validate(path: str, header: dict[str, object], data_offset: int, file_nbyte
     position = 0
     for begin, end, name in sorted(spans):
         if begin > position:
-            raise FormatError(f"{path}: tensor {name!r}: hole in the data buffer: bytes [{position}, {begin}) belong to no tensor")
+            raise FormatError(
+                f"{path}: tensor {name!r}: hole in the data buffer: bytes [{position}, {begin}) belong to no tensor"
+            )
         if begin < position:
-            raise FormatError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap the tensor before it (ends at {position})")
+            raise FormatError(
+                f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap the tensor before it (ends at {position})"
+            )
         position = end
     if position > data_nbytes:
         raise FormatError(
@@ -150,7 +153,7 @@ def _validate(path: str, header: dict[str, object], data_offset: int, file_nbyte
         TensorRecord(name, dtype, shape, path, data_offset + begin, end - begin)
         for name, dtype, shape, begin, end in entries
     )
-    return SafetensorsHeader(path, file_nbytes, data_offset, metadata, tensors)
+    return SafetensorsHeader(path, file_nbytes, data_offset, metadata, tensors, identity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,7 @@ class SafetensorsWriter:
         header, placed = layout_header(specs, metadata, align)
         self._data_offset = len(header)
         self._order = [(spec, begin) for spec, begin in placed if not spec.name.startswith(PAD_PREFIX)]
+        self._specs = {spec.name: spec for spec, _ in self._order}
         self._pads = [(spec, begin) for spec, begin in placed if spec.name.startswith(PAD_PREFIX)]
         self._data_nbytes = max((begin + spec.nbytes for spec, begin in placed), default=0)
         self.offsets = {spec.name: self._data_offset + begin for spec, begin in placed}
@@ -273,7 +277,7 @@ class SafetensorsWriter:
             if data.dtype != spec.dtype.numpy:
                 raise ValueError(f"{self.path}: tensor {name!r}: expected {spec.dtype.numpy}, got {data.dtype}")
             # ml_dtypes types do not export a buffer; their bytes as uint8 do.
-            buffer = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            buffer = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
         else:
             buffer = memoryview(data).cast("B")
         if self._written + len(buffer) > spec.nbytes:
@@ -289,7 +293,14 @@ class SafetensorsWriter:
             self._written = 0
 
     def write_tensor(self, name: str, chunks: Iterable[npt.NDArray[np.generic]]) -> None:
-        """Append every chunk of tensor ``name``, which must be the pending one."""
+        """Append every chunk of tensor ``name``, which must be the pending one
+        (a zero-size tensor has no bytes: its chunks must be empty)."""
+        spec = self._specs.get(name)
+        if spec is not None and spec.nbytes == 0:
+            for chunk in chunks:
+                if chunk.nbytes:
+                    raise ValueError(f"{self.path}: tensor {name!r} has zero size, got {chunk.nbytes} bytes")
+            return
         if self.pending != name:
             raise ValueError(f"{self.path}: expected tensor {self.pending!r} next, got {name!r}")
         for chunk in chunks:
@@ -316,9 +327,7 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
             self.close()
         else:

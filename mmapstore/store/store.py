@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
+from ..errors import FileChangedError, FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
 from ..formats.manifest import manifest_encodings
 from ..geometry import Encoding, Orientation, PartGeometry, c_strides
 from ..mapping import FileMaps
-from .layouts import LayerPlan, discover
+from .layouts import MAX_EXPERTS, LayerPlan, discover
 from .stack import ExpertStack, LayerExperts
 
 __all__ = ["ExpertStore", "open_store"]
@@ -39,7 +39,7 @@ class ExpertStore:
         sizes: dict[str, int] = {}
         for record in checkpoint.tensors.values():
             sizes[record.path] = max(sizes.get(record.path, 0), record.offset + record.nbytes)
-        self._maps = FileMaps(sizes)
+        self._maps = FileMaps(sizes, checkpoint.identities)
         self.files: tuple[str, ...] = checkpoint.files
         self._file_ids = {path: index for index, path in enumerate(self.files)}
         slab_encodings, orientation = None, "kn"
@@ -48,11 +48,18 @@ class ExpertStore:
             slab_encodings = manifest_encodings(checkpoint.manifest, path=checkpoint.path)
         elif checkpoint.kind == "gguf":
             slab_encodings, orientation = {}, "nk"  # ggml ne = {in, out, E}: numpy [E, out, in]
-        self.layout, plans = discover(
-            checkpoint.tensors, checkpoint.config, source=checkpoint.path,
-            slab_encodings=slab_encodings, slab_orientation=orientation,
-        )
-        built = [self._build(plan) for plan in plans]
+        try:
+            self.layout, plans = discover(
+                checkpoint.tensors, checkpoint.config, source=checkpoint.path,
+                slab_encodings=slab_encodings, slab_orientation=orientation,
+            )
+            # Map every file now, each checked to be the file whose header was
+            # validated: a file replaced after open_store cannot be read instead.
+            self._maps.map_all(checkpoint.files)
+            built = [self._build(plan) for plan in plans]
+        except BaseException:
+            self._maps.close()
+            raise
         self.layers: list[LayerExperts] = [layer for layer in built if not layer.mtp]
         # DeepSeek's next-token-prediction layers: reachable by index, never decoding layers.
         self.mtp_layers: list[LayerExperts] = [layer for layer in built if layer.mtp]
@@ -304,6 +311,10 @@ class ExpertStore:
             problems.append(f"gate [k={gate.k}, n={gate.n}] vs up [k={up.k}, n={up.n}]")
         if (down.k, down.n) != (gate.n, gate.k):
             problems.append(f"down [k={down.k}, n={down.n}] should be [k={gate.n}, n={gate.k}]")
+        if not 1 <= gate.num_experts <= MAX_EXPERTS:
+            problems.append(f"{gate.num_experts} experts (a MoE layer has 1 to {MAX_EXPERTS})")
+        if 0 in (gate.k, gate.n):
+            problems.append(f"empty slabs [k={gate.k}, n={gate.n}]")
         if problems:
             names = sorted({name for stack in (gate, up, down) for name in stack.tensor_names[:1]})
             raise FormatError(f"{self.path}: MoE layer {plan.layer_index} ({', '.join(names)}): " + "; ".join(problems))
@@ -327,9 +338,39 @@ def open_store(path: str | os.PathLike[str]) -> ExpertStore:
     plain ``*.safetensors``), a single ``.safetensors`` file, or a raw slab
     directory.
 
+    A store replaced while it is being opened (``convert --force`` renaming a
+    new store over it, a shard re-downloaded) is read again, up to
+    ``OPEN_ATTEMPTS`` times, so the result is always one consistent store.
+
     Raises
     ------
     FormatError
         Anything malformed, truncated, unsafe or without MoE experts.
+    FileChangedError
+        The store kept changing during every attempt.
     """
-    return ExpertStore(read_checkpoint(path))
+    path = os.fspath(path)
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        before = _identity(path)
+        try:
+            return ExpertStore(read_checkpoint(path))
+        except FileChangedError:
+            if attempt == OPEN_ATTEMPTS:
+                raise
+        except FormatError:
+            # Something vanished or changed mid-read because the whole store was
+            # renamed over: read the new one.  A store that stayed put is broken.
+            if attempt == OPEN_ATTEMPTS or before is None or _identity(path) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+OPEN_ATTEMPTS = 8
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns

@@ -1,0 +1,87 @@
+"""Exact reads into caller buffers: what bulk readers use instead of a mapping
+when the file may shrink under them.
+
+Touching a mapped page past the end of a truncated file kills the process
+with SIGBUS; ``pread`` past the end returns fewer bytes instead.  :func:`pread_into`
+turns that short read into a :class:`~mmapstore.errors.FormatError` naming
+the file, so ``convert`` and ``verify`` (and any sink that copies through
+it) survive a file that shrinks while they read it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import FormatError
+from .mapping import MappedFile
+
+__all__ = ["MAX_PREAD_NBYTES", "pread_into"]
+
+# One preadv call moves at most this much (Linux caps a single read near 2 GiB).
+MAX_PREAD_NBYTES = 1 << 30
+
+
+def pread_into(
+    source: int | MappedFile,
+    offset: int,
+    destination: memoryview | npt.NDArray[np.generic],
+    *,
+    path: str | None = None,
+) -> None:
+    """Fill all of ``destination`` with the file bytes starting at ``offset``.
+
+    Parameters
+    ----------
+    source
+        An open file descriptor, or a :class:`~mmapstore.mapping.MappedFile`
+        (its own descriptor is used; the mapping is never touched).
+    offset
+        Absolute file offset of the first byte.
+    destination
+        A writable, C-contiguous buffer (numpy array of any dtype, or a
+        memoryview); exactly ``destination.nbytes`` bytes are read into it.
+    path
+        The file's name for messages (defaults to the mapping's path).
+
+    Raises
+    ------
+    FormatError
+        The file ends before ``offset + destination.nbytes`` (it shrank, or
+        was shorter than promised), or the read fails.
+    ValueError
+        ``destination`` is not writable and contiguous, or ``offset`` is negative.
+    """
+    if isinstance(source, MappedFile):
+        fd, name = source.fd, path or source.path
+        if fd < 0:
+            raise FormatError(f"{name}: the mapping is closed")
+    else:
+        fd, name = source, path or f"file descriptor {source}"
+    if offset < 0:
+        raise ValueError(f"{name}: negative offset {offset}")
+    if isinstance(destination, np.ndarray):
+        if not destination.flags.c_contiguous or not destination.flags.writeable:
+            raise ValueError(f"{name}: destination must be a writable C-contiguous array")
+        target = destination.reshape(-1).view(np.uint8).data
+    else:
+        target = destination.cast("B") if destination.format != "B" or destination.ndim != 1 else destination
+        if target.readonly:
+            raise ValueError(f"{name}: destination is read-only")
+    total = target.nbytes
+    done = 0
+    while done < total:
+        try:
+            got = os.preadv(fd, [target[done : done + MAX_PREAD_NBYTES]], offset + done)
+        except OSError as exc:
+            raise FormatError(
+                f"{name}: read of bytes [{offset + done}, {offset + total}) failed: {exc.strerror}"
+            ) from None
+        if got == 0:
+            raise FormatError(
+                f"{name}: file ends before byte {offset + total} (read {done} of {total} bytes at offset "
+                f"{offset}): it shrank or is truncated"
+            )
+        done += got
