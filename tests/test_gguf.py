@@ -34,6 +34,7 @@ from gguf_builders import (
 from mmapstore.dequant import dequantize_ggml
 from mmapstore.errors import FormatError
 from mmapstore.formats import gguf_cursor
+from mmapstore.formats.records import MAX_TENSORS
 from mmapstore.formats.gguf import is_gguf, read_gguf_files, read_gguf_header
 
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the reference files and dequantizes the oracle values")
@@ -359,7 +360,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "big-endian version": (spoiled(version=0x03000000).pack(), "big-endian"),
     "version 1": (spoiled(version=1).pack(), "version 1 is not supported"),
     "version 4": (spoiled(version=4).pack(), "version 4 is not supported"),
-    "tensor count 2**63": (spoiled(tensor_count=2**63).pack(), "over the 2000000 limit"),
+    "tensor count 2**63": (spoiled(tensor_count=2**63).pack(), f"over the {MAX_TENSORS} limit"),
     "tensor count lies": (spoiled(tensor_count=1000).pack(), "need at least"),
     "tensor count one too many": (spoiled(tensor_count=4).pack(), "tensor #3"),
     "kv count 2**64-1": (spoiled(kv_count=2**64 - 1).pack(), "key-value pairs, over"),
