@@ -118,7 +118,9 @@ def _gguf(path: str) -> Checkpoint:
     headers = read_gguf_files(path)
     tensors = _collect([header.tensors for header in headers], source=path)
     metadata: dict[str, Any] = dict(headers[0].metadata)
-    return Checkpoint(path, "gguf", tensors, tuple(header.path for header in headers), None, None, metadata)
+    identities = {header.path: header.identity for header in headers if header.identity is not None}
+    return Checkpoint(path, "gguf", tensors, tuple(header.path for header in headers), None, None, metadata,
+                      identities=identities)
 
 
 def _collect(groups: list[tuple[TensorRecord, ...]], *, source: str) -> dict[str, TensorRecord]:

@@ -23,10 +23,11 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..dtypes import GGML_TYPES
 from ..errors import FormatError
+from .files import FileIdentity
 from .gguf_cursor import UINT32, HeaderCursor
 from .records import MAX_TENSORS, TensorRecord, shape_nbytes
 
@@ -71,9 +72,10 @@ class GGUFHeader:
     data_offset: int
     metadata: dict[str, object]
     tensors: tuple[TensorRecord, ...]
+    identity: FileIdentity | None = None  # which file was read: the one later mapped must be it
 
 
-def _open_regular(path: str) -> tuple[int, int]:
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
     """Open read-only without blocking (a FIFO cannot hang us); refuse non-regular files."""
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -89,7 +91,7 @@ def _open_regular(path: str) -> tuple[int, int]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, info.st_size
+    return fd, info
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -134,9 +136,9 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
         and the byte offset.
     """
     path = os.fspath(path)
-    fd, file_nbytes = _open_regular(path)
+    fd, info = _open_regular(path)
     try:
-        return _parse(HeaderCursor(fd, path, file_nbytes))
+        return replace(_parse(HeaderCursor(fd, path, info.st_size)), identity=FileIdentity.of(info))
     finally:
         os.close(fd)
 
