@@ -60,7 +60,8 @@ class DType:
         (see :func:`opaque_dtype`): its bytes can be described, never served.
         ggml block types from :data:`GGML_TYPES` are known; a safetensors
         tensor whose code merely spells one (``"Q4_K"``) is opaque."""
-        return DTYPE_CODES.get(self.code, GGML_BLOCK_CODES.get(self.code)) == self
+        entry = DTYPE_CODES.get(self.code, GGML_BLOCK_CODES.get(self.code))
+        return entry is self or entry == self
 
     @property
     def is_block(self) -> bool:

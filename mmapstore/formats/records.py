@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ..dtypes import DType
 from ..errors import FormatError
@@ -41,9 +40,13 @@ MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 56
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRecord:
-    """Where one tensor's bytes lie: ``path`` at absolute ``offset``, ``nbytes`` long."""
+class TensorRecord(NamedTuple):
+    """Where one tensor's bytes lie: ``path`` at absolute ``offset``, ``nbytes`` long.
+
+    An immutable value like the frozen dataclasses elsewhere; a named tuple
+    because a DeepSeek-V3 checkpoint has ~47,000 of them and a tuple is built
+    several times faster, which is a third of the time to open such a store.
+    """
 
     name: str
     dtype: DType

@@ -19,10 +19,12 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from ..dtypes import DType, dtype_from_code, opaque_dtype
+from ..dtypes import DTYPE_CODES, DType, dtype_from_code, opaque_dtype
 from ..errors import FormatError
 from .files import FileIdentity, open_regular
 from .records import (
+    MAX_DIMS,
+    MAX_ELEMENTS,
     MAX_HEADER_NBYTES,
     MAX_TENSORS,
     TensorRecord,
@@ -90,8 +92,39 @@ def read_header_fd(fd: int, info: os.stat_result, path: str) -> SafetensorsHeade
     claimed = raw.count(b'"data_offsets"')
     if claimed > MAX_TENSORS:
         raise FormatError(f"{path}: header describes {claimed} tensors, over the {MAX_TENSORS} limit")
-    header = parse_json_object(raw, path=path, what="safetensors header")
+    header = _parse_header(raw, claimed, path)
     return _validate(path, header, 8 + header_nbytes, file_nbytes, FileIdentity.of(info))
+
+
+def _parse_header(raw: bytes, claimed: int, path: str) -> dict[str, object]:
+    """Decode the header JSON, refusing duplicate keys.
+
+    The duplicate check of :func:`parse_json_object` costs a Python call per
+    JSON object; it is skipped when counting proves there can be none: no
+    ``\\u`` escape (so every key is spelled literally), each of ``"dtype"``,
+    ``"shape"`` and ``"data_offsets"`` spelled exactly once per entry, and each
+    metadata key spelled once in the whole header.  Anything else takes the
+    checked path."""
+    if b"\\u" not in raw:
+        try:
+            header = json.loads(raw)
+        except (ValueError, RecursionError):
+            header = None
+        if isinstance(header, dict):
+            metadata = header.get("__metadata__")
+            entries = len(header) - ("__metadata__" in header)
+            if (
+                entries == claimed
+                and raw.count(b'"dtype"') == entries
+                and raw.count(b'"shape"') == entries
+                and raw.count(b'"__metadata__"') == ("__metadata__" in header)
+                and (
+                    not isinstance(metadata, dict)
+                    or all(raw.count(json.dumps(key).encode()) == 1 for key in metadata)
+                )
+            ):
+                return header
+    return parse_json_object(raw, path=path, what="safetensors header")
 
 
 def _validate(
@@ -102,6 +135,9 @@ def _validate(
         metadata = string_map(header.pop("__metadata__"), path=path, what="__metadata__")
     if len(header) > MAX_TENSORS:
         raise FormatError(f"{path}: {len(header)} tensors, over the {MAX_TENSORS} limit")
+    fast = _validate_fast(path, header, data_offset, file_nbytes)
+    if fast is not None:
+        return SafetensorsHeader(path, file_nbytes, data_offset, metadata, fast, identity)
     spans: list[tuple[int, int, str]] = []
     entries: list[tuple[str, DType, tuple[int, ...], int, int]] = []
     for name, entry in header.items():
@@ -154,6 +190,54 @@ def _validate(
         for name, dtype, shape, begin, end in entries
     )
     return SafetensorsHeader(path, file_nbytes, data_offset, metadata, tensors, identity)
+
+
+_ITEMSIZES = {code: (entry, entry.itemsize) for code, entry in DTYPE_CODES.items()}
+
+
+def _validate_fast(
+    path: str, header: dict[str, object], data_offset: int, file_nbytes: int
+) -> tuple[TensorRecord, ...] | None:
+    """The common case of :func:`_validate` at a fraction of its cost: known
+    dtypes, well-formed entries, offsets that tile the buffer.  Returns None at
+    the first thing out of the ordinary, and the checked path then finds and
+    names it (so both paths accept and refuse exactly the same headers)."""
+    records: list[TensorRecord] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    itemsizes = _ITEMSIZES
+    for name, entry in header.items():
+        if type(entry) is not dict or len(entry) != 3:
+            return None
+        known = itemsizes.get(entry.get("dtype"))  # type: ignore[arg-type]
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if known is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+            return None
+        if len(shape) > MAX_DIMS:
+            return None
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            return None
+        elements = 1
+        for dim in shape:
+            if type(dim) is not int or dim <= 0:
+                return None
+            elements *= dim
+        if elements > MAX_ELEMENTS or end - begin != elements * known[1]:
+            return None
+        begins.append(begin)
+        ends.append(end)
+        records.append(TensorRecord(name, known[0], tuple(shape), path, data_offset + begin, end - begin))
+    if records:
+        starts, stops = np.asarray(begins, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+        order = np.argsort(starts, kind="stable")
+        starts, stops = starts[order], stops[order]
+        if starts[0] != 0 or (starts[1:] != stops[:-1]).any() or int(stops[-1]) != file_nbytes - data_offset:
+            return None
+    elif file_nbytes != data_offset:
+        return None
+    return tuple(records)
 
 
 @dataclass(frozen=True, slots=True)

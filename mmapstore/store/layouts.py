@@ -190,57 +190,66 @@ def discover(
     gguf_fused: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     dbrx: dict[int, dict[str, dict[str, TensorRecord]]] = {}
     for name, record in tensors.items():
-        match = _SLAB.fullmatch(name)
-        if match:
-            slab.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})[match["part"]] = record
-            continue
-        match = _GGUF_FUSED.fullmatch(name)
-        if match:
-            by_part = gguf_fused.setdefault(int(match["layer"]), {}).setdefault("gate_up", {})
-            by_part[match["part"]] = record
-            continue
-        match = _GGUF_PER_EXPERT.fullmatch(name)
-        if match:
-            legacy = per_expert.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})
-            legacy.setdefault("weight", {})[int(match["expert"])] = record
-            continue
-        match = _PER_EXPERT.fullmatch(name)
-        part = None if match is None else _per_expert_part(match["suffix"], scheme)
-        if match and part is not None:
-            expert_parts = per_expert.setdefault(int(match["layer"]), {}).setdefault(_PROJ[match["proj"]], {})
-            by_expert = expert_parts.setdefault(part, {})
-            expert = int(match["expert"])
-            if expert in by_expert:  # e.g. w1 and gate_proj of the same expert
-                raise FormatError(
-                    f"{source}: tensors {by_expert[expert].name!r} and {name!r} are the same expert projection"
-                )
-            by_expert[expert] = record
-            continue
-        match = _FUSED.fullmatch(name)
-        if match and (match["suffix"] not in ("_blocks", "_scales") or scheme.mxfp4):
-            proj = "gate_up" if match["proj"] == "gate_up_proj" else "down"
-            by_part = fused.setdefault(int(match["layer"]), {}).setdefault(proj, {})
-            part = _FUSED_PART[match["suffix"]]
-            if part in by_part:  # two prefixes (or blocks) fused for the same layer
-                raise FormatError(f"{source}: tensors {by_part[part].name!r} and {name!r} are the same fused stack")
-            by_part[part] = record
-            continue
-        match = _LINEAR_FUSED.fullmatch(name)
-        if match:
-            proj = "gate_up" if match["proj"] == "input_linear" else "down"
-            by_part = linear.setdefault(int(match["layer"]), {}).setdefault(proj, {})
-            if "weight" in by_part:
-                raise FormatError(f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same fused stack")
-            by_part["weight"] = record
-            continue
-        match = _DBRX.fullmatch(name)
-        if match:
-            proj = {"w1": "gate", "v1": "up", "w2": "down"}[match["proj"]]
-            by_part = dbrx.setdefault(int(match["layer"]), {}).setdefault(proj, {})
-            if "weight" in by_part:
-                raise FormatError(f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same stack")
-            by_part["weight"] = record
-            continue
+        # Cheap substring tests first: most names of a real checkpoint are
+        # per-expert weights or plainly not experts at all.
+        if ".experts." in name:
+            match = _PER_EXPERT.fullmatch(name)
+            if match:
+                layer_text, proj_name, expert_text, suffix = match.group("layer", "proj", "expert", "suffix")
+                part = "weight" if suffix == "weight" else _per_expert_part(suffix, scheme)
+                if part is not None:
+                    expert_parts = per_expert.setdefault(int(layer_text), {}).setdefault(_PROJ[proj_name], {})
+                    by_expert = expert_parts.setdefault(part, {})
+                    expert = int(expert_text)
+                    if expert in by_expert:  # e.g. w1 and gate_proj of the same expert
+                        raise FormatError(
+                            f"{source}: tensors {by_expert[expert].name!r} and {name!r} are the same expert projection"
+                        )
+                    by_expert[expert] = record
+                    continue
+            match = _FUSED.fullmatch(name)
+            if match and (match["suffix"] not in ("_blocks", "_scales") or scheme.mxfp4):
+                proj = "gate_up" if match["proj"] == "gate_up_proj" else "down"
+                by_part = fused.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+                part = _FUSED_PART[match["suffix"]]
+                if part in by_part:  # two prefixes (or blocks) fused for the same layer
+                    raise FormatError(f"{source}: tensors {by_part[part].name!r} and {name!r} are the same fused stack")
+                by_part[part] = record
+                continue
+            match = _DBRX.fullmatch(name)
+            if match:
+                proj = {"w1": "gate", "v1": "up", "w2": "down"}[match["proj"]]
+                by_part = dbrx.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+                if "weight" in by_part:
+                    raise FormatError(f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same stack")
+                by_part["weight"] = record
+                continue
+        elif name.startswith("blk."):
+            match = _SLAB.fullmatch(name)
+            if match:
+                slab.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})[match["part"]] = record
+                continue
+            match = _GGUF_FUSED.fullmatch(name)
+            if match:
+                by_part = gguf_fused.setdefault(int(match["layer"]), {}).setdefault("gate_up", {})
+                by_part[match["part"]] = record
+                continue
+            match = _GGUF_PER_EXPERT.fullmatch(name)
+            if match:
+                legacy = per_expert.setdefault(int(match["layer"]), {}).setdefault(match["proj"], {})
+                legacy.setdefault("weight", {})[int(match["expert"])] = record
+                continue
+        elif "_linear." in name:
+            match = _LINEAR_FUSED.fullmatch(name)
+            if match:
+                proj = "gate_up" if match["proj"] == "input_linear" else "down"
+                by_part = linear.setdefault(int(match["layer"]), {}).setdefault(proj, {})
+                if "weight" in by_part:
+                    raise FormatError(
+                        f"{source}: tensors {by_part['weight'].name!r} and {name!r} are the same fused stack"
+                    )
+                by_part["weight"] = record
+                continue
         if _UNDER_EXPERTS.search(name) and not _ATTENTION_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
     if gguf_fused:
@@ -415,11 +424,13 @@ def _per_expert_layer(
                 )
             records = tuple(by_expert[expert] for expert in range(count))
             head = records[0]
+            _known(head, source)
+            if part in ("weight", "scale"):  # g_idx, shape, global_scale: 1-D, checked with their packed weight
+                _rank(head, 2, source)
+            # every record like the head: then its dtype and rank checks hold for all
+            head_shape, head_dtype = head.shape, head.dtype
             for record in records:
-                _known(record, source)
-                if part in ("weight", "scale"):  # g_idx, shape, global_scale: 1-D, checked with their packed weight
-                    _rank(record, 2, source)
-                if record.shape != head.shape or record.dtype != head.dtype:
+                if record.shape != head_shape or (record.dtype is not head_dtype and record.dtype != head_dtype):
                     raise FormatError(
                         f"{source}: tensor {record.name!r}: {record.dtype.code} {list(record.shape)} differs from "
                         f"{head.name!r}: {head.dtype.code} {list(head.shape)}"
