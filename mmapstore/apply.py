@@ -1,4 +1,4 @@
-"""Execute a plan against a sink: check every write, prefetch, copy once."""
+"""Execute a plan: check source and sink, prefetch, submit, wait, then commit."""
 
 from __future__ import annotations
 
@@ -6,66 +6,73 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .mapping import MADV_POPULATE_READ, MADV_WILLNEED
-from .planner import FileRanges, RefreshPlan
-from .sinks import Sink
+from .errors import SinkError
+from .planner import RefreshPlan
+from .pool import ExpertPool
+from .sinks import Completion, Sink
+from .source import PREFETCH_MODES, ByteSource, Prefetch
 
-__all__ = ["PREFETCH_MODES", "ApplyResult", "apply", "prefetch_ranges"]
+__all__ = ["PREFETCH_MODES", "ApplyResult", "Pending", "apply", "start"]
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
+    """Bytes delivered, seconds from prefetch to the last copy, table rows,
+    copy threads the sink used."""
+
     nbytes: int
     seconds: float
-    writes: int
+    rows: int
+    threads: int = 1
 
 
-PREFETCH_MODES = ("willneed", "willneed+populate", "none")
-# The kernel caps one MADV_WILLNEED at max(read-ahead, device I/O size)
-# (8 MiB here) and silently ignores the rest; the tail is then faulted in by
-# ordinary read-ahead, which over-reads past the range (1.35x measured).
-# Hinting in 4 MiB pieces schedules every byte and nothing else.
-WILLNEED_CHUNK_NBYTES = 4 << 20
+class Pending:
+    """A plan whose copies are in flight; :meth:`wait` finishes them and then
+    commits the pools (if any were given)."""
+
+    def __init__(self, plan: RefreshPlan, completion: Completion, pools: Sequence[ExpertPool] | None,
+                 started: float) -> None:
+        self.plan = plan
+        self._completion = completion
+        self._pools = pools
+        self._started = started
+        self._result: ApplyResult | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or self._completion.done()
+
+    def wait(self) -> ApplyResult:
+        """Block until the sink's copies landed, then commit the pools (once)."""
+        if self._result is None:
+            written = self._completion.wait()
+            seconds = time.perf_counter() - self._started
+            if self._pools is not None:
+                self.plan.commit(self._pools)
+            self._result = ApplyResult(written.nbytes, seconds, written.rows, written.threads)
+        return self._result
 
 
-def prefetch_ranges(reads: Sequence[FileRanges], mode: str = "willneed") -> None:
-    """Hint the kernel about exactly these ranges: ``MADV_WILLNEED`` on all of
-    them (their I/O in flight at once, nothing read past them); with
-    ``"willneed+populate"`` also ``MADV_POPULATE_READ`` on each (map it in one
-    call instead of a minor fault per page; it waits for the I/O, so on a cold
-    cache it serialises what the copy would overlap)."""
-    if mode == "none":
-        return
-    spans = [(ranges.mapped, ranges.spans()) for ranges in reads]
-    for mapped, pairs in spans:
-        for offset, nbytes in pairs:
-            for start in range(offset, offset + nbytes, WILLNEED_CHUNK_NBYTES):
-                mapped.advise(start, min(WILLNEED_CHUNK_NBYTES, offset + nbytes - start), MADV_WILLNEED)
-    if mode != "willneed+populate":
-        return
-    for mapped, pairs in spans:
-        for offset, nbytes in pairs:
-            try:
-                mapped.advise(offset, nbytes, MADV_POPULATE_READ)
-            except OSError:  # kernel before 5.14: the copy faults the pages in instead
-                return
+def start(
+    plan: RefreshPlan,
+    sink: Sink,
+    source: ByteSource,
+    *,
+    pools: Sequence[ExpertPool] | None = None,
+    prefetch: Prefetch = "willneed",
+) -> Pending:
+    """Check, prefetch and submit ``plan``'s write table; commit ``pools`` on ``wait()``.
 
-
-def apply(plan: RefreshPlan, sink: Sink, *, prefetch: str = "willneed") -> ApplyResult:
-    """Copy every write of ``plan`` into ``sink``.
-
-    Before the first byte moves: the store must be open, every write must be
-    accepted by ``sink.check``, and no source file may have shrunk since it
-    was mapped (touching a truncated mapping is SIGBUS).  Then the kernel
-    is told ``MADV_WILLNEED`` on exactly the byte ranges the plan reads, so
-    all their I/O is in flight at once with no read-ahead past them (never
-    ``MADV_RANDOM``, which faults one page at a time).  Each source is then
-    copied once, straight from the page cache into its destination.
+    Before the first byte moves: ``source.check`` (the store is open, no file
+    shrank since it was mapped, every range lies in its file: touching a
+    truncated mapping is SIGBUS) and ``sink.check`` (every destination).
+    Then the kernel is told ``MADV_WILLNEED`` about exactly the planned
+    ranges' pages that are not resident (their I/O in flight at once, nothing
+    read past them, nothing spent on cached pages), and the sink copies each
+    row once, straight from the page cache.
 
     ``prefetch`` is ``"willneed"`` (default), ``"willneed+populate"`` (adds
     ``MADV_POPULATE_READ``, Linux >= 5.14) or ``"none"``; ``mmapstore bench``
-    compares them (measured here: willneed 1.26x buffered pread on a cold
-    cache with exactly 1.00x the bytes paged in; populate 0.99x; none 0.89x).
+    compares them.
 
     Raises
     ------
@@ -73,14 +80,26 @@ def apply(plan: RefreshPlan, sink: Sink, *, prefetch: str = "willneed") -> Apply
         Before anything is written.
     """
     if prefetch not in PREFETCH_MODES:
-        raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {prefetch!r}")
-    plan.store.check_open()
-    for write in plan.writes:
-        sink.check(write.param, write.index, write.source)
-    for ranges in plan.reads:
-        ranges.mapped.check_size()
-    start = time.perf_counter()
-    prefetch_ranges(plan.reads, prefetch)
-    for write in plan.writes:
-        sink.write(write.param, write.index, write.source)
-    return ApplyResult(plan.nbytes, time.perf_counter() - start, len(plan.writes))
+        raise SinkError(f"prefetch must be one of {PREFETCH_MODES}, got {prefetch!r}")
+    if pools is not None and len(pools) != len(plan.layers):
+        raise SinkError(f"plan has {len(plan.layers)} layers, got {len(pools)} pools to commit")
+    table = plan.table
+    source.check(table)
+    sink.check(table)
+    started = time.perf_counter()
+    source.prefetch(table, prefetch)
+    return Pending(plan, sink.submit(table, source), pools, started)
+
+
+def apply(
+    plan: RefreshPlan,
+    sink: Sink,
+    source: ByteSource,
+    *,
+    pools: Sequence[ExpertPool] | None = None,
+    prefetch: Prefetch = "willneed",
+) -> ApplyResult:
+    """Copy every row of ``plan`` into ``sink`` and wait for it; then commit
+    ``pools`` if given.  :func:`start` followed by ``wait()``; same checks,
+    same errors, nothing written when a check fails."""
+    return start(plan, sink, source, pools=pools, prefetch=prefetch).wait()

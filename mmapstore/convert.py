@@ -32,6 +32,7 @@ from .errors import ConvertError, FormatError
 from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec, read_checkpoint
 from .formats.records import split_by_size
 from .geometry import Encoding
+from .kernels import copy_slab
 from .mapping import PAGE_NBYTES
 from .preadcopy import pread_into
 from .publish import clean_partials, locked, staged_dir
@@ -390,25 +391,6 @@ def _stack_items(layer: int, proj: str, stack: ExpertStack, out_dtype: DType | N
             )
         )
     return items
-
-
-_TILE = 64  # a 64x64 tile of a transposed copy stays in L1; numpy's plain strided copy is ~9x slower
-
-
-def copy_slab(destination: npt.NDArray[np.generic], source: npt.NDArray[np.generic]) -> None:
-    """``destination[...] = source`` with casting; tiled when ``source`` is a
-    transposed view (``[out, in]`` files read as ``[k, n]``)."""
-    if source.flags.c_contiguous or source.ndim != 2:
-        np.copyto(destination, source, casting="unsafe")
-        return
-    rows, cols = source.shape
-    for row in range(0, rows, _TILE):
-        for col in range(0, cols, _TILE):
-            np.copyto(
-                destination[row : row + _TILE, col : col + _TILE],
-                source[row : row + _TILE, col : col + _TILE],
-                casting="unsafe",
-            )
 
 
 def _stream_stack(

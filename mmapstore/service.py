@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy.typing as npt
 
 from .apply import ApplyResult, apply
-from .planner import DEFAULT_PARAM_NAME, PoolUpdate, plan_full_push, plan_refresh, plan_resident
+from .errors import CapturedIdsError, SinkError
+from .planner import DEFAULT_PARAM_NAME, PoolUpdate, geometries_of, plan_full_push, plan_refresh, plan_resident
 from .pool import ExecMode, ExpertPool, RefreshPolicy
-from .sinks import ArraySink, Sink
+from .sinks import ArraySink, Sink, SinkOrientation
 from .store import ExpertStore
 
 __all__ = ["ServiceStats", "SlabService", "StepResult"]
@@ -64,25 +65,42 @@ class SlabService:
         sink: Sink | None = None,
         *,
         dtype: npt.DTypeLike | None = None,
-        orientation: str = "native",
+        orientation: SinkOrientation = "native",
         names: str = DEFAULT_PARAM_NAME,
         load: bool = True,
     ) -> None:
         self.store = store
         self.names = names
+        self.geometry = geometries_of(store)
+        self.source = store.byte_source()  # long-lived: page tables filled once serve every refresh
         capacities = [capacity] * store.num_layers if isinstance(capacity, int) else list(capacity)
         if len(capacities) != store.num_layers:
-            raise ValueError(f"{len(capacities)} capacities for {store.num_layers} MoE layers")
+            raise CapturedIdsError(f"{len(capacities)} capacities for {store.num_layers} MoE layers")
         self.pools = [
-            ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities)
+            ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
-        self.sink: Sink = sink if sink is not None else ArraySink.for_store(
-            store, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation, names=names
+        self.sink: Sink = sink if sink is not None else ArraySink.for_geometries(
+            self.geometry, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation, names=names
         )
         self._stats = ServiceStats()
         self._step = 0
         if load:
-            apply(plan_resident(store, self.pools, names=names), self.sink)
+            apply(plan_resident(self.geometry, self.pools, names=names), self.sink, self.source)
+
+    @property
+    def buffers(self) -> Mapping[str, object]:
+        """The sink's destinations (``param -> [capacity, ...]`` arrays for the
+        default :class:`ArraySink`).
+
+        Raises
+        ------
+        SinkError
+            The sink does not expose its destinations.
+        """
+        buffers = getattr(self.sink, "buffers", None)
+        if buffers is None:
+            raise SinkError(f"{type(self.sink).__name__} does not expose its buffers")
+        return buffers  # type: ignore[no-any-return]
 
     def step(
         self,
@@ -91,7 +109,8 @@ class SlabService:
         is_prefill_block: bool = False,
         mode: ExecMode = ExecMode.REUSE,
     ) -> StepResult:
-        """One forward: plan a refresh if due, copy the promoted slabs, commit the pools.
+        """One forward: plan a refresh if due, copy the promoted slabs, wait
+        for the sink, then commit the pools.
 
         ``captured[i]`` holds the Top-K ids of ``store.layers[i]`` for this
         step.  Bad input raises before anything is written.
@@ -99,11 +118,10 @@ class SlabService:
         current = self._step if step is None else step
         self._step = current + 1
         self._stats.steps += 1
-        plan = plan_refresh(self.store, self.pools, captured, current, is_prefill_block, mode, names=self.names)
+        plan = plan_refresh(self.geometry, self.pools, captured, current, is_prefill_block, mode, names=self.names)
         if plan is None:
             return StepResult(current, False)
-        applied = apply(plan, self.sink)
-        plan.commit(self.pools)
+        applied = apply(plan, self.sink, self.source, pools=self.pools)  # commits after the sink's wait()
         self._stats.refreshes += 1
         self._stats.promotions += len(plan.updates)
         self._stats.demotions += len(plan.updates)
@@ -113,7 +131,7 @@ class SlabService:
 
     def push_all(self, sink: Sink) -> ApplyResult:
         """Write every stack into full ``[E, ...]`` parameters of ``sink``."""
-        return apply(plan_full_push(self.store, names=self.names), sink)
+        return apply(plan_full_push(self.geometry, names=self.names), sink, self.source)
 
     @property
     def stats(self) -> ServiceStats:

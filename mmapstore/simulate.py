@@ -9,7 +9,7 @@ import numpy as np
 from .planner import param_name
 from .pool import RefreshPolicy
 from .service import SlabService
-from .sinks import ArraySink
+from .sinks import ArraySink, SinkOrientation
 from .store import open_store
 from .synth import routing_trace
 
@@ -26,7 +26,7 @@ def simulate(
     top_k: int = 2,
     seed: int = 0,
     dtype: str | None = None,
-    orientation: str = "native",
+    orientation: SinkOrientation = "native",
 ) -> dict[str, Any]:
     """Run ``steps`` forwards; after each refresh compare every resident slot
     with the store's slab, bit for bit (in the sink's dtype and orientation)."""

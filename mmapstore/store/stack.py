@@ -152,57 +152,9 @@ class ExpertStack:
         values = dequantize_slab(self.encoding, views, self.native_orientation, self.k, self.n, where=self.name)
         return np.asarray(values if self.native_orientation == "kn" else values.T).astype(dtype)
 
-    # -- locators kept for callers not yet on geometries ----------------------
-    def native_range(self, first: int, count: int) -> npt.NDArray[np.generic] | None:
-        """Experts ``first .. first+count-1`` as one ``[count, *native_shape]`` view,
-        or None when their slabs are not evenly spaced in one file."""
-        located = self.range_source(first, count)
-        return None if located is None else located[0]
-
-    def stacked_geometry(self) -> tuple[npt.NDArray[np.generic], MappedFile, int, int, int] | None:
-        """For a stacked weight: ``(3-D native view, mapping, offset of expert 0,
-        byte stride, byte extent of one slab)``; None for gathered stacks."""
-        geometry = self.geometry
-        if geometry.stride is None:
-            return None
-        located = self.range_source(0, self.num_experts)
-        assert located is not None
-        view, mapped, _, _ = located
-        return view, mapped, int(geometry.offsets[0]), geometry.stride, geometry.extent
-
-    def range_source(
-        self, first: int, count: int, part: str = "weight"
-    ) -> tuple[npt.NDArray[np.generic], MappedFile, int, int] | None:
-        """:meth:`native_range` of ``part`` plus where its bytes lie: ``(view,
-        mapping, file offset, byte extent)``."""
-        self.check_expert(first)
-        self.check_expert(first + count - 1)
-        geometry = self.parts[part]
-        run = geometry.run_of(first, count)
-        if run is None:
-            return None
-        file, offset, extent = run
-        mapped = self._mapped(file)
-        stride = geometry.stride if geometry.stride is not None else extent
-        view = mapped.view(
-            offset + geometry.view_delta, geometry.dtype.numpy, (count, *geometry.slab_shape),
-            (stride, *geometry.slab_strides),
-        )
-        return view, mapped, offset, extent
-
-    def mapped_file(self, expert: int) -> MappedFile:
-        """The mapping that holds ``expert``'s weight bytes."""
-        expert = self.check_expert(expert)
-        return self._mapped(int(self.geometry.files[expert]))
-
     def part_span(self, part: str, expert: int) -> SourceSpan:
         """The file bytes that serving ``part`` of ``expert`` touches."""
         file, offset, extent = self.parts[part].range_of(self.check_expert(expert))
-        return SourceSpan(self._mapped(file), offset, extent)
-
-    def source_span(self, expert: int) -> SourceSpan:
-        """The file bytes that serving ``expert``'s weight touches."""
-        file, offset, extent = self.geometry.range_of(self.check_expert(expert))
         return SourceSpan(self._mapped(file), offset, extent)
 
     def __repr__(self) -> str:

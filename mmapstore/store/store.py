@@ -17,6 +17,7 @@ from ..formats import Checkpoint, TensorRecord, read_checkpoint
 from ..formats.manifest import manifest_encodings
 from ..geometry import Encoding, Orientation, PartGeometry, c_strides
 from ..mapping import FileMaps
+from ..source import MappedSource
 from .layouts import MAX_EXPERTS, LayerPlan, discover
 from .stack import ExpertStack, LayerExperts
 
@@ -113,6 +114,12 @@ class ExpertStore:
     def check_open(self) -> None:
         if self._maps.closed:
             raise StoreClosedError(f"{self.path}: the store is closed")
+
+    def byte_source(self) -> MappedSource:
+        """The source sinks read write tables through: zero-copy views of this
+        store's long-lived mappings (see :mod:`mmapstore.source`)."""
+        self.check_open()
+        return MappedSource(self._maps, self.files, where=self.path)
 
     def mapped_files(self) -> list[Any]:
         """The files mapped so far (each once)."""
