@@ -45,7 +45,7 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
                 want = DTYPES[dtype] or source.dtype
                 assert converted.dtype == np.dtype(want)
                 assert converted.is_stacked and converted.native_orientation == "kn"
-                assert converted.mapped_file(0).offset_of(converted.native(0)) % 4096 == 0  # page-aligned
+                assert converted.part_span("weight", 0).mapped.offset_of(converted.native(0)) % 4096 == 0  # page-aligned
                 for expert in range(source.num_experts):
                     np.testing.assert_array_equal(converted.expert(expert), source.expert(expert).astype(want))
     if storage == "safetensors":
@@ -85,7 +85,7 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_file(sources, tmp_path):
     result = convert(sources["mixtral"], tmp_path / "out", shard_nbytes=8_000)
     with open_store(result.path) as store:
         stack = store.layers[1].up
-        span = stack.source_span(2)
+        span = stack.part_span("weight", 2)
         target, offset = span.mapped.path, span.offset + 5
     with open(target, "r+b") as handle:
         handle.seek(offset)

@@ -28,6 +28,7 @@ from mmapstore.convert import convert
 from mmapstore.formats import read_safetensors_header
 from mmapstore.pool import RefreshPolicy
 from mmapstore.report import verify
+from mmapstore.planner import geometries_of, plan_full_push
 from mmapstore.service import SlabService
 from mmapstore.synth import routing_trace, synth_checkpoint
 
@@ -416,7 +417,10 @@ def test_reconversion_under_a_reader(source, tmp_path):
     with open_store(dst) as store:
         view = store.layers[0].gate.expert(3)
         old = view.copy()
-        held = store.layers[1].down.native_range(0, 8)
+        table = plan_full_push(geometries_of(store)).table  # every expert of layer 1's down stack, one view
+        down = table.params.index(f"blk.{store.layers[1].layer_index}.ffn_down_exps.weight")
+        held = store.byte_source().view(table, int(np.flatnonzero(table.param == down)[0]))
+        assert held.shape[0] == 8
         held_copy = held.copy()
         cli = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
         result = subprocess.run(

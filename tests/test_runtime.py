@@ -10,7 +10,7 @@ import pytest
 from mmapstore import CapturedIdsError, SinkError, StoreClosedError, open_store
 from mmapstore.apply import apply
 from mmapstore.convert import convert
-from mmapstore.planner import plan_full_push, plan_refresh, plan_resident
+from mmapstore.planner import geometries_of, plan_full_push, plan_refresh, plan_resident
 from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore.service import SlabService
 from mmapstore.sinks import ArraySink, DictSink
@@ -29,6 +29,7 @@ def stores(tmp_path_factory):
 
 def resident_matches(service: SlabService) -> None:
     sink = service.sink
+    assert service.buffers is sink.arrays
     for layer, pool in zip(service.store.layers, service.pools):
         for slot, expert in enumerate(pool.resident_experts()):
             for proj, stack in layer.stacks:
@@ -70,17 +71,19 @@ def test_plan_sources_share_memory_with_the_mapping_and_coalesce(stores):
         pools = [ExpertPool(8, 4) for _ in store.layers]
         # layer 0: experts 4..7 replace 0..3 -> one coalesced write per stack
         captured = [np.array([4, 5, 6, 7]), np.array([0, 1]), np.array([0, 5])]
-        plan = plan_refresh(store, pools, captured, step=0)
+        plan = plan_refresh(geometries_of(store), pools, captured, step=0)
         assert plan is not None
-        layer0 = [w for w in plan.writes if w.param.startswith("blk.0.")]
-        assert [(w.index, w.count) for w in layer0] == [(0, 4)] * 3
+        table, source = plan.table, store.byte_source()
+        layer0 = [row for row in range(table.rows) if table.param_name(row).startswith("blk.0.")]
+        assert [(int(table.slot[row]), int(table.count[row])) for row in layer0] == [(0, 4)] * 3
         assert [u for u in plan.updates if u.layer == 1] == []
-        for write in plan.writes:
-            stack = store.layer(int(write.param.split(".")[1])).gate
-            mapped = stack.mapped_file(0)
-            assert np.shares_memory(write.source, mapped.view(0, np.dtype(np.uint8), (mapped.nbytes,)))
-            assert not write.source.flags.writeable
-        assert plan.nbytes == sum(w.nbytes for w in plan.writes)
+        views = [source.view(table, row) for row in range(table.rows)]
+        for row, view in enumerate(views):
+            mapped = source.mapping(int(table.file[row]))
+            assert np.shares_memory(view, mapped.view(0, np.dtype(np.uint8), (mapped.nbytes,)))
+            assert not view.flags.writeable
+            assert mapped.offset_of(view) == int(table.offset[row])
+        assert plan.nbytes == sum(view.nbytes for view in views)
         assert plan.read_nbytes == plan.nbytes  # contiguous [E, k, n] slabs: nothing extra read
         for pool in pools:
             assert pool.generation == 0  # planning changes nothing
@@ -94,8 +97,9 @@ def test_planning_allocates_nothing_weight_sized(tmp_path):
         slab_nbytes = store.layers[0].gate.slab_nbytes
         pools = [ExpertPool(16, 8) for _ in store.layers]
         captured = [np.arange(8, 16), np.arange(8, 16)]
+        geometry = geometries_of(store)
         tracemalloc.start()
-        plan = plan_refresh(store, pools, captured, step=0)
+        plan = plan_refresh(geometry, pools, captured, step=0)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert plan is not None and plan.nbytes >= 8 * 3 * 2 * slab_nbytes
@@ -105,10 +109,11 @@ def test_planning_allocates_nothing_weight_sized(tmp_path):
 def test_no_refresh_when_not_due(stores):
     with open_store(stores["mixtral"]) as store:
         pools = [ExpertPool(8, 2, RefreshPolicy.every_n_decode_steps(3)) for _ in store.layers]
-        assert plan_refresh(store, pools, [[1]] * 3, step=1) is None
-        assert plan_refresh(store, pools, [[1]] * 3, step=1, mode=ExecMode.REFRESH) is not None
+        geometry = geometries_of(store)
+        assert plan_refresh(geometry, pools, [[1]] * 3, step=1) is None
+        assert plan_refresh(geometry, pools, [[1]] * 3, step=1, mode=ExecMode.REFRESH) is not None
         full = [ExpertPool(8, 8) for _ in store.layers]
-        assert plan_refresh(store, full, [[1]] * 3, step=0, mode=ExecMode.REFRESH) is None
+        assert plan_refresh(geometry, full, [[1]] * 3, step=0, mode=ExecMode.REFRESH) is None
 
 
 @pytest.mark.parametrize("captured, match", [
@@ -131,8 +136,8 @@ def test_bad_captured_input_writes_nothing(stores, captured, match):
 def test_sink_with_wrong_shape_or_dtype_gets_nothing(stores):
     with open_store(stores["slab"]) as store:
         pools = [ExpertPool(8, 2) for _ in store.layers]
-        plan = plan_refresh(store, pools, [[0, 5]] * 3, step=0)
-        assert plan is not None and {w.index for w in plan.writes} == {1}
+        plan = plan_refresh(geometries_of(store), pools, [[0, 5]] * 3, step=0)
+        assert plan is not None and set(plan.table.slot.tolist()) == {1}
         good = ArraySink.for_store(store, 2)
         cases = {
             "missing": DictSink({}),
@@ -142,20 +147,24 @@ def test_sink_with_wrong_shape_or_dtype_gets_nothing(stores):
         }
         for sink in cases.values():
             with pytest.raises(SinkError):
-                apply(plan, sink)
+                apply(plan, sink, store.byte_source(), pools=pools)
             assert all(not array.any() for array in sink.arrays.values())
+            assert all(pool.generation == 0 for pool in pools)  # nothing committed either
 
 
 def test_plan_applied_to_a_closed_store(stores):
     store = open_store(stores["slab"])
     pools = [ExpertPool(8, 2) for _ in store.layers]
-    plan = plan_refresh(store, pools, [[5], [5], [5]], step=0)
+    plan = plan_refresh(geometries_of(store), pools, [[5], [5], [5]], step=0)
     sink = ArraySink.for_store(store, 2)
+    source = store.byte_source()
     store.close()
     with pytest.raises(StoreClosedError):
-        apply(plan, sink)
+        apply(plan, sink, source)
     with pytest.raises(StoreClosedError):
-        plan_refresh(store, pools, [[5], [5], [5]], step=0)
+        geometries_of(store)
+    with pytest.raises(StoreClosedError):
+        store.byte_source()
     assert all(not array.any() for array in sink.arrays.values())
 
 
@@ -172,21 +181,23 @@ def test_full_push_writes_every_stack(stores, family):
                 for expert in range(stack.num_experts):
                     np.testing.assert_array_equal(buffer[expert], stack.expert(expert).astype(np.float32))
         if family == "slab":
-            assert len(plan_full_push(store).writes) == 3 * store.num_layers  # one write per stack
+            assert plan_full_push(geometries_of(store)).table.rows == 3 * store.num_layers  # one row per stack
 
 
 def test_resident_plan_and_custom_names(stores):
     with open_store(stores["slab"]) as store:
         pools = [ExpertPool(8, 3) for _ in store.layers]
-        plan = plan_resident(store, pools, names="model.{layer}.{proj}")
-        assert {w.param for w in plan.writes} == {f"model.{l}.{p}" for l in range(3) for p in ("gate", "up", "down")}
-        assert all(w.count == 3 and w.index == 0 for w in plan.writes)
+        plan = plan_resident(geometries_of(store), pools, names="model.{layer}.{proj}")
+        table = plan.table
+        assert {table.param_name(row) for row in range(table.rows)} == {
+            f"model.{l}.{p}" for l in range(3) for p in ("gate", "up", "down")}
+        assert table.count.tolist() == [3] * table.rows and table.slot.tolist() == [0] * table.rows
 
 
 def test_fused_interleaved_reads_cover_the_fused_slab(stores):
     with open_store(stores["gpt_oss"]) as store:
         pools = [ExpertPool(8, 2) for _ in store.layers]
-        plan = plan_refresh(store, pools, [[6], [6], [6]], step=0)
+        plan = plan_refresh(geometries_of(store), pools, [[6], [6], [6]], step=0)
         assert plan is not None
         # the strided gate/up views read the whole fused [hidden, 2*ffn] slab, once
         assert plan.read_nbytes < plan.nbytes * 1.2
@@ -196,12 +207,12 @@ def test_fused_interleaved_reads_cover_the_fused_slab(stores):
 def test_every_prefetch_mode_copies_the_same_bytes(stores, prefetch):
     with open_store(stores["slab"]) as store:
         pools = [ExpertPool(8, 4) for _ in store.layers]
-        plan = plan_refresh(store, pools, [np.arange(4, 8)] * 3, step=0)
+        plan = plan_refresh(geometries_of(store), pools, [np.arange(4, 8)] * 3, step=0)
         sink = ArraySink.for_store(store, 4)
-        result = apply(plan, sink, prefetch=prefetch)
-        assert result.nbytes == plan.nbytes and result.writes == len(plan.writes)
+        result = apply(plan, sink, store.byte_source(), prefetch=prefetch)
+        assert result.nbytes == plan.nbytes and result.rows == plan.table.rows
         for layer in store.layers:
             np.testing.assert_array_equal(sink.arrays[f"blk.{layer.layer_index}.ffn_down_exps.weight"],
-                                          layer.down.native_range(4, 4))
+                                          np.stack([layer.down.native(e) for e in range(4, 8)]))
         with pytest.raises(ValueError, match="prefetch"):
-            apply(plan, sink, prefetch="random")
+            apply(plan, sink, store.byte_source(), prefetch="random")

@@ -13,6 +13,7 @@ from builders import pack_safetensors, write_bytes, write_family
 import mmapstore
 from mmapstore import ExpertIndexError, LayerNotFoundError, StoreClosedError, TensorNotFoundError, open_store
 from mmapstore.mapping import resident_nbytes
+from mmapstore.planner import geometries_of, plan_full_push
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "llada2_moe", "gpt_oss", "llama4"]
 ALL_DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
@@ -111,7 +112,7 @@ def test_views_share_memory_with_the_mapping(tmp_path):
     with open_store(tmp_path) as store:
         stack = store.layers[0].gate
         view = stack.expert(2)
-        mapped = stack.mapped_file(2)
+        mapped = stack.part_span("weight", 2).mapped
         low = view.__array_interface__["data"][0]
         assert mapped.address <= low < mapped.address + mapped.nbytes
         assert view.base is not None
@@ -188,6 +189,9 @@ def test_per_expert_adjacent_slabs_give_one_range_view(tmp_path):
     with open_store(tmp_path) as store:
         stack = store.layers[0].gate
         # experts are interleaved with up/down in the file: never evenly spaced
-        assert stack.native_range(0, 2) is None
-        single = stack.native_range(1, 1)
+        assert stack.geometry.stride is None and stack.geometry.run_of(0, 2) is None
+        table = plan_full_push(geometries_of(store)).table
+        rows = [row for row in range(table.rows) if table.param_name(row) == "blk.0.ffn_gate_exps.weight"]
+        assert table.count[rows].tolist() == [1] * stack.num_experts  # one row per expert, none coalesced
+        single = store.byte_source().view(table, rows[1])
         np.testing.assert_array_equal(single[0], arrays["model.layers.0.mlp.experts.1.gate_proj.weight"])
