@@ -30,8 +30,9 @@ class Pending:
     """A plan whose copies are in flight; :meth:`wait` finishes them and then
     commits the pools (if any were given)."""
 
-    def __init__(self, plan: RefreshPlan, completion: Completion, pools: Sequence[ExpertPool] | None,
-                 started: float) -> None:
+    def __init__(
+        self, plan: RefreshPlan, completion: Completion, pools: Sequence[ExpertPool] | None, started: float
+    ) -> None:
         self.plan = plan
         self._completion = completion
         self._pools = pools

@@ -66,15 +66,23 @@ def _raw(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     return array if raw is None or array.dtype.kind in "biu" else array.view(raw)
 
 
-_RAW: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+_RAW: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+}
 
 
 def _tiled(destination: npt.NDArray[np.generic], source: npt.NDArray[np.generic]) -> None:
     rows, cols = source.shape[-2], source.shape[-1]
     for row in range(0, rows, TILE):
         for col in range(0, cols, TILE):
-            np.copyto(destination[..., row : row + TILE, col : col + TILE],
-                      source[..., row : row + TILE, col : col + TILE], casting="unsafe")
+            np.copyto(
+                destination[..., row : row + TILE, col : col + TILE],
+                source[..., row : row + TILE, col : col + TILE],
+                casting="unsafe",
+            )
 
 
 def _transposed(source: npt.NDArray[np.generic]) -> bool:

@@ -174,8 +174,14 @@ class _Index:
     single_parts: Int64Array
 
     @classmethod
-    def build(cls, parts: list[PartGeometry], keys: list[tuple[int, str, str]], coalesce: list[list[int]],
-              single: list[list[int]], num_files: int) -> _Index:
+    def build(
+        cls,
+        parts: list[PartGeometry],
+        keys: list[tuple[int, str, str]],
+        coalesce: list[list[int]],
+        single: list[list[int]],
+        num_files: int,
+    ) -> _Index:
         sizes = np.array([geometry.num_experts for geometry in parts], dtype=np.int64)
         first = np.zeros(len(parts), dtype=np.int64)
         if len(parts):
@@ -184,8 +190,10 @@ class _Index:
         flat_offset = np.concatenate([geometry.offsets for geometry in parts]).astype(np.int64) if parts else sizes
         if flat_file.size and (int(flat_file.min()) < 0 or int(flat_file.max()) >= num_files):
             bad = next(g for g in parts if len(g.files) and (g.files.min() < 0 or g.files.max() >= num_files))
-            raise FormatError(f"{bad.stack}.{bad.part}: file ids {sorted(set(bad.files.tolist()))[:4]} "
-                              f"outside the geometry's {num_files} files")
+            raise FormatError(
+                f"{bad.stack}.{bad.part}: file ids {sorted(set(bad.files.tolist()))[:4]} "
+                f"outside the geometry's {num_files} files"
+            )
         stride = np.array([geometry.stride or 0 for geometry in parts], dtype=np.int64)
         extent = np.array([geometry.extent for geometry in parts], dtype=np.int64)
         return cls(tuple(keys), first, flat_file, flat_offset, stride, extent, *_csr(coalesce), *_csr(single))
@@ -208,9 +216,10 @@ def geometries_of(store: ExpertStore) -> StoreGeometry:
     """
     store.check_open()
     layers = tuple(
-        LayerGeometry(layer.layer_index, tuple(
-            StackGeometry(proj, stack.encoding, tuple(stack.parts.values())) for proj, stack in layer.stacks
-        ))
+        LayerGeometry(
+            layer.layer_index,
+            tuple(StackGeometry(proj, stack.encoding, tuple(stack.parts.values())) for proj, stack in layer.stacks),
+        )
         for layer in store.layers
     )
     return StoreGeometry(layers, store.files)
@@ -261,8 +270,13 @@ class RefreshPlan:
     def updates(self) -> tuple[PoolUpdate, ...]:
         return tuple(
             PoolUpdate(layer, slot, old, new)
-            for layer, slot, old, new in zip(self.update_layer.tolist(), self.update_slot.tolist(),
-                                             self.update_old.tolist(), self.update_new.tolist(), strict=True)
+            for layer, slot, old, new in zip(
+                self.update_layer.tolist(),
+                self.update_slot.tolist(),
+                self.update_old.tolist(),
+                self.update_new.tolist(),
+                strict=True,
+            )
         )
 
     @property
@@ -390,8 +404,9 @@ def _static_plan(geometry: StoreGeometry, names: str, residents: list[Int64Array
     return RefreshPlan(-1, table, tuple(geometry.layer_indices), empty, empty, empty, empty)
 
 
-def _table(geometry: StoreGeometry, names: str, layer_pos: Int64Array, slot: Int64Array,
-           expert: Int64Array) -> WriteTable:
+def _table(
+    geometry: StoreGeometry, names: str, layer_pos: Int64Array, slot: Int64Array, expert: Int64Array
+) -> WriteTable:
     """The write table of ``(layer position, slot, expert)`` triples (grouped by
     layer, slots ascending within a layer): one row per run of slots and
     experts that both advance by one, per part whose experts are evenly
@@ -419,13 +434,28 @@ def _table(geometry: StoreGeometry, names: str, layer_pos: Int64Array, slot: Int
     where = index.first[param] + rows_expert
     extent = (rows_count - 1) * index.stride[param] + index.extent[param]
     return WriteTable(
-        geometry.names(names), geometry.parts, geometry.encodings, geometry.files, param.astype(np.int32),
-        rows_slot, rows_expert, rows_count, index.flat_file[where], index.flat_offset[where], extent,
+        geometry.names(names),
+        geometry.parts,
+        geometry.encodings,
+        geometry.files,
+        param.astype(np.int32),
+        rows_slot,
+        rows_expert,
+        rows_count,
+        index.flat_file[where],
+        index.flat_offset[where],
+        extent,
     )
 
 
-def _expand(start: Int64Array, parts: Int64Array, unit_layer: Int64Array, unit_slot: Int64Array,
-            unit_expert: Int64Array, unit_count: Int64Array) -> tuple[Int64Array, ...]:
+def _expand(
+    start: Int64Array,
+    parts: Int64Array,
+    unit_layer: Int64Array,
+    unit_slot: Int64Array,
+    unit_expert: Int64Array,
+    unit_count: Int64Array,
+) -> tuple[Int64Array, ...]:
     """One row per (unit, part of the unit's layer in this CSR group)."""
     first = start[unit_layer]
     repeats = start[unit_layer + 1] - first

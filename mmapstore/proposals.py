@@ -76,7 +76,12 @@ def count_hits_rows(captured: Sequence[object], num_experts: int, labels: Sequen
     return hits
 
 
-_UNSIGNED: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+_UNSIGNED: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+}
 
 
 def _checked_array(ids: object, num_experts: int, label: int) -> npt.NDArray[np.integer]:
@@ -87,7 +92,9 @@ def _checked_array(ids: object, num_experts: int, label: int) -> npt.NDArray[np.
     except CapturedIdsError as exc:
         raise CapturedIdsError(f"MoE layer {label}: {exc}") from None
     except (TypeError, ValueError) as exc:  # ragged nested sequences, unconvertible objects
-        raise CapturedIdsError(f"MoE layer {label}: captured expert ids must be a rectangular integer array: {exc}") from None
+        raise CapturedIdsError(
+            f"MoE layer {label}: captured expert ids must be a rectangular integer array: {exc}"
+        ) from None
     array = np.asarray(ids)
     return array.astype(np.int64) if array.dtype.kind not in "iu" else array
 
@@ -174,6 +181,12 @@ def propose_rows(pools: Sequence[ExpertPool], positions: Sequence[int], hits: In
     bounds = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(moves, out=bounds[1:])
     return Proposals(
-        np.asarray(positions, dtype=np.int64), generations, bounds, slots.astype(np.int64),
-        promoted.astype(np.int64), demoted.astype(np.int64), hits, targets,
+        np.asarray(positions, dtype=np.int64),
+        generations,
+        bounds,
+        slots.astype(np.int64),
+        promoted.astype(np.int64),
+        demoted.astype(np.int64),
+        hits,
+        targets,
     )

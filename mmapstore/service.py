@@ -79,8 +79,12 @@ class SlabService:
         self.pools = [
             ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
-        self.sink: Sink = sink if sink is not None else ArraySink.for_geometries(
-            self.geometry, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation, names=names
+        self.sink: Sink = (
+            sink
+            if sink is not None
+            else ArraySink.for_geometries(
+                self.geometry, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation, names=names
+            )
         )
         self._stats = ServiceStats()
         self._step = 0

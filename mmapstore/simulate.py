@@ -32,8 +32,9 @@ def simulate(
     with the store's slab, bit for bit (in the sink's dtype and orientation)."""
     with open_store(path) as store:
         experts = store.layers[0].num_experts
-        service = SlabService(store, capacity, RefreshPolicy.every_n_decode_steps(every),
-                              dtype=dtype, orientation=orientation)
+        service = SlabService(
+            store, capacity, RefreshPolicy.every_n_decode_steps(every), dtype=dtype, orientation=orientation
+        )
         trace = routing_trace(steps, store.num_layers, experts, top_k, tokens, seed=seed, drift_every=every * 2)
         events = []
         verified = True
@@ -41,13 +42,17 @@ def simulate(
             result = service.step(captured)
             if not result.refreshed:
                 continue
-            events.append({
-                "step": result.step,
-                "nbytes": result.nbytes,
-                "seconds": result.seconds,
-                "updates": [{"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert}
-                            for u in result.updates],
-            })
+            events.append(
+                {
+                    "step": result.step,
+                    "nbytes": result.nbytes,
+                    "seconds": result.seconds,
+                    "updates": [
+                        {"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert}
+                        for u in result.updates
+                    ],
+                }
+            )
             verified = verified and _matches(service)
         stats = service.stats
         return {
@@ -58,8 +63,13 @@ def simulate(
             "capacity": service.pools[0].capacity,
             "events": events,
             "verified": verified,
-            "stats": {"steps": stats.steps, "refreshes": stats.refreshes, "promotions": stats.promotions,
-                      "nbytes": stats.nbytes, "seconds": stats.seconds},
+            "stats": {
+                "steps": stats.steps,
+                "refreshes": stats.refreshes,
+                "promotions": stats.promotions,
+                "nbytes": stats.nbytes,
+                "seconds": stats.seconds,
+            },
         }
 
 

@@ -119,9 +119,7 @@ class MappedSource:
             mapped.check_size()
             last = int(ends[reads.file == file].max())
             if last > mapped.nbytes:
-                raise FormatError(
-                    f"{mapped.path}: write table reads up to byte {last}, the file has {mapped.nbytes}"
-                )
+                raise FormatError(f"{mapped.path}: write table reads up to byte {last}, the file has {mapped.nbytes}")
 
     def view(self, table: WriteTable, row: int) -> npt.NDArray[np.generic]:
         geometry = table.geometries[int(table.param[row])]
@@ -129,7 +127,9 @@ class MappedSource:
         stride = geometry.stride if geometry.stride is not None else geometry.extent
         mapped = self._maps.get(self._files[int(table.file[row])])
         return mapped.view(
-            int(table.offset[row]) + geometry.view_delta, geometry.dtype.numpy, (count, *geometry.slab_shape),
+            int(table.offset[row]) + geometry.view_delta,
+            geometry.dtype.numpy,
+            (count, *geometry.slab_shape),
             (stride, *geometry.slab_strides),
         )
 
@@ -183,8 +183,14 @@ def nonresident_spans(mapped: MappedFile, offset: int, nbytes: int) -> list[tupl
     start = offset - offset % PAGE_NBYTES
     pages = (end - start + PAGE_NBYTES - 1) // PAGE_NBYTES
     vector = np.zeros(pages, dtype=np.uint8)
-    if _libc.mincore(ctypes.c_void_p(mapped.address + start), ctypes.c_size_t(end - start),
-                     vector.ctypes.data_as(ctypes.c_void_p)) != 0:
+    if (
+        _libc.mincore(
+            ctypes.c_void_p(mapped.address + start),
+            ctypes.c_size_t(end - start),
+            vector.ctypes.data_as(ctypes.c_void_p),
+        )
+        != 0
+    ):
         error = ctypes.get_errno()
         raise OSError(error, f"mincore failed on {mapped.path}: {os.strerror(error)}")
     missing = (vector & 1) == 0

@@ -160,9 +160,7 @@ def merge_ranges(file: Int64Array, offset: Int64Array, nbytes: Int64Array) -> Re
     fresh = np.flatnonzero((starts[1:] > lifted[:-1]) | (files[1:] != files[:-1])) + 1
     firsts = np.concatenate(([0], fresh))
     lasts = np.concatenate((fresh - 1, [len(starts) - 1]))
-    return ReadRanges(
-        _read_only(files[firsts]), _read_only(starts[firsts]), _read_only(lifted[lasts] - starts[firsts])
-    )
+    return ReadRanges(_read_only(files[firsts]), _read_only(starts[firsts]), _read_only(lifted[lasts] - starts[firsts]))
 
 
 def _per_file_running_max(files: Int64Array, ends: Int64Array) -> Int64Array:

@@ -26,9 +26,9 @@ import mmapstore.formats.records as records
 from mmapstore import FormatError, open_store
 from mmapstore.convert import convert
 from mmapstore.formats import read_safetensors_header
+from mmapstore.planner import geometries_of, plan_full_push
 from mmapstore.pool import RefreshPolicy
 from mmapstore.report import verify
-from mmapstore.planner import geometries_of, plan_full_push
 from mmapstore.service import SlabService
 from mmapstore.synth import routing_trace, synth_checkpoint
 

@@ -116,12 +116,15 @@ def test_no_refresh_when_not_due(stores):
         assert plan_refresh(geometry, full, [[1]] * 3, step=0, mode=ExecMode.REFRESH) is None
 
 
-@pytest.mark.parametrize("captured, match", [
-    ([[1], [2]], "for 2 layers"),
-    ([[1], [2], [8]], "layer 2.*out of range"),
-    ([[1], [2.0], [3]], "integers"),
-    ([[1], [-1], [3]], "out of range"),
-])
+@pytest.mark.parametrize(
+    "captured, match",
+    [
+        ([[1], [2]], "for 2 layers"),
+        ([[1], [2], [8]], "layer 2.*out of range"),
+        ([[1], [2.0], [3]], "integers"),
+        ([[1], [-1], [3]], "out of range"),
+    ],
+)
 def test_bad_captured_input_writes_nothing(stores, captured, match):
     with open_store(stores["mixtral"]) as store:
         service = SlabService(store, 2)
@@ -190,7 +193,8 @@ def test_resident_plan_and_custom_names(stores):
         plan = plan_resident(geometries_of(store), pools, names="model.{layer}.{proj}")
         table = plan.table
         assert {table.param_name(row) for row in range(table.rows)} == {
-            f"model.{l}.{p}" for l in range(3) for p in ("gate", "up", "down")}
+            f"model.{l}.{p}" for l in range(3) for p in ("gate", "up", "down")
+        }
         assert table.count.tolist() == [3] * table.rows and table.slot.tolist() == [0] * table.rows
 
 
@@ -212,7 +216,9 @@ def test_every_prefetch_mode_copies_the_same_bytes(stores, prefetch):
         result = apply(plan, sink, store.byte_source(), prefetch=prefetch)
         assert result.nbytes == plan.nbytes and result.rows == plan.table.rows
         for layer in store.layers:
-            np.testing.assert_array_equal(sink.arrays[f"blk.{layer.layer_index}.ffn_down_exps.weight"],
-                                          np.stack([layer.down.native(e) for e in range(4, 8)]))
+            np.testing.assert_array_equal(
+                sink.arrays[f"blk.{layer.layer_index}.ffn_down_exps.weight"],
+                np.stack([layer.down.native(e) for e in range(4, 8)]),
+            )
         with pytest.raises(ValueError, match="prefetch"):
             apply(plan, sink, store.byte_source(), prefetch="random")
