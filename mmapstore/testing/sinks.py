@@ -65,7 +65,7 @@ class Scenario:
     values: dict[str, npt.NDArray[np.generic]]  # param -> [E, *native slab]
 
     def destinations(
-        self, slots: int | None = None, *, dtype: object = None, transpose: frozenset[str] = frozenset()
+        self, slots: int | None = None, *, dtype: npt.DTypeLike | None = None, transpose: frozenset[str] = frozenset()
     ) -> dict[str, Destination]:
         result = {}
         for name, values in self.values.items():
@@ -75,13 +75,13 @@ class Scenario:
         return result
 
 
-def _values(rng: np.random.Generator, shape: tuple[int, ...], dtype: object) -> npt.NDArray[np.generic]:
+def _values(rng: np.random.Generator, shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
     """Distinct, nonzero, exactly representable values (so an unwritten zero shows)."""
     base = rng.permutation(np.prod(shape)).reshape(shape) % 251 + 1
     return (base.astype(np.float32) / 8).astype(dtype)
 
 
-def _scenario(kind: str, dtype: object = BF16) -> Scenario:
+def _scenario(kind: str, dtype: npt.DTypeLike = BF16) -> Scenario:
     """``stacked``: three stacked ``[E, n, k]`` stacks.  ``gathered``: one tensor
     per expert across two files.  ``fused_interleaved`` / ``fused_halves``:
     gate and up as strided halves of one fused ``[E, k, 2n]`` tensor.
@@ -149,11 +149,11 @@ def _scenario(kind: str, dtype: object = BF16) -> Scenario:
         )
     else:  # pragma: no cover - a typo in a test
         raise ValueError(kind)
-    geometry = StoreGeometry((LayerGeometry(0, tuple(stacks)),), files.files)
-    return Scenario(geometry, files.source(), values)
+    store = StoreGeometry((LayerGeometry(0, tuple(stacks)),), files.files)
+    return Scenario(store, files.source(), values)
 
 
-def _dtype_of(dtype: object) -> DType:
+def _dtype_of(dtype: npt.DTypeLike) -> DType:
     return dtype_from_code(code_of(np.dtype(dtype)))
 
 
@@ -235,7 +235,7 @@ class SinkTests:
         ],
     )
     @pytest.mark.parametrize("transpose", [False, True])
-    def test_casts(self, source_dtype: object, destination_dtype: object, transpose: bool) -> None:
+    def test_casts(self, source_dtype: npt.DTypeLike, destination_dtype: npt.DTypeLike, transpose: bool) -> None:
         scenario = _scenario("stacked", source_dtype)
         flipped = frozenset(scenario.values) if transpose else frozenset()
         sink = self.make_sink(scenario.destinations(dtype=destination_dtype, transpose=flipped))

@@ -1,0 +1,147 @@
+"""Bench cases that compute: planning, the transposing copy kernel, convert."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from ..apply import apply
+from ..planner import geometries_of, plan_full_push, plan_refresh
+from ..pool import ExpertPool
+from ..proposals import count_hits_rows
+from ..sinks import ArraySink
+from ..store import open_store
+from ..synth import routing_trace, synth_checkpoint
+from .data import BF16, times, write_slab_store
+from .figures import Figure
+from .registry import Context, case
+
+__all__: list[str] = []
+
+PLAN_TARGET_US = 20.0
+
+
+@case("plan")
+def case_plan(ctx: Context) -> list[Figure]:
+    """DeepSeek-V3 scale: 58 MoE layers (61 minus 3 dense), 256 experts, top-8,
+    capacity 64.  Slab sizes do not enter planning, so the store is sparse."""
+    path = os.path.join(ctx.scratch, "plan")
+    write_slab_store(path, 58, 256, 64, 32, sparse=True)
+    figures = []
+    rng = np.random.default_rng(0)
+    with open_store(path) as store:
+        geometry = geometries_of(store)
+    layers = geometry.num_layers
+    labels = geometry.layer_indices
+    for routing in ("uniform", "skewed"):
+        for tokens in (1, 64, 4096):
+            pools = [ExpertPool(256, 64) for _ in range(layers)]
+            steps = ctx.repeat * 8
+            if routing == "skewed":
+                trace = routing_trace(steps, layers, 256, 8, tokens, seed=1, drift_every=8)
+            else:
+                trace = [[rng.integers(0, 256, size=(tokens, 8)) for _ in range(layers)] for _ in range(steps)]
+            per_layer, rows, counting = [], [], []
+            for captured in trace:
+                start = time.perf_counter()
+                plan = plan_refresh(geometry, pools, captured, 0)
+                per_layer.append((time.perf_counter() - start) / layers * 1e6)
+                assert plan is not None
+                rows.append(plan.table.rows / layers)
+                start = time.perf_counter()
+                count_hits_rows(captured, 256, labels)
+                counting.append((time.perf_counter() - start) / layers * 1e6)
+                plan.commit(pools)
+            figures.append(Figure(
+                "plan", f"plan_refresh per layer, {routing} routing, {tokens} token(s) x top-8, 256 experts, "
+                "capacity 64, 58 layers", "us", per_layer, target=f"<= {PLAN_TARGET_US:.0f} us per layer",
+                met=statistics.median(per_layer) <= PLAN_TARGET_US,
+                note=f"{statistics.median(rows):.0f} table rows per layer; counting the ids alone "
+                f"{statistics.median(counting):.1f} us per layer",
+            ))  # fmt: skip
+    return figures
+
+
+@case("transpose")
+def case_transpose(ctx: Context) -> list[Figure]:
+    """A ``kn`` sink filled from ``[out, in]`` slabs: the shared tiled kernel
+    (what sinks and convert run) against numpy's plain strided copy."""
+    path = os.path.join(ctx.scratch, "transpose")
+    experts, k, n = 8, 2048, 1024
+    if not os.path.exists(path):
+        os.makedirs(path)
+        from safetensors.numpy import save_file
+
+        values = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32).astype(BF16.numpy)
+        tensors = {f"model.layers.0.mlp.experts.{e}.{proj}_proj.weight": (values if proj != "down" else values.T.copy())
+                   for e in range(experts) for proj in ("gate", "up", "down")}  # fmt: skip
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+    figures = []
+    with open_store(path) as store:
+        plan = plan_full_push(geometries_of(store))
+        source = store.byte_source()
+        for dtype in (BF16.numpy, np.dtype(np.float32)):
+            sink = ArraySink.for_store(store, None, dtype=dtype, orientation="kn")
+            apply(plan, sink, source)
+            ours = [plan.nbytes / t / 1e9 for t in times(lambda: apply(plan, sink, source), ctx.repeat)]
+
+            def plain(sink: ArraySink = sink) -> None:
+                for row in range(plan.table.rows):
+                    name = plan.table.param_name(row)
+                    view = source.view(plan.table, row).swapaxes(-1, -2)
+                    np.copyto(sink.arrays[name][int(plan.table.slot[row])][None], view, casting="unsafe")
+
+            baseline = [plan.nbytes / t / 1e9 for t in times(plain, ctx.repeat)]
+            label = "bf16" if dtype == BF16.numpy else "bf16 -> f32"
+            figures.append(Figure(
+                "transpose", f"apply(full push) into a kn ArraySink ({label}), {plan.nbytes / 2**20:.0f} MiB of "
+                "[out, in] slabs", "GB/s", ours, "np.copyto of the transposed views", baseline, higher_is_better=True,
+                note="the same kernels.copy_slab that convert runs",
+            ))  # fmt: skip
+    return figures
+
+
+@case("convert")
+def case_convert(ctx: Context) -> list[Figure]:
+    source = os.path.join(ctx.scratch, "convert_src")
+    experts, hidden, ffn = 16, 2048, 1024
+    layers = max(1, ctx.size // (3 * experts * hidden * ffn * 2))
+    if not os.path.exists(source):
+        synth_checkpoint(source, "mixtral", layers=layers, experts=experts, hidden=hidden, ffn=ffn,
+                         shard_nbytes=1 << 30)  # fmt: skip
+    files = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".safetensors"))
+    nbytes = sum(os.path.getsize(file) for file in files)
+    with open_store(source) as store:
+        expert_nbytes = sum(layer.nbytes for layer in store.layers)
+        slab_nbytes = store.layers[0].gate.slab_nbytes
+    ours, rss, cp = [], [], []
+    for trial in range(max(2, ctx.repeat // 2)):
+        dst = os.path.join(ctx.scratch, f"convert_dst{trial}")
+        code = (
+            "import sys, time; from mmapstore.convert import convert; t = time.perf_counter(); "
+            f"convert({source!r}, {dst!r}); print(time.perf_counter() - t); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        ours.append(expert_nbytes / float(out[0]) / 1e9)
+        rss.append(int(out[1]) * 1024 / slab_nbytes)
+        shutil.rmtree(dst)
+        copy_dst = os.path.join(ctx.scratch, f"cp_dst{trial}")
+        start = time.perf_counter()
+        subprocess.run(["cp", "-r", source, copy_dst], check=True)
+        subprocess.run(["sync", "-f", copy_dst], check=False)
+        cp.append(nbytes / (time.perf_counter() - start) / 1e9)
+        shutil.rmtree(copy_dst)
+    return [
+        Figure("convert", f"convert mixtral per-expert -> slab store ({expert_nbytes / 2**20:.0f} MiB of experts, "
+               "transpose + sha256 + fsync)", "GB/s", ours, "cp -r of the source + sync", cp, higher_is_better=True,
+               target=">= 0.8x cp", met=statistics.median(ours) >= 0.8 * statistics.median(cp)),
+        Figure("convert", "convert peak RSS (VmHWM, includes the interpreter)", "slabs", rss,
+               note=f"slab = {slab_nbytes / 2**20:.0f} MiB; total expert bytes = {expert_nbytes / slab_nbytes:.0f} slabs"),
+    ]  # fmt: skip
