@@ -410,7 +410,8 @@ def _table(
     """The write table of ``(layer position, slot, expert)`` triples (grouped by
     layer, slots ascending within a layer): one row per run of slots and
     experts that both advance by one, per part whose experts are evenly
-    spaced; one row per triple for the other parts."""
+    spaced; one row per triple for the other parts.  Rows come run by run
+    (each run's parts together); their order carries no meaning."""
     index = geometry._index
     count = len(slot)
     if count:
@@ -429,8 +430,6 @@ def _table(
     rows_slot = np.concatenate([piece[1] for piece in pieces])
     rows_expert = np.concatenate([piece[2] for piece in pieces])
     rows_count = np.concatenate([piece[3] for piece in pieces])
-    order = np.argsort(param, kind="stable")  # per parameter, slots ascending
-    param, rows_slot, rows_expert, rows_count = param[order], rows_slot[order], rows_expert[order], rows_count[order]
     where = index.first[param] + rows_expert
     extent = (rows_count - 1) * index.stride[param] + index.extent[param]
     return WriteTable(

@@ -146,7 +146,8 @@ def merge_ranges(file: Int64Array, offset: Int64Array, nbytes: Int64Array) -> Re
     if not len(file):
         empty = np.zeros(0, dtype=np.int64)
         return ReadRanges(empty, empty, empty)
-    order = np.lexsort((offset, file))
+    single_file = bool((file == file[0]).all())
+    order = np.argsort(offset, kind="stable") if single_file else np.lexsort((offset, file))
     files, starts = file[order], offset[order]
     ends = starts + nbytes[order]
     # The running maximum of ends must restart at each file: lift every file's
