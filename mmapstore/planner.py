@@ -239,8 +239,8 @@ def check_pools(geometry: StoreGeometry, pools: Sequence[ExpertPool]) -> None:
     for layer, pool in zip(geometry.layers, pools, strict=True):
         if pool.num_experts != layer.num_experts or not 0 <= pool.capacity <= layer.num_experts:
             raise CapturedIdsError(
-                f"MoE layer {layer.layer} has {layer.num_experts} experts; its pool was made for "
-                f"{pool.num_experts} with capacity {pool.capacity}"
+                f"MoE layer {layer.layer} has {layer.num_experts} experts, its pool was made for "
+                f"{pool.num_experts} (capacity {pool.capacity})"
             )
 
 

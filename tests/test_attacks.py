@@ -35,7 +35,7 @@ from mmapstore.convert import convert
 from mmapstore.formats import read_checkpoint
 from mmapstore.formats.records import MAX_MANIFEST_NBYTES
 from mmapstore.mapping import MADV_POPULATE_READ, PAGE_NBYTES, MappedFile
-from mmapstore.planner import plan_refresh, plan_resident
+from mmapstore.planner import geometries_of, plan_refresh, plan_resident
 from mmapstore.pool import ExpertPool, RefreshPolicy, count_hits
 from mmapstore.preadcopy import pread_into
 from mmapstore.publish import clean_partials, locked, staged_dir
@@ -199,9 +199,9 @@ def test_pool_sized_for_another_layer_is_refused_before_planning(tmp_path):
     with open_store(tmp_path) as store:
         pools = [ExpertPool(8, 2, RefreshPolicy.every_forward())]
         with pytest.raises(CapturedIdsError, match="has 4 experts, its pool was made for 8"):
-            plan_refresh(store, pools, [np.array([[6, 7]])], step=0)
+            plan_refresh(geometries_of(store), pools, [np.array([[6, 7]])], step=0)
         with pytest.raises(CapturedIdsError, match="made for 8"):
-            plan_resident(store, pools)
+            plan_resident(geometries_of(store), pools)
         assert pools[0].resident_experts().tolist() == [0, 1]  # nothing committed
 
 

@@ -182,7 +182,7 @@ def test_a_name_template_that_collides_is_refused():
     "pools, captured, match",
     [
         ([ExpertPool(8, 2)], [[1], [1]], "1 pools for 2 MoE layers"),
-        ([ExpertPool(8, 2), ExpertPool(9, 2)], [[1], [1]], "layer 2 has 8 experts; its pool was made for 9"),
+        ([ExpertPool(8, 2), ExpertPool(9, 2)], [[1], [1]], "layer 2 has 8 experts, its pool was made for 9"),
         ([ExpertPool(8, 2), ExpertPool(8, 2)], [[1]], "for 1 layers"),
         ([ExpertPool(8, 2), ExpertPool(8, 2)], [[1], [8]], "layer 2: .*out of range"),
         ([ExpertPool(8, 2), ExpertPool(8, 2)], [[-1], [1]], "layer 1: .*out of range"),
