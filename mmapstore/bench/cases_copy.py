@@ -202,18 +202,23 @@ def case_warm_slab(ctx: Context) -> list[Figure]:
             met=statistics.median(numpy_slice) / statistics.median(ours) >= 1.2,
         ))  # fmt: skip
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             figures.append(Figure("warm_slab", "one warm 4 MiB slab vs torch safe_open", "ms", ours,
                                   note="torch is not installed here: not measured"))  # fmt: skip
         else:
+            target = torch.zeros(destination.shape, dtype=torch.bfloat16)
             with safe_open(file_path, framework="pt") as torch_handle:
-                torch_handle.get_slice(NAME)[5]
-                torch_times = [t * 1e3 for t in times(lambda: torch_handle.get_slice(NAME)[5], ctx.repeat * 20)]
+                # get_slice may hand back a view of its own mapping: copy it into a
+                # buffer of ours, as apply() does, so both deliver the bytes.
+                target.copy_(torch_handle.get_slice(NAME)[5])
+                torch_times = [
+                    t * 1e3 for t in times(lambda: target.copy_(torch_handle.get_slice(NAME)[5]), ctx.repeat * 20)
+                ]
             figures.append(Figure(
                 "warm_slab", "one warm 4 MiB slab: apply(one-row plan), long-lived store", "ms", ours,
-                "torch safe_open(framework='pt').get_slice(name)[e]", torch_times, target="no slower (>= 1.0x)",
-                met=statistics.median(torch_times) >= statistics.median(ours),
+                "torch safe_open(framework='pt').get_slice(name)[e] copied into a torch buffer", torch_times,
+                target="no slower (>= 1.0x)", met=statistics.median(torch_times) >= statistics.median(ours),
             ))  # fmt: skip
     return figures
 
