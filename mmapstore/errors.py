@@ -18,6 +18,7 @@ __all__ = [
     "StaleRefreshError",
     "StoreClosedError",
     "TensorNotFoundError",
+    "TorchUnavailableError",
 ]
 
 
@@ -73,3 +74,8 @@ class StaleRefreshError(MmapStoreError, RuntimeError):
 class ConvertError(MmapStoreError, RuntimeError):
     """A conversion could not be carried out (destination exists, lock
     timeout, unsupported option)."""
+
+
+class TorchUnavailableError(MmapStoreError, ImportError):
+    """PyTorch (the ``torch`` extra) is needed for this call and is not
+    installed, or the installed version lacks what the call needs."""

@@ -109,7 +109,11 @@ class MappedFile:
         except OSError as exc:
             raise FormatError(f"{path}: cannot open for mapping: {exc.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            status = os.fstat(fd)
+            size = status.st_size
+            # What was mapped, so a reader that reopens the path (pread) can
+            # tell whether it still names the same file.
+            self.identity = (status.st_dev, status.st_ino)
             if size < min_nbytes:
                 raise FormatError(f"{path}: file is {size} bytes, its header needs {min_nbytes}: truncated")
             self.nbytes = size
