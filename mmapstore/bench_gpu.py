@@ -303,30 +303,22 @@ def run(
     )
     rows.append(Row("cold_host", f"host pread of the same ranges, {threads} threads", "GB/s", parallel))
     rows.append(Row("cold_host", f"disk's cold sequential read ({total // MIB} MiB, 1 thread)", "GB/s", sequential))
-    cold_sources: tuple[tuple[Source, bool], ...] = (("auto", False), ("pread", True), ("staged", False))
-    for source, direct in cold_sources:
-        copier = DeviceCopier(device, source=source, threads=threads, direct=direct)
+    cold_sources: tuple[tuple[str, Source, bool, int], ...] = (
+        (f"auto (cold -> pread ring), {threads} threads", "auto", False, threads),
+        ("pread ring, 4 threads", "pread", False, 4),
+        (f"pread ring, O_DIRECT, {threads} threads", "pread", True, threads),
+        ("pread ring, O_DIRECT, 4 threads", "pread", True, 4),
+        (f"ring filled from the mapping (page faults), {threads} threads", "staged", False, threads),
+    )
+    for label, source, direct, count_threads in cold_sources:
+        copier = DeviceCopier(device, source=source, threads=count_threads, direct=direct)
         samples = cold_samples(lambda copier=copier: copier.copy(jobs, stream))  # type: ignore[misc]
-        check(f"cold {source}")
-        label = {
-            "auto": "auto (cold -> pread ring)",
-            "pread": "pread ring, O_DIRECT",
-            "staged": "ring filled from the mapping (page faults)",
-        }[source]
-        rows.append(
-            Row(
-                "cold_refresh",
-                label,
-                "GB/s",
-                samples,
-                best_name,
-                best,
-                0.9 if source == "auto" else None,
-                note=f"fallbacks {copier.stats.fallbacks}" if copier.stats.fallbacks else "",
-            )
-        )
-        budgets[f"cold {source}"] = (copier.stats.peak_pinned_nbytes, copier.budget.limit_nbytes)
-        emit(f"cold {source}: {statistics.median(samples):.1f} GB/s; {copier.stats}")
+        check(f"cold {label}")
+        note = f"fallbacks {copier.stats.fallbacks}" if copier.stats.fallbacks else ""
+        target = 0.9 if source == "auto" else None
+        rows.append(Row("cold_refresh", label, "GB/s", samples, best_name, best, target, note=note))
+        budgets[f"cold {label}"] = (copier.stats.peak_pinned_nbytes, copier.budget.limit_nbytes)
+        emit(f"cold {label}: {statistics.median(samples):.1f} GB/s; {copier.stats}")
         copier.close()
     info["resident_fraction_before_cold_max"] = max(info.pop("resident_fraction_before_cold"))
 
