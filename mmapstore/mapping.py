@@ -132,6 +132,9 @@ class MappedFile:
             if change is not None:
                 raise FileChangedError(f"{path}: {change} since it was validated")
             size = info.st_size
+            # What was mapped, so a reader that reopens the path (pread) can
+            # tell whether it still names the same file.
+            self.identity = (info.st_dev, info.st_ino)
             if size < min_nbytes:
                 raise FormatError(f"{path}: file is {size} bytes, its header needs {min_nbytes}: truncated")
             self.nbytes = size

@@ -86,6 +86,10 @@ class SlabService:
                 self.geometry, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation, names=names
             )
         )
+        # A sink that allocates its own pools (a device sink) learns their shapes here.
+        bind = getattr(self.sink, "bind", None)
+        if callable(bind):
+            bind(self.geometry, [pool.capacity for pool in self.pools], names=names)
         self._stats = ServiceStats()
         self._step = 0
         if load:
