@@ -442,7 +442,7 @@ class _RawWriter:
         self._specs = specs
         self._current = 0
         self._written = 0
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 - owned by the writer, closed in __exit__
         self._file.truncate(position)
 
     def append(self, data: npt.NDArray[np.generic]) -> None:

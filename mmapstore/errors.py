@@ -115,6 +115,8 @@ class RuntimeConfigError(MmapStoreError, ValueError):
     """A model runtime was asked for something it cannot do: a budget too
     small for one expert per layer, a device that does not exist, a trace
     path that cannot be written.  Raised before any weight is loaded."""
+
+
 class TorchUnavailableError(MmapStoreError, ImportError):
     """PyTorch (the ``torch`` extra) is needed for this call and is not
     installed, or the installed version lacks what the call needs."""

@@ -158,7 +158,10 @@ def deepseek_v3(shape: FamilyShape) -> tuple[dict[str, Any], Tensors]:
         if index < config["first_k_dense_replace"]:
             return _dense(mlp, shape.hidden, dense_ffn)
         return (
-            [(f"{mlp}.gate.weight", (shape.experts, shape.hidden)), (f"{mlp}.gate.e_score_correction_bias", (shape.experts,))]
+            [
+                (f"{mlp}.gate.weight", (shape.experts, shape.hidden)),
+                (f"{mlp}.gate.e_score_correction_bias", (shape.experts,)),
+            ]
             + _experts(mlp, shape, _PROJ_NAMES)
             + _dense(f"{mlp}.shared_experts", shape.hidden, shape.ffn)
         )

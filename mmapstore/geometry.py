@@ -28,7 +28,16 @@ import numpy.typing as npt
 from .dtypes import DType
 from .errors import ExpertIndexError
 
-__all__ = ["ENCODING_KINDS", "PACKED_KINDS", "Encoding", "EncodingKind", "Orientation", "PartGeometry", "PartName", "c_strides"]
+__all__ = [
+    "ENCODING_KINDS",
+    "PACKED_KINDS",
+    "Encoding",
+    "EncodingKind",
+    "Orientation",
+    "PartGeometry",
+    "PartName",
+    "c_strides",
+]
 
 Orientation = Literal["kn", "nk"]
 """How a file stores a 2-D slab: ``"kn"`` (in, out) or ``"nk"`` (out, in, ``nn.Linear``)."""
@@ -37,7 +46,15 @@ PartName = Literal["weight", "scale", "bias", "zero", "global_scale", "g_idx", "
 
 EncodingKind = Literal["plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq"]
 ENCODING_KINDS: tuple[EncodingKind, ...] = (
-    "plain", "fp8_block", "mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq"
+    "plain",
+    "fp8_block",
+    "mxfp4",
+    "ggml",
+    "int4_group",
+    "nvfp4",
+    "mxfp4_packed",
+    "awq",
+    "gptq",
 )
 PACKED_KINDS: tuple[EncodingKind, ...] = ("int4_group", "nvfp4", "mxfp4_packed", "awq", "gptq")
 """Packed 4-bit encodings: their weight part is words or bytes of codes along
@@ -165,8 +182,20 @@ class PartGeometry:
         """Experts evenly spaced in one file: expert ``e`` at ``base + e * stride``."""
         files = np.full(num_experts, file, dtype=np.int32)
         offsets = base + stride * np.arange(num_experts, dtype=np.int64)
-        return cls(stack, part, num_experts, dtype, slab_shape, slab_strides, extent, view_delta,
-                   _frozen(files), _frozen(offsets), stride, orientation)
+        return cls(
+            stack,
+            part,
+            num_experts,
+            dtype,
+            slab_shape,
+            slab_strides,
+            extent,
+            view_delta,
+            _frozen(files),
+            _frozen(offsets),
+            stride,
+            orientation,
+        )
 
     @classmethod
     def gathered(
@@ -188,12 +217,22 @@ class PartGeometry:
         # Only back-to-back slabs count as one range: a larger even spacing
         # (gate, up and down of each expert interleaved) would read the others.
         stride: int | None = None
-        if len(starts) == 1 or (
-            (file_ids == file_ids[0]).all() and (np.diff(starts) == extent).all()
-        ):
+        if len(starts) == 1 or ((file_ids == file_ids[0]).all() and (np.diff(starts) == extent).all()):
             stride = extent
-        return cls(stack, part, len(starts), dtype, slab_shape, strides, extent, 0,
-                   _frozen(file_ids), _frozen(starts), stride, orientation)
+        return cls(
+            stack,
+            part,
+            len(starts),
+            dtype,
+            slab_shape,
+            strides,
+            extent,
+            0,
+            _frozen(file_ids),
+            _frozen(starts),
+            stride,
+            orientation,
+        )
 
     @property
     def slab_nbytes(self) -> int:

@@ -66,7 +66,7 @@ def byte_span(view: npt.NDArray[np.generic]) -> tuple[int, int]:
         address = int(view.__array_interface__["data"][0])
         return address, address
     low = high = int(view.__array_interface__["data"][0])
-    for extent, stride in zip(view.shape, view.strides):
+    for extent, stride in zip(view.shape, view.strides, strict=True):
         if stride >= 0:
             high += (extent - 1) * stride
         else:
@@ -280,7 +280,7 @@ def _check_inside(
             count *= extent
         high = offset + count * itemsize
     elif all(shape):
-        for extent, stride in zip(shape, strides):
+        for extent, stride in zip(shape, strides, strict=True):
             if stride >= 0:
                 high += (extent - 1) * stride
             else:

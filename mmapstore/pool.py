@@ -263,9 +263,9 @@ class ExpertPool:
             raise StaleRefreshError(
                 f"refresh proposed at pool generation {result.generation}, pool is at {self._generation}"
             )
-        for expert, slot in zip(result.demoted, result.slots):
+        for expert in result.demoted:
             self._expert_slot[expert] = -1
-        for expert, slot in zip(result.promoted, result.slots):
+        for expert, slot in zip(result.promoted, result.slots, strict=True):
             self._expert_slot[expert] = slot
             self._slot_expert[slot] = expert
         self._generation += 1

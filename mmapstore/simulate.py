@@ -76,7 +76,7 @@ def simulate(
 def _matches(service: SlabService) -> bool:
     sink = service.sink
     assert isinstance(sink, ArraySink)
-    for layer, pool in zip(service.store.layers, service.pools):
+    for layer, pool in zip(service.store.layers, service.pools, strict=True):
         for slot, expert in enumerate(pool.resident_experts()):
             for proj, stack in layer.stacks:
                 name = param_name(service.names, layer.layer_index, proj)

@@ -50,7 +50,8 @@ def synth_values(seed: int, name: str, start: int, count: int, dtype: np.dtype[n
     signed -= 8
     if np.issubdtype(dtype, np.signedinteger):
         return signed.astype(dtype)
-    return (signed.astype(np.float32) / np.float32(8)).astype(dtype)
+    values: npt.NDArray[np.generic] = (signed.astype(np.float32) / np.float32(8)).astype(dtype)
+    return values
 
 
 def synth_tensor(seed: int, name: str, shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> npt.NDArray[np.generic]:

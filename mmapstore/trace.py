@@ -177,7 +177,7 @@ class Trace:
             raise CapturedIdsError(
                 f"{self.source}: trace has {self.num_layers} MoE layers, the model has {len(num_experts)}"
             )
-        for layer, (highest, experts) in enumerate(zip(self.max_expert(), num_experts)):
+        for layer, (highest, experts) in enumerate(zip(self.max_expert(), num_experts, strict=True)):
             if highest >= experts:
                 raise CapturedIdsError(
                     f"{self.source}: trace layer {layer} (model layer {self.layer_indices[layer]}) routes to "

@@ -207,7 +207,7 @@ def run_tune(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    resident = sum(c * n for c, n in zip(rec.capacity, geometry.expert_nbytes))
+    resident = sum(c * n for c, n in zip(rec.capacity, geometry.expert_nbytes, strict=True))
     print(
         f"trace {escape(args.trace)}: {trace.num_steps} steps, {trace.num_layers} MoE layers, top-{trace.top_k}; "
         f"{where}"

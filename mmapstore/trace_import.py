@@ -48,7 +48,7 @@ def from_vllm(
     shape: tuple[int, int] | None = None
     for number, request in enumerate(requests):
         parts = request if isinstance(request, tuple) else (None, request)
-        for role, part in zip(("prompt_routed_experts", "routed_experts"), parts):
+        for role, part in zip(("prompt_routed_experts", "routed_experts"), parts, strict=True):
             if part is None:
                 continue
             array = _int_array(part, f"{source}: request {number} {role}", ndim=3)
@@ -164,7 +164,7 @@ def from_llama_csv(path: str | os.PathLike[str], top_k: int) -> Trace:
         if np.any(per_layer != per_layer[0]) or per_layer[0] % top_k:
             raise FormatError(
                 f"{path}: forward starting at line {start_line[number]}: rows per layer "
-                f"{dict(zip(layer_numbers.tolist(), per_layer.tolist()))}, expected the same multiple of top_k={top_k}"
+                f"{dict(zip(layer_numbers.tolist(), per_layer.tolist(), strict=True))}, expected the same multiple of top_k={top_k}"
             )
     tokens = counts[:, 0] // top_k
     offsets = np.concatenate([[0], np.cumsum(tokens)])

@@ -28,8 +28,11 @@ def pack_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, s
     blobs = []
     for name, array in tensors.items():
         blob = np.ascontiguousarray(array).reshape(-1).view(np.uint8).tobytes()
-        header[name] = {"dtype": code_of(array.dtype), "shape": list(array.shape),
-                        "data_offsets": [position, position + len(blob)]}
+        header[name] = {
+            "dtype": code_of(array.dtype),
+            "shape": list(array.shape),
+            "data_offsets": [position, position + len(blob)],
+        }
         position += len(blob)
         blobs.append(blob)
     return header_bytes(header) + b"".join(blobs)
@@ -47,8 +50,16 @@ def family_arrays(family: str, dtype: np.dtype, seed: int = 0, **shape: int) -> 
     return config, {name: synth_tensor(seed, name, tensor_shape, dtype) for name, tensor_shape in tensors}
 
 
-def write_family(directory: os.PathLike[str] | str, family: str, dtype: np.dtype, *, via: str,
-                 shards: int = 2, seed: int = 0, **shape: int) -> dict[str, np.ndarray]:
+def write_family(
+    directory: os.PathLike[str] | str,
+    family: str,
+    dtype: np.dtype,
+    *,
+    via: str,
+    shards: int = 2,
+    seed: int = 0,
+    **shape: int,
+) -> dict[str, np.ndarray]:
     """Write a family checkpoint with config.json and an index, through the
     ``safetensors`` library (``via="library"``) or hand-packed bytes (``via="packed"``)."""
     os.makedirs(directory, exist_ok=True)
@@ -57,7 +68,7 @@ def write_family(directory: os.PathLike[str] | str, family: str, dtype: np.dtype
     per_shard = -(-len(names) // shards)
     weight_map = {}
     for number in range(shards):
-        part = {name: arrays[name] for name in names[number * per_shard:(number + 1) * per_shard]}
+        part = {name: arrays[name] for name in names[number * per_shard : (number + 1) * per_shard]}
         file_name = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
         path = os.path.join(directory, file_name)
         if via == "library":

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,10 +221,10 @@ def test_rotted_destination_is_not_skipped(small_source, tmp_path, damage):
             handle.write(b"\xff")
     else:
         manifest_path = os.path.join(dst, "mmapstore.json")
-        manifest = json.load(open(manifest_path))
+        manifest = json.loads(Path(manifest_path).read_text())
         manifest["source"] = ["not", "an", "object"]
         manifest["tensors"] = 7
-        json.dump(manifest, open(manifest_path, "w"))
+        Path(manifest_path).write_text(json.dumps(manifest))
     with pytest.raises(ConvertError, match="already exists"):
         convert(small_source, dst)
     assert not convert(small_source, dst, force=True).skipped
@@ -407,7 +408,7 @@ def truncation_trials(command: list[str], victim: str, trials: int) -> dict[str,
     evenly over the command's run time (measured first; the file is restored
     between trials).  The command must finish (0) or refuse with one typed
     line (1): never die of SIGBUS, never print a traceback."""
-    original = open(victim, "rb").read()
+    original = Path(victim).read_bytes()
 
     def launch() -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -415,7 +416,9 @@ def truncation_trials(command: list[str], victim: str, trials: int) -> dict[str,
         )
 
     start = time.monotonic()
-    assert launch().wait(timeout=120) == 0
+    first = launch()
+    first.communicate(timeout=120)
+    assert first.returncode == 0
     duration = time.monotonic() - start
     outcomes = {"finished": 0, "refused": 0}
     for trial in range(trials):
@@ -554,7 +557,7 @@ def test_hub_cache_links_only_into_the_same_repository(small_source, tmp_path):
 def test_lone_surrogate_file_names_are_format_errors(small_source, tmp_path):
     copy = shutil.copytree(small_source, tmp_path / "ckpt")
     index_path = os.path.join(copy, "model.safetensors.index.json")
-    index = json.load(open(index_path))
+    index = json.loads(Path(index_path).read_text())
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = "\ud800.safetensors"
     with open(index_path, "w") as handle:

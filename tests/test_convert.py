@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -40,8 +41,8 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
     assert not result.skipped and len(result.files) > 1
     with open_store(sources[family]) as src, open_store(result.path) as dst:
         assert dst.layout == "slab" and dst.layer_indices == src.layer_indices
-        for a, b in zip(src.layers, dst.layers):
-            for (proj, source), (_, converted) in zip(a.stacks, b.stacks):
+        for a, b in zip(src.layers, dst.layers, strict=True):
+            for (_, source), (_, converted) in zip(a.stacks, b.stacks, strict=True):
                 want = DTYPES[dtype] or source.dtype
                 assert converted.dtype == np.dtype(want)
                 assert converted.is_stacked and converted.native_orientation == "kn"
@@ -56,8 +57,8 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
                     with open_store(result.path) as dst:
                         np.testing.assert_array_equal(array, dst.view(name))
     assert verify(result.path).ok
-    manifest = json.loads(open(os.path.join(result.path, "mmapstore.json")).read())
-    assert manifest["source"]["config"]["model_type"] == json.load(open(os.path.join(sources[family], "config.json")))["model_type"]
+    manifest = json.loads(Path(result.path, "mmapstore.json").read_text())
+    assert manifest["source"]["config"]["model_type"] == json.loads(Path(sources[family], "config.json").read_text())["model_type"]
     assert all(len(entry["sha256"]) == 64 for entry in manifest["tensors"].values())
 
 
@@ -135,11 +136,12 @@ def test_sigkill_mid_convert_leaves_no_destination_and_rerun_succeeds(medium_sou
         time.sleep(0.002)
     time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not dst.exists()
     assert any(name.startswith(".out.partial-") for name in os.listdir(tmp_path))  # it was mid-way
     rerun = _run_convert(medium_source, str(dst))
-    assert rerun.wait(timeout=120) == 0
+    rerun.communicate(timeout=120)
+    assert rerun.returncode == 0
     assert verify(str(dst)).ok
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # the leftovers were cleaned up
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +27,10 @@ def moe_tensors(experts: int = 2) -> dict[str, np.ndarray]:
 
 
 def good_header() -> dict:
-    return {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-            "b": {"dtype": "U8", "shape": [4], "data_offsets": [16, 20]}}
+    return {
+        "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "U8", "shape": [4], "data_offsets": [16, 20]},
+    }
 
 
 def file_with(tmp_path, header: dict, data_nbytes: int = 20, name: str = "x.safetensors") -> str:
@@ -72,7 +75,7 @@ def test_writer_is_deterministic_and_refuses_short_or_long_tensors(tmp_path):
         with SafetensorsWriter(path, specs, align=64) as writer:
             writer.append(np.ones(3, np.float32))
             writer.append(np.zeros(1, np.float32))
-        outputs.append(open(path, "rb").read())
+        outputs.append(Path(path).read_bytes())
     assert outputs[0] == outputs[1]
     writer = SafetensorsWriter(str(tmp_path / "short.safetensors"), specs)
     writer.append(np.ones(2, np.float32))
@@ -93,6 +96,7 @@ def test_every_dtype_code_round_trips(tmp_path):
 
 # -- the hostile catalogue: every entry raises FormatError naming the file ----------------
 
+
 def _mutate(**changes):
     header = good_header()
     for key, value in changes.items():
@@ -103,8 +107,10 @@ def _mutate(**changes):
 
 HOSTILE_HEADERS = {
     "overlap": _mutate(b__data_offsets=[12, 16]) | {"a": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]}},
-    "hole": {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
-             "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}},
+    "hole": {
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]},
+    },
     "out_of_bounds": _mutate(b__data_offsets=[16, 24], b__shape=[8]),
     "size_mismatch": _mutate(a__shape=[2, 3]),
     "malformed_dtype": _mutate(a__dtype="f128; x"),
@@ -151,16 +157,33 @@ def raw_cases(tmp_path) -> dict[str, bytes]:
         "json_array": struct.pack("<Q", 2) + b"[]",
         "json_string": struct.pack("<Q", 4) + b'"ab"',
         "not_utf8": struct.pack("<Q", 4) + b"\xff\xfe{}",
-        "duplicate_key": _framed(b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
-                                 b'"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'),
+        "duplicate_key": _framed(
+            b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+        ),
         "deep_nesting": struct.pack("<Q", 200_002) + b"[" * 100_001 + b"]" * 100_001,
         "huge_int": _framed(('{"a":{"dtype":"U8","shape":[' + "9" * 5000 + '],"data_offsets":[0,1]}}').encode()),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "short_length", "truncated_header", "truncated_data", "trailing_bytes",
-                                  "length_past_end", "length_enormous", "not_json", "json_array", "json_string",
-                                  "not_utf8", "duplicate_key", "deep_nesting", "huge_int"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "short_length",
+        "truncated_header",
+        "truncated_data",
+        "trailing_bytes",
+        "length_past_end",
+        "length_enormous",
+        "not_json",
+        "json_array",
+        "json_string",
+        "not_utf8",
+        "duplicate_key",
+        "deep_nesting",
+        "huge_int",
+    ],
+)
 def test_hostile_files(tmp_path, case):
     path = write_bytes(tmp_path / f"{case}.safetensors", raw_cases(tmp_path)[case])
     with pytest.raises(FormatError) as info:
@@ -191,6 +214,7 @@ def test_missing_path_and_non_checkpoint(tmp_path):
 
 
 # -- sharded index ---------------------------------------------------------------------
+
 
 def write_index(tmp_path, weight_map) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -237,6 +261,7 @@ def test_index_weight_map_not_an_object(tmp_path):
 
 # -- raw slab stores ---------------------------------------------------------------------
 
+
 def write_raw(tmp_path, tensors=None, **overrides) -> str:
     tensors = tensors or moe_tensors()
     blob = b""
@@ -259,17 +284,20 @@ def test_raw_store_reads_values(tmp_path):
         np.testing.assert_array_equal(store.layers[0].up.expert(1), tensors["blk.0.ffn_up_exps.weight"][1])
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"file": "../slabs.bin"}, "escapes"),
-    ({"file": "/etc/hostname"}, "absolute"),
-    ({"file": "absent.bin"}, "does not exist"),
-    ({"offset": 10_000}, "past the end"),
-    ({"offset": -1}, "non-negative"),
-    ({"dtype": "X9"}, "unknown dtype"),
-    ({"shape": [2, -3, 4]}, "non-negative"),
-    ({"offset": 8}, "overlap"),
-    ({"file": 7}, "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"file": "../slabs.bin"}, "escapes"),
+        ({"file": "/etc/hostname"}, "absolute"),
+        ({"file": "absent.bin"}, "does not exist"),
+        ({"offset": 10_000}, "past the end"),
+        ({"offset": -1}, "non-negative"),
+        ({"dtype": "X9"}, "unknown dtype"),
+        ({"shape": [2, -3, 4]}, "non-negative"),
+        ({"offset": 8}, "overlap"),
+        ({"file": 7}, "non-empty string"),
+    ],
+)
 def test_hostile_raw_manifests(tmp_path, change, match):
     path = write_raw(tmp_path, None, **{"blk.0.ffn_up_exps.weight": change})
     with pytest.raises(FormatError, match=match) as info:
@@ -291,12 +319,15 @@ def test_raw_symlink_escaping_is_refused(tmp_path):
         open_store(store)
 
 
-@pytest.mark.parametrize("manifest, match", [
-    ({"format": "other"}, "'format'"),
-    ({"format": "mmapstore.slab_store", "format_version": 99, "storage": "raw", "tensors": {}}, "format_version"),
-    ({"format": "mmapstore.slab_store", "format_version": 1, "storage": "tape", "tensors": {}}, "storage"),
-    ({"format": "mmapstore.slab_store", "format_version": 1, "storage": "raw", "tensors": []}, "tensors"),
-])
+@pytest.mark.parametrize(
+    "manifest, match",
+    [
+        ({"format": "other"}, "'format'"),
+        ({"format": "mmapstore.slab_store", "format_version": 99, "storage": "raw", "tensors": {}}, "format_version"),
+        ({"format": "mmapstore.slab_store", "format_version": 1, "storage": "tape", "tensors": {}}, "storage"),
+        ({"format": "mmapstore.slab_store", "format_version": 1, "storage": "raw", "tensors": []}, "tensors"),
+    ],
+)
 def test_bad_manifest_top_level(tmp_path, manifest, match):
     (tmp_path / "mmapstore.json").write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match=match):

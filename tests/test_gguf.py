@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_records_match_gguf_py_reader(tmp_path):
     assert header.version == 3 and header.alignment == 32 and header.file_nbytes == os.path.getsize(path)
     assert header.data_offset == reference.data_offset
     assert [record.name for record in header.tensors] == [tensor.name for tensor in reference.tensors]
-    for record, tensor in zip(header.tensors, reference.tensors):
+    for record, tensor in zip(header.tensors, reference.tensors, strict=True):
         assert record.path == path
         assert record.dtype.code == tensor.tensor_type.name
         assert record.shape == tuple(int(dim) for dim in reversed(tensor.shape))  # numpy order
@@ -278,11 +279,11 @@ def test_split_missing_part(tmp_path):
 
 def test_split_extra_part(tmp_path):
     parts = write_split(tmp_path)
-    extra = write(tmp_path / "model-00004-of-00003.gguf", open(parts[2], "rb").read())
+    extra = write(tmp_path / "model-00004-of-00003.gguf", Path(parts[2]).read_bytes())
     with pytest.raises(FormatError, match="extra part"):
         read_gguf_files(parts[0])
     os.remove(extra)
-    write(tmp_path / "model-00001-of-00002.gguf", open(parts[0], "rb").read())
+    write(tmp_path / "model-00001-of-00002.gguf", Path(parts[0]).read_bytes())
     with pytest.raises(FormatError, match="extra part"):
         read_gguf_files(parts[2])
 
@@ -290,7 +291,7 @@ def test_split_extra_part(tmp_path):
 def test_split_names_disagree_with_keys(tmp_path):
     parts = write_split(tmp_path)
     # Swap two parts' contents: their split.no no longer matches their names.
-    first, second = open(parts[0], "rb").read(), open(parts[1], "rb").read()
+    first, second = Path(parts[0]).read_bytes(), Path(parts[1]).read_bytes()
     write(parts[0], second)
     write(parts[1], first)
     with pytest.raises(FormatError, match=r"split\.no is 1, expected 0") as info:

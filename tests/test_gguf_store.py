@@ -29,13 +29,16 @@ def quantized(rng: np.random.Generator, qtype, shape: tuple[int, ...]) -> np.nda
         elems, block = gguf.GGML_QUANT_SIZES[qtype]
         raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // elems, block), dtype=np.uint8)
         for start in {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
-            raw[..., start : start + 2] = rng.uniform(-1, 1, raw.shape[:-1]).astype(np.float16)[..., None].view(np.uint8)
+            raw[..., start : start + 2] = (
+                rng.uniform(-1, 1, raw.shape[:-1]).astype(np.float16)[..., None].view(np.uint8)
+            )
         return raw.reshape(*shape[:-1], -1)
     return gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32), qtype)
 
 
-def write_gguf(path, types: dict[str, object], *, fused: bool = False, biases: bool = False,
-               legacy: bool = False, layers: int = 1) -> dict[str, tuple[np.ndarray, object]]:
+def write_gguf(
+    path, types: dict[str, object], *, fused: bool = False, biases: bool = False, legacy: bool = False, layers: int = 1
+) -> dict[str, tuple[np.ndarray, object]]:
     rng = np.random.default_rng(7)
     writer = gguf.GGUFWriter(str(path), "qwen3moe")
     writer.add_block_count(layers)
@@ -104,8 +107,9 @@ def test_gguf_experts_are_byte_slabs_that_dequantize_alone(tmp_path, types):
             for expert in range(E):
                 slab = stack.native(expert)
                 # one contiguous range per expert, the bytes gguf-py wrote for that expert
-                np.testing.assert_array_equal(np.asarray(slab).reshape(-1).view(np.uint8),
-                                              raw.reshape(E, -1).view(np.uint8)[expert])
+                np.testing.assert_array_equal(
+                    np.asarray(slab).reshape(-1).view(np.uint8), raw.reshape(E, -1).view(np.uint8)[expert]
+                )
                 np.testing.assert_array_equal(stack.dequantize(expert), want[expert].T)
 
 
@@ -159,7 +163,7 @@ def test_gguf_convert_keeps_ggml_blocks_or_dequantizes(tmp_path):
     assert manifest["orientation"] == "nk" and manifest["encodings"]["blk.0.ffn_gate_exps"]["kind"] == "ggml"
     dense = convert(path, tmp_path / "f32", dtype="f32")
     with open_store(path) as source, open_store(kept.path) as store, open_store(dense.path) as values:
-        for (proj, stack), (_, kept_stack), (_, value_stack) in zip(
+        for (_, stack), (_, kept_stack), (_, value_stack) in zip(
             source.layer(0).stacks, store.layer(0).stacks, values.layer(0).stacks, strict=True
         ):
             assert kept_stack.encoding.kind == "ggml" and kept_stack.encoding.dtype.code == stack.encoding.dtype.code

@@ -55,8 +55,11 @@ def test_fp8_scales_without_a_quantization_config_are_refused_everywhere(tmp_pat
     tensors = per_expert(ml_dtypes.float8_e4m3fn, ("weight", "weight_scale_inv"))
     path = write_checkpoint(tmp_path / "fp8", tensors, {"model_type": "deepseek_v3", "hidden_size": H})
     refused(path, "weight_scale_inv", "FP8")
-    for argv in (["convert", path, str(tmp_path / "out"), "--dtype", "bf16", "--quiet"],
-                 ["inspect", path], ["verify", path]):
+    for argv in (
+        ["convert", path, str(tmp_path / "out"), "--dtype", "bf16", "--quiet"],
+        ["inspect", path],
+        ["verify", path],
+    ):
         assert main(argv) == 1, argv
         out, err = capsys.readouterr()
         assert "weight_scale_inv" in out + err and "Traceback" not in out + err
@@ -65,8 +68,15 @@ def test_fp8_scales_without_a_quantization_config_are_refused_everywhere(tmp_pat
 
 @pytest.mark.parametrize(
     ("suffix", "fmt"),
-    [("weight_scale", "compressed-tensors"), ("weight_packed", "compressed-tensors"), ("qweight", "AWQ/GPTQ"),
-     ("qzeros", "AWQ/GPTQ"), ("scales", "AWQ/GPTQ"), ("weight_global_scale", "NVFP4"), ("lora_A", "no expert layout")],
+    [
+        ("weight_scale", "compressed-tensors"),
+        ("weight_packed", "compressed-tensors"),
+        ("qweight", "AWQ/GPTQ"),
+        ("qzeros", "AWQ/GPTQ"),
+        ("scales", "AWQ/GPTQ"),
+        ("weight_global_scale", "NVFP4"),
+        ("lora_A", "no expert layout"),
+    ],
 )
 def test_unclaimed_expert_tensors_are_refused_by_name(tmp_path, suffix, fmt):
     path = write_checkpoint(tmp_path, per_expert(suffixes=("weight", suffix)), {"model_type": "qwen3_moe"})
@@ -128,8 +138,10 @@ def _qwen3_vl(orientation: str, hidden: int, width: int) -> dict[str, np.ndarray
         gate_up, down = (E, hidden, 2 * width), (E, width, hidden)
     else:  # as transformers saves it: [E, 2I, H], [E, H, I]
         gate_up, down = (E, 2 * width, hidden), (E, hidden, width)
-    return {f"{prefix}.gate_up_proj": rng.standard_normal(gate_up).astype(np.float32),
-            f"{prefix}.down_proj": rng.standard_normal(down).astype(np.float32)}
+    return {
+        f"{prefix}.gate_up_proj": rng.standard_normal(gate_up).astype(np.float32),
+        f"{prefix}.down_proj": rng.standard_normal(down).astype(np.float32),
+    }
 
 
 @pytest.mark.parametrize("orientation", ["kn", "nk"])
@@ -146,7 +158,9 @@ def test_qwen3_vl_moe_is_concatenated_in_both_orientations(tmp_path, orientation
             kn = fused[expert] if orientation == "kn" else fused[expert].T  # [H, 2I]
             np.testing.assert_array_equal(layer.gate.expert(expert), kn[:, :I])
             np.testing.assert_array_equal(layer.up.expert(expert), kn[:, I:])
-            np.testing.assert_array_equal(layer.down.expert(expert), down[expert] if orientation == "kn" else down[expert].T)
+            np.testing.assert_array_equal(
+                layer.down.expert(expert), down[expert] if orientation == "kn" else down[expert].T
+            )
         assert (layer.gate.k, layer.gate.n) == (H, I)
 
 
@@ -168,8 +182,10 @@ def test_qwen3_vl_moe_without_hidden_size_is_refused(tmp_path):
 
 
 def test_fused_stack_that_does_not_fit_hidden_size_is_refused(tmp_path):
-    refused(write_checkpoint(tmp_path, _qwen3_vl("kn", H, I), {"model_type": "llama4_text", "hidden_size": H + 2}),
-            "do not fit hidden_size")
+    refused(
+        write_checkpoint(tmp_path, _qwen3_vl("kn", H, I), {"model_type": "llama4_text", "hidden_size": H + 2}),
+        "do not fit hidden_size",
+    )
 
 
 def test_gguf_file_is_recognised_as_gguf(tmp_path):
@@ -194,14 +210,15 @@ def test_unknown_dtype_is_refused_only_where_an_expert_needs_it(tmp_path):
     with open(os.path.join(path, "model.safetensors"), "rb") as handle:
         data = handle.read()
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    body = data[8 + length:]
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
     end = max(entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__")
     header["model.norm.weight"] = {"dtype": "F4", "shape": [2, 2], "data_offsets": [end, end + 2]}
     header["model.scales"] = {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [end + 2, end + 4]}
     text = json.dumps(header).encode()
-    write_bytes(os.path.join(path, "model.safetensors"),
-                struct.pack("<Q", len(text)) + text + body + bytes([1, 2, 127, 128]))
+    write_bytes(
+        os.path.join(path, "model.safetensors"), struct.pack("<Q", len(text)) + text + body + bytes([1, 2, 127, 128])
+    )
     with open_store(path) as store:
         np.testing.assert_array_equal(store.view("model.scales").astype(np.float32), [1.0, 2.0])
         with pytest.raises(FormatError, match="'F4'"):
@@ -209,6 +226,7 @@ def test_unknown_dtype_is_refused_only_where_an_expert_needs_it(tmp_path):
     # the same unknown code on an expert weight is refused by name
     header["model.layers.0.mlp.experts.0.gate_proj.weight"]["dtype"] = "F4"
     text = json.dumps(header).encode()
-    write_bytes(os.path.join(path, "model.safetensors"),
-                struct.pack("<Q", len(text)) + text + body + bytes([1, 2, 127, 128]))
+    write_bytes(
+        os.path.join(path, "model.safetensors"), struct.pack("<Q", len(text)) + text + body + bytes([1, 2, 127, 128])
+    )
     refused(path, "experts.0.gate_proj.weight", "'F4'")

@@ -283,13 +283,13 @@ def test_merge_ranges_against_brute_force():
         merged = merge_ranges(file, offset, nbytes)
         for which in range(3):
             covered = np.zeros(300, bool)
-            for f, o, n in zip(file, offset, nbytes):
+            for f, o, n in zip(file, offset, nbytes, strict=True):
                 if f == which:
                     covered[o : o + n] = True
             mine = np.zeros(300, bool)
             picks = merged.file == which
             starts, lengths = merged.offset[picks], merged.nbytes[picks]
-            for o, n in zip(starts, lengths):
+            for o, n in zip(starts, lengths, strict=True):
                 assert not mine[o : o + n].any()  # disjoint
                 mine[o : o + n] = True
             np.testing.assert_array_equal(mine, covered)

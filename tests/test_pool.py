@@ -149,9 +149,9 @@ class PoolMachine(RuleBasedStateMachine):
         assert set(result.target) <= set(self.pool.resident_experts().tolist())  # target ⊆ resident
         assert set(result.promoted) == set(result.target) - set(before)
         assert len(result.promoted) == len(result.demoted) == len(result.slots)  # promotions == slot writes
-        for expert, slot in zip(result.demoted, result.slots):
+        for expert, slot in zip(result.demoted, result.slots, strict=True):
             assert before.pop(expert) == slot
-        for expert, slot in zip(result.promoted, result.slots):
+        for expert, slot in zip(result.promoted, result.slots, strict=True):
             before[expert] = slot
         self.model = before
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -19,14 +20,31 @@ from mmapstore.service import SlabService
 from mmapstore.sinks import ArraySink
 
 E, H, I = 3, 160, 200  # not multiples of 128: partial scale blocks on both axes
-FP8_CONFIG = {"model_type": "deepseek_v3", "hidden_size": H, "moe_intermediate_size": I,
-              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}}
-CT_CONFIG = {"model_type": "qwen3_moe", "hidden_size": H,
-             "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                                         "num_bits": 8, "type": "float", "strategy": "block",
-                                         "block_structure": [128, 128]}}}}}
+FP8_CONFIG = {
+    "model_type": "deepseek_v3",
+    "hidden_size": H,
+    "moe_intermediate_size": I,
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
+}
+CT_CONFIG = {
+    "model_type": "qwen3_moe",
+    "hidden_size": H,
+    "quantization_config": {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
+            }
+        },
+    },
+}
 
 
 def save(directory, tensors: dict[str, np.ndarray], config: dict) -> str:
@@ -43,8 +61,10 @@ def save(directory, tensors: dict[str, np.ndarray], config: dict) -> str:
 def fp8_checkpoint(scale_suffix: str = "weight_scale_inv", scale_dtype=np.float32, seed: int = 0):
     """Per-expert FP8 weights ``[out, in]`` and their 128x128 scale grids, with DeepSeek-V3's names."""
     rng = np.random.default_rng(seed)
-    tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.standard_normal((4, H)).astype(ml_dtypes.bfloat16),
-                                      "model.layers.0.mlp.gate.weight": np.zeros((E, H), ml_dtypes.bfloat16)}
+    tensors: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": rng.standard_normal((4, H)).astype(ml_dtypes.bfloat16),
+        "model.layers.0.mlp.gate.weight": np.zeros((E, H), ml_dtypes.bfloat16),
+    }
     for expert in range(E):
         for proj, (out, inp) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
             prefix = f"model.layers.0.mlp.experts.{expert}.{proj}"
@@ -68,8 +88,10 @@ def fp8_reference(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
 PROJS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-@pytest.mark.parametrize(("suffix", "scale_dtype", "config"),
-                         [("weight_scale_inv", np.float32, FP8_CONFIG), ("weight_scale", ml_dtypes.bfloat16, CT_CONFIG)])
+@pytest.mark.parametrize(
+    ("suffix", "scale_dtype", "config"),
+    [("weight_scale_inv", np.float32, FP8_CONFIG), ("weight_scale", ml_dtypes.bfloat16, CT_CONFIG)],
+)
 def test_fp8_block_parts_and_values(tmp_path, suffix, scale_dtype, config):
     tensors = fp8_checkpoint(suffix, scale_dtype)
     with open_store(save(tmp_path, tensors, config)) as store:
@@ -90,7 +112,9 @@ def test_fp8_block_parts_and_values(tmp_path, suffix, scale_dtype, config):
             assert stack.slab_nbytes == weight.nbytes + scale.nbytes
         assert layer.expert_nbytes == sum(
             tensors[f"model.layers.0.mlp.experts.0.{name}.{part}"].nbytes
-            for name in PROJS.values() for part in ("weight", suffix))
+            for name in PROJS.values()
+            for part in ("weight", suffix)
+        )
 
 
 def test_fp8_refresh_moves_codes_and_scales_together(tmp_path):
@@ -104,8 +128,9 @@ def test_fp8_refresh_moves_codes_and_scales_together(tmp_path):
         for proj, name in PROJS.items():
             prefix = f"model.layers.0.mlp.experts.2.{name}"
             np.testing.assert_array_equal(sink.arrays[f"blk.0.ffn_{proj}_exps.weight"][0], tensors[f"{prefix}.weight"])
-            np.testing.assert_array_equal(sink.arrays[f"blk.0.ffn_{proj}_exps.scale"][0],
-                                          tensors[f"{prefix}.weight_scale_inv"])
+            np.testing.assert_array_equal(
+                sink.arrays[f"blk.0.ffn_{proj}_exps.scale"][0], tensors[f"{prefix}.weight_scale_inv"]
+            )
         assert result.nbytes == store.layer(0).expert_nbytes
 
 
@@ -129,7 +154,9 @@ def test_fp8_convert_keeps_codes_and_scales_or_dequantizes(tmp_path):
             assert stack.encoding.kind == "fp8_block" and stack.dtype == ml_dtypes.float8_e4m3fn
             for expert in range(E):
                 np.testing.assert_array_equal(stack.expert(expert), getattr(source.layer(0), proj).expert(expert))
-                np.testing.assert_array_equal(stack.dequantize(expert), getattr(source.layer(0), proj).dequantize(expert))
+                np.testing.assert_array_equal(
+                    stack.dequantize(expert), getattr(source.layer(0), proj).dequantize(expert)
+                )
     assert verify(kept.path).ok
     as_bf16 = convert(src, tmp_path / "bf16", dtype="bf16")
     with open_store(src) as source, open_store(as_bf16.path) as store:
@@ -162,10 +189,15 @@ def test_fp8_wrong_scale_grid_is_refused(tmp_path):
 def test_unconverted_bf16_experts_under_an_fp8_config_are_plain(tmp_path):
     """modules_to_not_convert leaves some experts in bf16: they have no scale and are values."""
     rng = np.random.default_rng(3)
-    tensors = {f"model.layers.0.mlp.experts.{e}.{p}.weight": rng.standard_normal(s).astype(ml_dtypes.bfloat16)
-               for e in range(E) for p, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))}
-    config = FP8_CONFIG | {"quantization_config": FP8_CONFIG["quantization_config"] | {
-        "modules_to_not_convert": ["model.layers.0.mlp.experts"]}}
+    tensors = {
+        f"model.layers.0.mlp.experts.{e}.{p}.weight": rng.standard_normal(s).astype(ml_dtypes.bfloat16)
+        for e in range(E)
+        for p, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))
+    }
+    config = FP8_CONFIG | {
+        "quantization_config": FP8_CONFIG["quantization_config"]
+        | {"modules_to_not_convert": ["model.layers.0.mlp.experts"]}
+    }
     with open_store(save(tmp_path, tensors, config)) as store:
         stack = store.layer(0).gate
         assert stack.encoding.kind == "plain"
@@ -199,8 +231,12 @@ def mxfp4_checkpoint(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-MX_CONFIG = {"model_type": "gpt_oss", "hidden_size": MX_H, "intermediate_size": MX_I,
-             "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}
+MX_CONFIG = {
+    "model_type": "gpt_oss",
+    "hidden_size": MX_H,
+    "intermediate_size": MX_I,
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+}
 
 
 def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -224,15 +260,22 @@ def test_mxfp4_gpt_oss_parts_values_and_deinterleaving(tmp_path):
         layer = store.layer(0)
         assert store.layout == "fused_interleaved"
         for expert in range(MX_E):
-            fused = mxfp4_reference(tensors[f"{mlp}.gate_up_proj_blocks"][expert],
-                                    tensors[f"{mlp}.gate_up_proj_scales"][expert])  # [2I, H]
+            fused = mxfp4_reference(
+                tensors[f"{mlp}.gate_up_proj_blocks"][expert], tensors[f"{mlp}.gate_up_proj_scales"][expert]
+            )  # [2I, H]
             # gate = even rows of the 2I axis, up = odd rows; [k, n] = [H, I]
             np.testing.assert_array_equal(layer.gate.dequantize(expert), fused[0::2].T.astype(np.float32))
             np.testing.assert_array_equal(layer.up.dequantize(expert), fused[1::2].T.astype(np.float32))
-            down = mxfp4_reference(tensors[f"{mlp}.down_proj_blocks"][expert], tensors[f"{mlp}.down_proj_scales"][expert])
+            down = mxfp4_reference(
+                tensors[f"{mlp}.down_proj_blocks"][expert], tensors[f"{mlp}.down_proj_scales"][expert]
+            )
             np.testing.assert_array_equal(layer.down.dequantize(expert), down.T.astype(np.float32))
-            np.testing.assert_array_equal(layer.gate.part("bias", expert), tensors[f"{mlp}.gate_up_proj_bias"][expert, 0::2])
-            np.testing.assert_array_equal(layer.up.part("scale", expert), tensors[f"{mlp}.gate_up_proj_scales"][expert, 1::2])
+            np.testing.assert_array_equal(
+                layer.gate.part("bias", expert), tensors[f"{mlp}.gate_up_proj_bias"][expert, 0::2]
+            )
+            np.testing.assert_array_equal(
+                layer.up.part("scale", expert), tensors[f"{mlp}.gate_up_proj_scales"][expert, 1::2]
+            )
             np.testing.assert_array_equal(layer.up.expert(expert), tensors[f"{mlp}.gate_up_proj_blocks"][expert, 1::2])
         assert (layer.gate.k, layer.gate.n, layer.down.k, layer.down.n) == (MX_H, MX_I, MX_I, MX_H)
         assert all(stack.encoding.kind == "mxfp4" for _, stack in layer.stacks)
@@ -291,7 +334,7 @@ def test_slab_store_scale_without_an_encoding_is_refused(tmp_path):
     src = save(tmp_path / "src", fp8_checkpoint(), FP8_CONFIG)
     kept = convert(src, tmp_path / "kept").path
     manifest_path = os.path.join(kept, "mmapstore.json")
-    manifest = json.loads(open(manifest_path).read())
+    manifest = json.loads(Path(manifest_path).read_text())
     manifest["encodings"] = {}
     write_bytes(manifest_path, json.dumps(manifest).encode())
     with pytest.raises(mmapstore.FormatError, match="manifest must name its encoding"):

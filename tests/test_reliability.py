@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,7 +255,7 @@ def fuzz_bases(tmp_path_factory):
     raw = convert(source, root / "raw", storage="raw", shard_nbytes=2000).path
     bases = {}
     for kind, directory in (("sharded", source), ("slab", slab), ("raw", raw)):
-        bases[kind] = {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+        bases[kind] = {name: Path(directory, name).read_bytes() for name in sorted(os.listdir(directory))}
     return bases
 
 
@@ -451,7 +452,7 @@ def test_the_library_never_writes_to_what_it_reads(source, tmp_path):
     files = sorted(os.path.join(root, name) for root in (source, dst) for name in os.listdir(root))
 
     def fingerprint() -> dict[str, tuple[str, int]]:
-        return {f: (hashlib.sha256(open(f, "rb").read()).hexdigest(), os.stat(f).st_mtime_ns) for f in files}
+        return {f: (hashlib.sha256(Path(f).read_bytes()).hexdigest(), os.stat(f).st_mtime_ns) for f in files}
 
     before = fingerprint()
     for path in (source, dst):
@@ -548,7 +549,8 @@ def run_crash_trials(source: str, tmp_path, trials: int | None) -> int:
         # DST is complete and intact (a complete store existed before the kill)
         assert os.path.isdir(dst) and verify(dst).ok, kill_at
     final = _convert_process(source, dst)
-    assert final.wait(timeout=120) == 0
+    final.communicate(timeout=120)
+    assert final.returncode == 0
     assert verify(dst).ok
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # no temporary files survive
     return len(points)
@@ -588,7 +590,7 @@ def test_many_processes_converting_at_once(source, tmp_path):
         )
         for _ in range(5)
     ]
-    codes = [process.wait(timeout=180) for process in processes]
+    codes = [(process.communicate(timeout=180), process.returncode)[1] for process in processes]
     assert codes == [0] * 5
     assert verify(dst).ok
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
@@ -604,7 +606,7 @@ def test_threads_reading_and_refreshing_one_store(source, tmp_path):
                 service = SlabService(store, 3, RefreshPolicy.every_n_decode_steps(2))
                 for captured in routing_trace(10, store.num_layers, 8, 2, 4, seed=seed):
                     service.step(captured)
-                    for layer, pool in zip(store.layers, service.pools):
+                    for layer, pool in zip(store.layers, service.pools, strict=True):
                         for slot, expert in enumerate(pool.resident_experts()):
                             buffer = service.sink.arrays[f"blk.{layer.layer_index}.ffn_up_exps.weight"]
                             assert np.array_equal(buffer[slot], layer.up.native(int(expert)))
@@ -651,6 +653,6 @@ def test_stale_lock_from_a_killed_process_never_blocks(source, tmp_path):
     )
     assert holder.stdout.readline().strip() == b"held"
     holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    holder.communicate()
     assert os.path.exists(os.path.join(tmp_path, ".out.lock"))  # the lock file stays behind...
     assert not convert(source, dst, lock_timeout=10).skipped  # ...and blocks nobody

@@ -33,7 +33,9 @@ def test_tide_matches_expert_pool_step_for_step(intervals, capacities):
         clock="global",
         on_step=lambda step, resident: states.append(resident.copy()),
     )
-    pools = [ExpertPool(16, c, RefreshPolicy.every_n_decode_steps(i)) for c, i in zip(capacities, intervals)]
+    pools = [
+        ExpertPool(16, c, RefreshPolicy.every_n_decode_steps(i)) for c, i in zip(capacities, intervals, strict=True)
+    ]
     misses = np.zeros((trace.num_steps, 3), dtype=np.int64)
     for step in range(trace.num_steps):
         ids = trace.step_ids(step)

@@ -30,7 +30,7 @@ def stores(tmp_path_factory):
 def resident_matches(service: SlabService) -> None:
     sink = service.sink
     assert service.buffers is sink.arrays
-    for layer, pool in zip(service.store.layers, service.pools):
+    for layer, pool in zip(service.store.layers, service.pools, strict=True):
         for slot, expert in enumerate(pool.resident_experts()):
             for proj, stack in layer.stacks:
                 name = f"blk.{layer.layer_index}.ffn_{proj}_exps.weight"

@@ -16,8 +16,20 @@ from mmapstore.mapping import resident_nbytes
 from mmapstore.planner import geometries_of, plan_full_push
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "llada2_moe", "gpt_oss", "llama4"]
-ALL_DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
-              ml_dtypes.float8_e5m2, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_]
+ALL_DTYPES = [
+    np.float64,
+    np.float32,
+    np.float16,
+    ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e5m2,
+    np.int64,
+    np.int32,
+    np.int16,
+    np.int8,
+    np.uint8,
+    np.bool_,
+]
 LIBRARY_DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int32, np.int8, np.uint8, np.bool_]
 SHAPE = {"layers": 2, "experts": 4, "hidden": 12, "ffn": 6}
 
@@ -166,9 +178,15 @@ def test_sparse_file_of_tens_of_gb_opens_instantly_without_disk(tmp_path):
 
     bf16 = dtype_from_code("BF16")
     experts, hidden, ffn = 64, 4096, 2048
-    specs = [TensorSpec(f"blk.{layer}.ffn_{proj}_exps.weight", bf16,
-                        (experts, hidden, ffn) if proj != "down" else (experts, ffn, hidden))
-             for layer in range(16) for proj in ("gate", "up", "down")]
+    specs = [
+        TensorSpec(
+            f"blk.{layer}.ffn_{proj}_exps.weight",
+            bf16,
+            (experts, hidden, ffn) if proj != "down" else (experts, ffn, hidden),
+        )
+        for layer in range(16)
+        for proj in ("gate", "up", "down")
+    ]
     path = str(tmp_path / "huge.safetensors")
     with SafetensorsWriter(path, specs, align=4096, sparse=True):
         pass

@@ -48,7 +48,7 @@ def test_budget_is_respected_and_spent():
     geometry = ReplayGeometry((32, 32, 32), (MIB, 2 * MIB, MIB))
     budget = 40 * MIB
     rec = recommend(prepare(trace, geometry), CostModel(1e9, 1e-3), budget_nbytes=budget, max_interval=8)
-    used = sum(c * n for c, n in zip(rec.capacity, geometry.expert_nbytes))
+    used = sum(c * n for c, n in zip(rec.capacity, geometry.expert_nbytes, strict=True))
     assert used <= budget
     assert all(1 <= t <= 8 for t in rec.interval)
 

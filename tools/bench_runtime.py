@@ -301,7 +301,7 @@ def main() -> int:
                     "random_cpu_read_nbytes_per_token": random_stats.cpu_read_nbytes / max(1, random_stats.forwards),
                     "tokens_equal_ceiling": result["ids"] == ceiling["ids"],
                     "first_diverging_token": next(
-                        (i for i, (a, b) in enumerate(zip(result["ids"], ceiling["ids"])) if a != b), None
+                        (i for i, (a, b) in enumerate(zip(result["ids"], ceiling["ids"], strict=True)) if a != b), None
                     ),
                     "prompt_logits_max_abs_diff": float((ours_logits - ceiling_logits).abs().max()),
                     **memory_now(),

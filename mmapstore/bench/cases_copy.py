@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 
 from ..apply import apply
 from ..mapping import MADV_WILLNEED
@@ -327,7 +328,7 @@ def case_cold_refresh(ctx: Context) -> list[Figure]:
             fd = os.open(file_path, os.O_RDONLY)
             try:
 
-                def read(index: int) -> None:
+                def read(index: int, fd: int = fd, buffers: list[npt.NDArray[np.uint8]] = buffers) -> None:
                     offset, _ = ranges[index]
                     os.preadv(fd, [buffers[index].data], offset)
 

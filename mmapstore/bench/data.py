@@ -94,7 +94,7 @@ def write_slab_store(path: str, layers: int, experts: int, k: int, n: int, *, sp
     chunk = rng.integers(-100, 100, size=(k * n,), dtype=np.int16).astype(np.float32).astype(BF16.numpy)
     with SafetensorsWriter(file_path, specs, {"format": "mmapstore"}, align=PAGE_NBYTES, sparse=sparse) as writer:
         if not sparse:
-            for spec in specs:
+            for _spec in specs:
                 for _ in range(experts):
                     writer.append(chunk)
     tensors = {spec.name: {"file": DATA_FILE, "dtype": "BF16", "shape": list(spec.shape)} for spec in specs}

@@ -119,8 +119,9 @@ def _gguf(path: str) -> Checkpoint:
     tensors = _collect([header.tensors for header in headers], source=path)
     metadata: dict[str, Any] = dict(headers[0].metadata)
     identities = {header.path: header.identity for header in headers if header.identity is not None}
-    return Checkpoint(path, "gguf", tensors, tuple(header.path for header in headers), None, None, metadata,
-                      identities=identities)
+    return Checkpoint(
+        path, "gguf", tensors, tuple(header.path for header in headers), None, None, metadata, identities=identities
+    )
 
 
 def _collect(groups: list[tuple[TensorRecord, ...]], *, source: str) -> dict[str, TensorRecord]:

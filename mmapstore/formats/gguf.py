@@ -248,7 +248,7 @@ def _read_tensor_infos(cursor: HeaderCursor, tensor_count: int, alignment: int) 
 
 def _place(path: str, infos: list[_Info], data_offset: int, file_nbytes: int) -> tuple[TensorRecord, ...]:
     records: list[TensorRecord] = []
-    for name, ggml_type, shape, relative, at in infos:
+    for name, ggml_type, shape, relative, _at in infos:
         dtype = GGML_TYPES[ggml_type]
         nbytes = shape_nbytes(shape, dtype, path=path, tensor=name)
         offset = data_offset + relative
@@ -330,7 +330,9 @@ def _entry_of_directory(directory: str) -> str:
     if len(names) == 1:
         return os.path.join(directory, names[0])
     matches = [_SPLIT_NAME.match(name) for name in names]
-    sets = {(match["prefix"], match["count"]) if match else ("", name) for match, name in zip(matches, names)}
+    sets = {
+        (match["prefix"], match["count"]) if match else ("", name) for match, name in zip(matches, names, strict=True)
+    }
     if len(sets) != 1 or any(match is None for match in matches):
         raise FormatError(
             f"{directory}: holds {len(names)} .gguf files that are not one split set: {', '.join(names[:8])}"

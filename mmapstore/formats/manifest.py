@@ -9,6 +9,7 @@ headers describe the bytes and the manifest adds checksums and provenance.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -101,7 +102,7 @@ def check_overlaps(records: dict[str, TensorRecord], *, path: str) -> None:
         by_file.setdefault(record.path, []).append(record)
     for file_records in by_file.values():
         file_records.sort(key=lambda record: (record.offset, record.nbytes))
-        for before, after in zip(file_records, file_records[1:]):
+        for before, after in itertools.pairwise(file_records):
             if after.nbytes and before.offset + before.nbytes > after.offset:
                 raise FormatError(f"{path}: tensors {before.name!r} and {after.name!r} overlap in {before.path!r}")
 

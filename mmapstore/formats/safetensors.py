@@ -119,8 +119,7 @@ def _parse_header(raw: bytes, claimed: int, path: str) -> dict[str, object]:
                 and raw.count(b'"shape"') == entries
                 and raw.count(b'"__metadata__"') == ("__metadata__" in header)
                 and (
-                    not isinstance(metadata, dict)
-                    or all(raw.count(json.dumps(key).encode()) == 1 for key in metadata)
+                    not isinstance(metadata, dict) or all(raw.count(json.dumps(key).encode()) == 1 for key in metadata)
                 )
             ):
                 return header
@@ -333,7 +332,7 @@ class SafetensorsWriter:
         self._current = 0
         self._written = 0  # bytes of the current tensor written so far
         self._sparse = sparse
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 - owned by the writer, closed by close()/abort()
         self._file.write(header)
         if sparse:
             # Valid header over a hole: nothing but the header takes disk space.

@@ -27,7 +27,7 @@ from .readers import ALIGN_NBYTES, Reader
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_SLOT_NBYTES", "DEFAULT_SLOTS", "RingUnavailableError", "StagingRing", "default_threads"]
+__all__ = ["DEFAULT_SLOTS", "DEFAULT_SLOT_NBYTES", "RingUnavailableError", "StagingRing", "default_threads"]
 
 DEFAULT_SLOT_NBYTES = 16 << 20
 DEFAULT_SLOTS = 4

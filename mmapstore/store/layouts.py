@@ -253,8 +253,10 @@ def discover(
         if _UNDER_EXPERTS.search(name) and not _ATTENTION_EXPERTS.search(name):
             raise _unclaimed(name, source, config)
     if gguf_fused:
-        return "fused_concatenated", [_gguf_fused_layer(layer, gguf_fused[layer]["gate_up"], slab.pop(layer, {}), source)
-                                      for layer in sorted(gguf_fused)] + _leftover_slab(slab, source)
+        return "fused_concatenated", [
+            _gguf_fused_layer(layer, gguf_fused[layer]["gate_up"], slab.pop(layer, {}), source)
+            for layer in sorted(gguf_fused)
+        ] + _leftover_slab(slab, source)
     kinds = (("slab", slab), ("per_expert", per_expert), ("fused", fused), ("linear", linear), ("dbrx", dbrx))
     found = [kind for kind, layers in kinds if layers]
     if len(found) > 1:
@@ -511,8 +513,12 @@ def _per_expert_encoding(
             )
         scale = scales[0]
         _dtype(scale, ("F32", "BF16"), source, f"{scheme.scale_suffix}")
-        _shape(scale, _fp8_grid(weight.shape, scheme.block), source,
-               f"{scheme.block[0]}x{scheme.block[1]} block scale grid of {list(weight.shape)}")
+        _shape(
+            scale,
+            _fp8_grid(weight.shape, scheme.block),
+            source,
+            f"{scheme.block[0]}x{scheme.block[1]} block scale grid of {list(weight.shape)}",
+        )
         return Encoding("fp8_block", weight.dtype, scheme.block)
     if scales is not None:
         raise FormatError(
@@ -645,15 +651,16 @@ def _mxfp4_layer(
     gate_up_logical = (gate_up[0], gate_up[1], gate_up[2] * 32)
     down_logical = (down[0], down[1], down[2] * 32)
     orientation = _fused_orientation(
-        (gate_up[0], gate_up_logical[2], gate_up_logical[1]), (down[0], down_logical[2], down_logical[1]),
-        found["gate_up"]["weight"].name, config, source,
+        (gate_up[0], gate_up_logical[2], gate_up_logical[1]),
+        (down[0], down_logical[2], down_logical[1]),
+        found["gate_up"]["weight"].name,
+        config,
+        source,
     )
     if orientation != "kn":  # as [E, in, out] it must read [E, H, 2I]
         raise FormatError(f"{source}: MXFP4 stacks in an unexpected orientation")
     _bias_shapes(found, gate_up[0], gate_up[1], down[1], source)
-    encodings = {
-        proj: Encoding("mxfp4", found[proj]["weight"].dtype, (1, 32)) for proj in ("gate_up", "down")
-    }
+    encodings = {proj: Encoding("mxfp4", found[proj]["weight"].dtype, (1, 32)) for proj in ("gate_up", "down")}
     return LayerPlan(layer, layout, {}, found, encodings, "nk", ("gate_up", "down"))
 
 
@@ -704,7 +711,9 @@ def _dbrx_layer(
     ffn_config = (config or {}).get("ffn_config")
     experts = ffn_config.get("moe_num_experts") if isinstance(ffn_config, Mapping) else None
     if type(experts) is not int or not 0 < experts <= MAX_EXPERTS:
-        raise FormatError(f"{source}: DBRX expert stacks need config.json ffn_config.moe_num_experts, found {experts!r:.40}")
+        raise FormatError(
+            f"{source}: DBRX expert stacks need config.json ffn_config.moe_num_experts, found {experts!r:.40}"
+        )
     shape = found["gate"]["weight"].shape
     for proj in ("gate", "up", "down"):
         record = found[proj]["weight"]
@@ -717,6 +726,8 @@ def _dbrx_layer(
             )
     hidden = _config_int(config, "d_model", "hidden_size")
     if hidden is not None and shape[1] != hidden:
-        raise FormatError(f"{source}: DBRX tensor {found['gate']['weight'].name!r}: second axis {shape[1]} is not d_model {hidden}")
+        raise FormatError(
+            f"{source}: DBRX tensor {found['gate']['weight'].name!r}: second axis {shape[1]} is not d_model {hidden}"
+        )
     encodings = {proj: Encoding("plain", found[proj]["weight"].dtype) for proj in ("gate", "up", "down")}
     return LayerPlan(layer, "dbrx", {}, found, encodings, "nk", orientations={"down": "kn"}, num_experts=experts)

@@ -51,8 +51,11 @@ class ExpertStore:
             slab_encodings, orientation = {}, "nk"  # ggml ne = {in, out, E}: numpy [E, out, in]
         try:
             self.layout, plans = discover(
-                checkpoint.tensors, checkpoint.config, source=checkpoint.path,
-                slab_encodings=slab_encodings, slab_orientation=orientation,
+                checkpoint.tensors,
+                checkpoint.config,
+                source=checkpoint.path,
+                slab_encodings=slab_encodings,
+                slab_orientation=orientation,
             )
             # Map every file now, each checked to be the file whose header was
             # validated: a file replaced after open_store cannot be read instead.
@@ -137,9 +140,7 @@ class ExpertStore:
     def __enter__(self) -> ExpertStore:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -151,13 +152,27 @@ class ExpertStore:
         experts, slab_shape = self._experts_and_slab(record)
         stride = record.nbytes // experts
         return PartGeometry.stacked(
-            stack, part, experts, record.dtype, slab_shape, c_strides(slab_shape, record.dtype.itemsize),
-            file=self._file_ids[record.path], base=record.offset, stride=stride, extent=stride,
+            stack,
+            part,
+            experts,
+            record.dtype,
+            slab_shape,
+            c_strides(slab_shape, record.dtype.itemsize),
+            file=self._file_ids[record.path],
+            base=record.offset,
+            stride=stride,
+            extent=stride,
             orientation=orientation,
         )
 
     def _half(
-        self, stack: str, part: str, record: TensorRecord, axis: int, which: int, layout: str,
+        self,
+        stack: str,
+        part: str,
+        record: TensorRecord,
+        axis: int,
+        which: int,
+        layout: str,
         orientation: Orientation,
     ) -> PartGeometry:
         """Gate (``which=0``) or up (``1``) half of a fused ``[E, ...]`` record,
@@ -176,8 +191,18 @@ class ExpertStore:
         shape[axis] = width
         stride = record.nbytes // experts
         return PartGeometry.stacked(
-            stack, part, experts, record.dtype, tuple(shape), tuple(strides), file=self._file_ids[record.path],
-            base=record.offset, stride=stride, extent=stride, view_delta=delta, orientation=orientation,
+            stack,
+            part,
+            experts,
+            record.dtype,
+            tuple(shape),
+            tuple(strides),
+            file=self._file_ids[record.path],
+            base=record.offset,
+            stride=stride,
+            extent=stride,
+            view_delta=delta,
+            orientation=orientation,
         )
 
     def _experts_and_slab(self, record: TensorRecord) -> tuple[int, tuple[int, ...]]:
@@ -189,14 +214,22 @@ class ExpertStore:
             )
         return experts, slab_shape
 
-    def _gathered(self, stack: str, part: str, records: tuple[TensorRecord, ...], orientation: Orientation) -> PartGeometry:
+    def _gathered(
+        self, stack: str, part: str, records: tuple[TensorRecord, ...], orientation: Orientation
+    ) -> PartGeometry:
         head = records[0]
         slab_shape = storage_shape(head)
         if 0 in slab_shape:
             raise FormatError(f"{self.path}: tensor {head.name!r}: expert slab of shape {list(head.shape)} is empty")
         return PartGeometry.gathered(
-            stack, part, head.dtype, slab_shape, [self._file_ids[record.path] for record in records],
-            [record.offset for record in records], head.nbytes, orientation=orientation,
+            stack,
+            part,
+            head.dtype,
+            slab_shape,
+            [self._file_ids[record.path] for record in records],
+            [record.offset for record in records],
+            head.nbytes,
+            orientation=orientation,
         )
 
     def _build(self, plan: LayerPlan) -> LayerExperts:
@@ -209,8 +242,14 @@ class ExpertStore:
                 geometries = {
                     part: self._gathered(name, part, records, orientation) for part, records in gathered.items()
                 }
-                stacks[proj] = self._stack(name, gathered["weight"][0], plan.encodings[proj], geometries,
-                                           tuple(record.name for record in gathered["weight"]), plan.logical.get(proj))
+                stacks[proj] = self._stack(
+                    name,
+                    gathered["weight"][0],
+                    plan.encodings[proj],
+                    geometries,
+                    tuple(record.name for record in gathered["weight"]),
+                    plan.logical.get(proj),
+                )
         elif plan.layout == "slab":
             for proj, parts in plan.stacked.items():
                 name = f"layers.{layer}.{proj}"
@@ -218,8 +257,14 @@ class ExpertStore:
                 encoding = plan.encodings[proj]
                 if encoding.kind == "ggml" and not parts["weight"].dtype.is_block:
                     geometries["weight"] = replace(geometries["weight"], dtype=encoding.dtype)
-                stacks[proj] = self._stack(name, parts["weight"], plan.encodings[proj], geometries,
-                                           (parts["weight"].name,), plan.logical.get(proj))
+                stacks[proj] = self._stack(
+                    name,
+                    parts["weight"],
+                    plan.encodings[proj],
+                    geometries,
+                    (parts["weight"].name,),
+                    plan.logical.get(proj),
+                )
         elif plan.layout == "dbrx":
             stacks = self._build_dbrx(plan)
         else:
@@ -229,15 +274,29 @@ class ExpertStore:
         return result
 
     def _stack(
-        self, name: str, weight: TensorRecord, encoding: Encoding, parts: dict[str, PartGeometry],
-        tensor_names: tuple[str, ...], logical: tuple[int, int] | None = None,
+        self,
+        name: str,
+        weight: TensorRecord,
+        encoding: Encoding,
+        parts: dict[str, PartGeometry],
+        tensor_names: tuple[str, ...],
+        logical: tuple[int, int] | None = None,
     ) -> ExpertStack:
         """A stack whose logical ``[k, n]`` comes from the weight record's shape
         (the last two logical dims, in ``orientation``), or for packed stacks
         from ``logical`` (discovery's ``(k, n)``: a packed shape is not the logical one)."""
         if logical is not None:
-            return ExpertStack(name, logical[0], logical[1], encoding, parts, tensor_names, maps=self._maps,
-                               files=self.files, stacked=len(tensor_names) == 1 and parts["weight"].stride is not None)
+            return ExpertStack(
+                name,
+                logical[0],
+                logical[1],
+                encoding,
+                parts,
+                tensor_names,
+                maps=self._maps,
+                files=self.files,
+                stacked=len(tensor_names) == 1 and parts["weight"].stride is not None,
+            )
         if encoding.packed:
             raise FormatError(f"{self.path}: stack {name!r} is {encoding.describe()} but its logical shape is unknown")
         if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
@@ -248,8 +307,17 @@ class ExpertStore:
         else:
             first, second = weight.shape[-2], weight.shape[-1]
         k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
-        return ExpertStack(name, k, n, encoding, parts, tensor_names, maps=self._maps, files=self.files,
-                           stacked=len(tensor_names) == 1 and parts["weight"].stride is not None)
+        return ExpertStack(
+            name,
+            k,
+            n,
+            encoding,
+            parts,
+            tensor_names,
+            maps=self._maps,
+            files=self.files,
+            stacked=len(tensor_names) == 1 and parts["weight"].stride is not None,
+        )
 
     def _build_fused(self, plan: LayerPlan, orientation: Orientation) -> dict[str, ExpertStack]:
         """Split fused ``gate_up`` parts into gate and up stacks; ``down`` as is.
@@ -277,14 +345,24 @@ class ExpertStore:
                 k, n = fused["weight"].shape[2], rows  # rows of blocks [out, row bytes]; logical [E, out, in]
             else:
                 k, n = (rows, cols) if orientation == "kn" else (cols, rows)
-            stacks[proj] = ExpertStack(name, k, n, encoding, parts, (fused["weight"].name,), maps=self._maps,
-                                       files=self.files, stacked=True)
+            stacks[proj] = ExpertStack(
+                name, k, n, encoding, parts, (fused["weight"].name,), maps=self._maps, files=self.files, stacked=True
+            )
         name = f"layers.{layer}.down"
         parts = {part: self._stacked(name, part, record, orientation) for part, record in down.items()}
         if plan.encodings["down"].kind == "mxfp4":
             blocks = down["weight"].shape
-            stacks["down"] = ExpertStack(name, blocks[2] * 32, blocks[1], plan.encodings["down"], parts,
-                                         (down["weight"].name,), maps=self._maps, files=self.files, stacked=True)
+            stacks["down"] = ExpertStack(
+                name,
+                blocks[2] * 32,
+                blocks[1],
+                plan.encodings["down"],
+                parts,
+                (down["weight"].name,),
+                maps=self._maps,
+                files=self.files,
+                stacked=True,
+            )
         else:
             stacks["down"] = self._stack(name, down["weight"], plan.encodings["down"], parts, (down["weight"].name,))
         return stacks
@@ -300,13 +378,30 @@ class ExpertStore:
             orientation: Orientation = "kn" if plan.orientation_of(proj) == "kn" else "nk"
             stride = record.nbytes // experts
             geometry = PartGeometry.stacked(
-                f"layers.{plan.layer_index}.{proj}", "weight", experts, record.dtype, (rows, hidden),
-                c_strides((rows, hidden), record.dtype.itemsize), file=self._file_ids[record.path],
-                base=record.offset, stride=stride, extent=stride, orientation=orientation,
+                f"layers.{plan.layer_index}.{proj}",
+                "weight",
+                experts,
+                record.dtype,
+                (rows, hidden),
+                c_strides((rows, hidden), record.dtype.itemsize),
+                file=self._file_ids[record.path],
+                base=record.offset,
+                stride=stride,
+                extent=stride,
+                orientation=orientation,
             )
             k, n = (rows, hidden) if orientation == "kn" else (hidden, rows)
-            stacks[proj] = ExpertStack(geometry.stack, k, n, plan.encodings[proj], {"weight": geometry},
-                                       (record.name,), maps=self._maps, files=self.files, stacked=True)
+            stacks[proj] = ExpertStack(
+                geometry.stack,
+                k,
+                n,
+                plan.encodings[proj],
+                {"weight": geometry},
+                (record.name,),
+                maps=self._maps,
+                files=self.files,
+                stacked=True,
+            )
         return stacks
 
     def _check_shapes(self, layer: LayerExperts, plan: LayerPlan) -> None:

@@ -178,7 +178,7 @@ class LayerRuntime:
         layout, copied = self.layout, 0
         gate, up, down = self.experts.gate, self.experts.up, self.experts.down
         fused_axis = 1 if layout.transposed else 0  # the 2I axis of one slot
-        for expert, slot in zip(experts.tolist(), slots.tolist()):
+        for expert, slot in zip(experts.tolist(), slots.tolist(), strict=True):
             gate_dst, up_dst = layout.halves(self.gate_up[slot], fused_axis)
             for stack, dst in ((gate, gate_dst), (up, up_dst)):
                 source = as_tensor(stack.expert(expert))  # [k=H, n=I]

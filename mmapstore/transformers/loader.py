@@ -136,7 +136,7 @@ def load_model(
             )
             recorder = TraceRecorder([layer.experts.layer_index for layer in layers], top_k)
         runtimes = []
-        for position, (layer, slots) in enumerate(zip(layers, capacities)):
+        for position, (layer, slots) in enumerate(zip(layers, capacities, strict=True)):
             pool = ExpertPool(layer.layout.num_experts, slots, RefreshPolicy.every_n_decode_steps(every))
             runtime = LayerRuntime(
                 position,
@@ -157,7 +157,7 @@ def load_model(
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
         register_backend()
         model.set_experts_implementation(BACKEND_NAME)
-        for layer, runtime in zip(layers, runtimes):
+        for layer, runtime in zip(layers, runtimes, strict=True):
             setattr(layer.module, LAYER_ATTRIBUTE, runtime)
         model.eval()
         model.requires_grad_(False)
@@ -330,7 +330,7 @@ def _capacities(
     for value in wanted:
         if type(value) is not int or value < 1:
             raise RuntimeConfigError(f"capacity must be at least one expert per layer, got {value!r}")
-    return [min(value, count) for value, count in zip(wanted, experts)]
+    return [min(value, count) for value, count in zip(wanted, experts, strict=True)]
 
 
 def _weight_plan(path: str, model: Any, store: ExpertStore, layers: Sequence[_MoeLayer]) -> dict[str, str]:
