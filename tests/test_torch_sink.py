@@ -114,3 +114,21 @@ class TestTorchSinkConformance(SinkTests):
             code = ml_dtypes.float8_e4m3fn if tensor.dtype == torch.float8_e4m3fn else ml_dtypes.float8_e5m2
             return tensor.view(torch.uint8).numpy().view(code).copy()
         return tensor.numpy().copy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coalesced_runs_read_their_own_bytes(tmp_path, device):
+    # A converted store keeps each stack as one [E, ...] tensor, so runs of
+    # consecutive experts become one row whose extent spans the whole run; the
+    # last stack's run of 7 of 8 experts ends at the end of the file.
+    from mmapstore.convert import convert
+
+    synth_checkpoint(tmp_path / "c", family="mixtral", layers=1, experts=8, hidden=64, ffn=32)
+    convert(str(tmp_path / "c"), str(tmp_path / "s"))
+    with open_store(tmp_path / "s") as stacked:
+        sink = TorchSink(device)
+        service = SlabService(stacked, capacity=7, sink=sink)
+        check_pools(service, "native")
+        service.step([np.array([[7, 6], [5, 4]])])
+        check_pools(service, "native")
+        sink.close()

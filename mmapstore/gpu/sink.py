@@ -390,16 +390,15 @@ class TorchSink:
             host = as_tensor(view)
             destination.copy_(host.transpose(-1, -2) if flip else host)
             return
-        offset, extent = int(table.offset[row]), int(table.extent[row])
-        stride = geometry.stride if geometry.stride is not None else geometry.extent
-        span = (count - 1) * stride + extent
+        # The row's extent already spans its whole run: (count - 1) strides plus one expert.
+        offset, span = int(table.offset[row]), int(table.extent[row])
         plain = (
             not flip
             and destination.dtype == torch_dtype(geometry.dtype)
             and geometry.view_delta == 0
             and geometry.slab_strides == c_strides(geometry.slab_shape, geometry.dtype.itemsize)
-            and extent == geometry.slab_nbytes
-            and (count == 1 or stride == geometry.slab_nbytes)
+            and geometry.extent == geometry.slab_nbytes
+            and span == count * geometry.slab_nbytes
         )
         if plain:
             jobs.append(CopyJob(mapped, offset, span, destination.reshape(-1).view(torch.uint8)))
