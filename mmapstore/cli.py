@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from .errors import MmapStoreError
 
-__all__ = ["escape", "main", "parse_size"]
+__all__ = ["escape", "main", "parse_size", "torch_device"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
@@ -59,6 +59,15 @@ def user_dtype(text: str) -> str:
         parse_user_dtype(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def torch_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked on use)."""
+    from .simulate import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)")
     return text
 
 
@@ -226,6 +235,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.trace is not None:
         from .trace_cli import run_simulate_trace
 
+        if args.device is not None:
+            print("mmapstore simulate: error: --device moves real slabs; --trace replays without them", file=sys.stderr)
+            return 2
+
         return run_simulate_trace(args)
     from .simulate import simulate
 
@@ -249,13 +262,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
             dtype=args.dtype,
             orientation=args.orientation,
+            device=args.device,
         )
     if args.json:
         _print_json(summary)
-        return 0
+        return 0 if summary["verified"] else 1
+    pools = "numpy buffers" if args.device is None else f"torch tensors on {summary['device']}"
     print(
         f"store: {summary['layout']}, {summary['moe_layers']} MoE layers x {summary['experts']} experts; "
-        f"pool capacity {summary['capacity']} per layer, refresh every {args.every} step(s)"
+        f"pool capacity {summary['capacity']} per layer ({pools}), refresh every {args.every} step(s)"
     )
     for event in summary["events"]:
         moves = ", ".join(f"L{u['layer']} slot {u['slot']}: {u['old']}->{u['new']}" for u in event["updates"]) or "none"
@@ -367,6 +382,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--dtype", type=user_dtype, default=None, help="sink dtype (default: the store's)")
     simulate.add_argument("--orientation", choices=["native", "kn"], default="native")
+    simulate.add_argument(
+        "--device", type=torch_device, default=None, help="pools as torch tensors on cpu, cuda, cuda:N (default: numpy)"
+    )
     simulate.add_argument("--json", action="store_true")
     simulate.add_argument(
         "--trace",

@@ -39,6 +39,7 @@ __all__ = [
     "check_pools",
     "geometries_of",
     "param_name",
+    "plan_candidates",
     "plan_full_push",
     "plan_refresh",
     "plan_resident",
@@ -385,6 +386,51 @@ def plan_resident(
     check_pools(geometry, pools)
     residents = [pool.resident_experts() for pool in pools]
     return _static_plan(geometry, names, residents)
+
+
+def plan_candidates(
+    geometry: StoreGeometry,
+    pools: Sequence[ExpertPool],
+    captured: Sequence[object],
+    *,
+    names: str = DEFAULT_PARAM_NAME,
+) -> WriteTable:
+    """The rows of the experts routed to in ``captured`` that their pools do
+    not hold: what the next refresh is likely to bring in.
+
+    A table to read ranges from (to register or prefetch them ahead), not
+    to write: ``slot`` numbers each layer's candidates from 0 in expert
+    order, not pool slots.  Pools that hold every expert have none.
+
+    Raises
+    ------
+    CapturedIdsError
+        Wrong number of layers or pools, or ids that are not integers in range
+        (as :func:`plan_refresh`).
+    """
+    check_pools(geometry, pools)
+    if len(captured) != len(geometry.layers):
+        raise CapturedIdsError(
+            f"captured ids for {len(captured)} layers, the store has {len(geometry.layers)} MoE layers"
+        )
+    labels = geometry.layer_indices
+    layer_pos, slot, expert = [], [], []
+    for position, pool in enumerate(pools):
+        if not pool.offload:
+            continue
+        hits = count_hits_rows([captured[position]], pool.num_experts, [labels[position]])[0]
+        wanted = np.flatnonzero((hits > 0) & ~pool.resident_mask()).astype(np.int64)
+        layer_pos.append(np.full(len(wanted), position, dtype=np.int64))
+        slot.append(np.arange(len(wanted), dtype=np.int64))
+        expert.append(wanted)
+    empty = [np.zeros(0, dtype=np.int64)]
+    return _table(
+        geometry,
+        names,
+        np.concatenate(layer_pos or empty),
+        np.concatenate(slot or empty),
+        np.concatenate(expert or empty),
+    )
 
 
 def plan_full_push(geometry: StoreGeometry, *, names: str = DEFAULT_PARAM_NAME) -> RefreshPlan:

@@ -9,7 +9,15 @@ import numpy.typing as npt
 
 from .apply import ApplyResult, apply
 from .errors import CapturedIdsError, SinkError
-from .planner import DEFAULT_PARAM_NAME, PoolUpdate, geometries_of, plan_full_push, plan_refresh, plan_resident
+from .planner import (
+    DEFAULT_PARAM_NAME,
+    PoolUpdate,
+    geometries_of,
+    plan_candidates,
+    plan_full_push,
+    plan_refresh,
+    plan_resident,
+)
 from .pool import ExecMode, ExpertPool, RefreshPolicy
 from .sinks import ArraySink, Sink, SinkOrientation
 from .store import ExpertStore
@@ -128,14 +136,25 @@ class SlabService:
         self._stats.steps += 1
         plan = plan_refresh(self.geometry, self.pools, captured, current, is_prefill_block, mode, names=self.names)
         if plan is None:
+            self._register_ahead(captured)
             return StepResult(current, False)
         applied = apply(plan, self.sink, self.source, pools=self.pools)  # commits after the sink's wait()
+        self._register_ahead(captured)
         self._stats.refreshes += 1
         self._stats.promotions += len(plan.updates)
         self._stats.demotions += len(plan.updates)
         self._stats.nbytes += applied.nbytes
         self._stats.seconds += applied.seconds
         return StepResult(current, True, plan.updates, applied.nbytes, applied.seconds)
+
+    def _register_ahead(self, captured: Sequence[object]) -> None:
+        # Experts routed to now but not resident are the likely promotions of
+        # the next refresh: a sink that registers windows (TorchSink on CUDA)
+        # gets their ranges while the model computes, instead of paying
+        # registration inside that refresh.
+        if getattr(self.sink, "registers_ahead", False):
+            table = plan_candidates(self.geometry, self.pools, captured, names=self.names)
+            self.sink.register_ahead(table, self.source)  # type: ignore[attr-defined]
 
     def push_all(self, sink: Sink) -> ApplyResult:
         """Write every stack into full ``[E, ...]`` parameters of ``sink``."""

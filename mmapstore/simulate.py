@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .dtypes import parse_user_dtype
+from .errors import OptionError
 from .planner import param_name
 from .pool import RefreshPolicy
 from .service import SlabService
-from .sinks import ArraySink, SinkOrientation
+from .sinks import ArraySink, Sink, SinkOrientation
 from .store import open_store
 from .synth import routing_trace
 
-__all__ = ["simulate"]
+if TYPE_CHECKING:
+    from .gpu.sink import TorchSink
+
+__all__ = ["DEVICE_PATTERN", "simulate"]
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+"""The torch devices ``simulate`` accepts: ``cpu``, ``cuda``, ``cuda:N``."""
 
 
 def simulate(
@@ -27,33 +36,60 @@ def simulate(
     seed: int = 0,
     dtype: str | None = None,
     orientation: SinkOrientation = "native",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` forwards; after each refresh compare every resident slot
-    with the store's slab, bit for bit (in the sink's dtype and orientation)."""
+    with the store's slab, bit for bit (in the sink's dtype and orientation).
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) puts the pools in torch tensors
+    on that device (:class:`~mmapstore.gpu.sink.TorchSink`); None keeps numpy
+    buffers.
+
+    Raises
+    ------
+    OptionError
+        ``device`` is not a device name this command knows.
+    TorchUnavailableError
+        A device was asked for and torch is not installed.
+    SinkError
+        The device does not exist or is not available.
+    """
+    if device is not None and not DEVICE_PATTERN.match(device):
+        raise OptionError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     with open_store(path) as store:
         experts = store.layers[0].num_experts
-        service = SlabService(
-            store, capacity, RefreshPolicy.every_n_decode_steps(every), dtype=dtype, orientation=orientation
-        )
-        trace = routing_trace(steps, store.num_layers, experts, top_k, tokens, seed=seed, drift_every=every * 2)
-        events = []
-        verified = True
-        for captured in trace:
-            result = service.step(captured)
-            if not result.refreshed:
-                continue
-            events.append(
-                {
-                    "step": result.step,
-                    "nbytes": result.nbytes,
-                    "seconds": result.seconds,
-                    "updates": [
-                        {"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert}
-                        for u in result.updates
-                    ],
-                }
+        sink = _torch_sink(device, dtype, orientation) if device is not None else None
+        try:
+            service = SlabService(
+                store,
+                capacity,
+                RefreshPolicy.every_n_decode_steps(every),
+                sink,
+                dtype=dtype,
+                orientation=orientation,
             )
-            verified = verified and _matches(service)
+            trace = routing_trace(steps, store.num_layers, experts, top_k, tokens, seed=seed, drift_every=every * 2)
+            events = []
+            verified = _matches(service)  # the initial load too
+            for captured in trace:
+                result = service.step(captured)
+                if not result.refreshed:
+                    continue
+                events.append(
+                    {
+                        "step": result.step,
+                        "nbytes": result.nbytes,
+                        "seconds": result.seconds,
+                        "updates": [
+                            {"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert}
+                            for u in result.updates
+                        ],
+                    }
+                )
+                verified = verified and _matches(service)
+        finally:
+            if sink is not None:
+                sink.close()
         stats = service.stats
         return {
             "path": path,
@@ -61,6 +97,7 @@ def simulate(
             "moe_layers": store.num_layers,
             "experts": experts,
             "capacity": service.pools[0].capacity,
+            "device": "numpy" if sink is None else str(sink.device),
             "events": events,
             "verified": verified,
             "stats": {
@@ -73,17 +110,38 @@ def simulate(
         }
 
 
+def _torch_sink(device: str, dtype: str | None, orientation: SinkOrientation) -> TorchSink:
+    from .gpu.sink import TorchSink
+
+    return TorchSink(device, dtype=None if dtype is None else parse_user_dtype(dtype).numpy, orientation=orientation)
+
+
 def _matches(service: SlabService) -> bool:
     sink = service.sink
-    assert isinstance(sink, ArraySink)
     for layer, pool in zip(service.store.layers, service.pools, strict=True):
         for slot, expert in enumerate(pool.resident_experts()):
             for proj, stack in layer.stacks:
                 name = param_name(service.names, layer.layer_index, proj)
-                buffer = sink.arrays[name]
                 source = stack.native(int(expert))
-                if name in sink.transpose:
-                    source = source.T
-                if not np.array_equal(buffer[slot], source.astype(buffer.dtype)):
+                if not _slot_matches(sink, name, slot, source):
                     return False
     return True
+
+
+def _slot_matches(sink: Sink, name: str, slot: int, source: np.ndarray[Any, Any]) -> bool:
+    if isinstance(sink, ArraySink):
+        buffer = sink.arrays[name]
+        if name in sink.transpose:
+            source = source.T
+        return bool(np.array_equal(buffer[slot], source.astype(buffer.dtype)))
+    import torch
+
+    from .gpu.sink import TorchSink
+    from .torch import as_tensor
+
+    assert isinstance(sink, TorchSink)
+    pool = sink.pools[name]
+    expected = as_tensor(source)
+    if name in sink.transpose:
+        expected = expected.T
+    return bool(torch.equal(pool[slot].cpu(), expected.to(pool.dtype)))

@@ -6,6 +6,7 @@ Races run for a bounded time (a few seconds each); ``--run-slow`` runs them long
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -590,7 +591,7 @@ def test_ragged_captured_ids_and_wrong_hits_are_typed():
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
 def test_disk_full_or_read_only_destination_is_one_line(small_source, tmp_path, capsys, monkeypatch, failure):
-    import mmapstore.convert as convert_module
+    convert_module = importlib.import_module("mmapstore.convert")
 
     def fail(*args, **kwargs):
         raise OSError(failure, os.strerror(failure))

@@ -114,3 +114,54 @@ class TestTorchSinkConformance(SinkTests):
             code = ml_dtypes.float8_e4m3fn if tensor.dtype == torch.float8_e4m3fn else ml_dtypes.float8_e5m2
             return tensor.view(torch.uint8).numpy().view(code).copy()
         return tensor.numpy().copy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coalesced_runs_read_their_own_bytes(tmp_path, device):
+    # A converted store keeps each stack as one [E, ...] tensor, so runs of
+    # consecutive experts become one row whose extent spans the whole run; the
+    # last stack's run of 7 of 8 experts ends at the end of the file.
+    from mmapstore.convert import convert
+
+    synth_checkpoint(tmp_path / "c", family="mixtral", layers=1, experts=8, hidden=64, ffn=32)
+    convert(str(tmp_path / "c"), str(tmp_path / "s"))
+    with open_store(tmp_path / "s") as stacked:
+        sink = TorchSink(device)
+        service = SlabService(stacked, capacity=7, sink=sink)
+        check_pools(service, "native")
+        service.step([np.array([[7, 6], [5, 4]])])
+        check_pools(service, "native")
+        sink.close()
+
+
+def test_torch_sink_registers_ahead_only_on_cuda(store):
+    from mmapstore.planner import plan_full_push
+
+    sink = TorchSink("cpu")
+    service = SlabService(store, capacity=3, sink=sink)
+    assert not sink.registers_ahead
+    assert sink.register_ahead(plan_full_push(service.geometry).table, service.source) == 0
+    sink.close()
+
+
+@cuda
+def test_register_ahead_serves_the_next_refresh_from_registered_windows(store):
+    from mmapstore.mapping import PAGE_NBYTES
+    from mmapstore.pool import RefreshPolicy
+
+    # Page-sized windows: each expert's slab has its own, so the windows of
+    # experts 6 and 7 exist only if they were registered for them.
+    sink = TorchSink("cuda", source="registered", window_nbytes=PAGE_NBYTES)
+    service = SlabService(store, 3, RefreshPolicy.every_n_decode_steps(2), sink)
+    service.step([np.array([[0, 1]]), np.array([[2, 1]])])
+    stats = sink.copier.stats
+    before = stats.registrations
+    service.step([np.array([[6, 7]]), np.array([[6, 7]])])  # no refresh: 6 and 7 registered ahead
+    sink.copier.settle()
+    registered = stats.registrations
+    assert registered > before
+    service.step([np.array([[6, 7]]), np.array([[6, 7]])])  # the refresh that promotes them
+    assert stats.registrations == registered and stats.nbytes["registered"] > 0
+    check_pools(service, "native")
+    sink.close()
+    assert stats.unregistrations == stats.registrations

@@ -12,7 +12,7 @@ device never changes and nothing fails for want of pinned memory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +103,35 @@ class DeviceCopier:
                 background=self._register_ahead,
             )
         return self.windows
+
+    def register_ahead(self, ranges: Iterable[tuple[MappedFile, int, int]]) -> int:
+        """Register, on the background thread, the windows of ``(mapping,
+        offset, nbytes)`` ranges that a later :meth:`copy` will probably read,
+        so that copy finds them registered (steady-state speed instead of
+        paying registration on first touch).
+
+        Only where that copy would use windows: a CUDA device, source
+        ``registered``, or ``auto`` for ranges whose pages are all resident
+        (cold ranges go to the pread ring).  Windows that do not fit the
+        pinned budget are skipped without a fallback being counted.  Returns
+        the bytes of windows queued (0 when nothing applies).
+        """
+        if self._closed or self.device.type != "cuda" or self.source not in ("auto", "registered"):
+            return 0
+        windows = self._get_windows()
+        if windows is None:
+            return 0
+        queued = 0
+        for mapped, offset, nbytes in ranges:
+            if mapped.closed or (self.source == "auto" and not is_resident(mapped, offset, nbytes)):
+                continue
+            queued += windows.register_ahead(mapped, offset, nbytes, hint=True)
+        return queued
+
+    def settle(self) -> None:
+        """Wait for the registrations queued by :meth:`register_ahead`."""
+        if self.windows is not None:
+            self.windows.settle()
 
     def _route(self, job: CopyJob) -> str:
         if self.device.type != "cuda":

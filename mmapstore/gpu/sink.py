@@ -390,16 +390,15 @@ class TorchSink:
             host = as_tensor(view)
             destination.copy_(host.transpose(-1, -2) if flip else host)
             return
-        offset, extent = int(table.offset[row]), int(table.extent[row])
-        stride = geometry.stride if geometry.stride is not None else geometry.extent
-        span = (count - 1) * stride + extent
+        # The row's extent already spans its whole run: (count - 1) strides plus one expert.
+        offset, span = int(table.offset[row]), int(table.extent[row])
         plain = (
             not flip
             and destination.dtype == torch_dtype(geometry.dtype)
             and geometry.view_delta == 0
             and geometry.slab_strides == c_strides(geometry.slab_shape, geometry.dtype.itemsize)
-            and extent == geometry.slab_nbytes
-            and (count == 1 or stride == geometry.slab_nbytes)
+            and geometry.extent == geometry.slab_nbytes
+            and span == count * geometry.slab_nbytes
         )
         if plain:
             jobs.append(CopyJob(mapped, offset, span, destination.reshape(-1).view(torch.uint8)))
@@ -407,6 +406,29 @@ class TorchSink:
         scratch = torch.empty(span, dtype=torch.uint8, device=self.device)
         jobs.append(CopyJob(mapped, offset, span, scratch))
         layouts.append((scratch, destination, geometry, count, flip))
+
+    @property
+    def registers_ahead(self) -> bool:
+        """Whether :meth:`register_ahead` can do anything (a CUDA device and
+        a source that reads registered windows)."""
+        return not self._closed and self.device.type == "cuda" and self.copier.source in ("auto", "registered")
+
+    def register_ahead(self, table: WriteTable, source: ByteSource) -> int:
+        """Register the page-cache windows of ``table``'s file ranges on a
+        background thread, ahead of the submit that will copy them
+        (:meth:`DeviceCopier.register_ahead`); only the ranges are used, not
+        the slots.  A hint: nothing is checked or copied, windows that do not
+        fit the pinned budget are skipped.  Returns the bytes of windows queued.
+        """
+        if not self.registers_ahead:
+            return 0
+        reads = table.reads
+        ranges = []
+        for file, offset, nbytes in zip(reads.file.tolist(), reads.offset.tolist(), reads.nbytes.tolist(), strict=True):
+            mapped = source.mapping(file)
+            if mapped is not None and not mapped.closed:
+                ranges.append((mapped, offset, nbytes))
+        return self.copier.register_ahead(ranges)
 
     def _fill_dequantized(self, entry: _Dequantized, slots: list[int]) -> None:
         import torch

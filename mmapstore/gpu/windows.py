@@ -139,9 +139,11 @@ class RegisteredWindows:
                 window.busy += 1
             return window, fresh
 
-    def _register(self, window: Window) -> None:
+    def _register(self, window: Window, hint: bool = False) -> None:
         try:
             if not self._make_room(window.nbytes):
+                if hint:  # a guess that does not fit is dropped: no copy waits for it
+                    return
                 self.fallbacks.note(
                     "pinned budget full",
                     f"{window.nbytes} bytes of registered window do not fit the pinned budget of "
@@ -224,15 +226,28 @@ class RegisteredWindows:
                 if event is not None:
                     window.event = event
 
-    def register_ahead(self, mapped: MappedFile, offset: int, nbytes: int) -> None:
+    def register_ahead(self, mapped: MappedFile, offset: int, nbytes: int, *, hint: bool = False) -> int:
         """Register the windows of a range that will be read soon, on the
-        background thread (a no-op without one, or for windows already there)."""
-        if self._ahead is None or self._closed or nbytes <= 0:
-            return
+        background thread (a no-op without one, or for windows already there).
+
+        ``hint``: the range is a guess (the next refresh's likely experts), so
+        a window that finds no room in the budget is dropped quietly instead
+        of being counted as a fallback.  Returns the bytes of windows queued.
+        """
+        if self._ahead is None or self._closed or self._broken or nbytes <= 0:
+            return 0
+        queued = 0
         for index in range(offset // self.window_nbytes, (offset + nbytes - 1) // self.window_nbytes + 1):
             window, fresh = self._claim(mapped, index, busy=False)
             if fresh:
-                self._ahead.submit(self._register, window)
+                self._ahead.submit(self._register, window, hint)
+                queued += window.nbytes
+        return queued
+
+    def settle(self) -> None:
+        """Wait until every registration queued so far has finished."""
+        if self._ahead is not None and not self._closed:
+            self._ahead.submit(lambda: None).result()  # one worker: runs after those queued before it
 
     def sweep(self) -> None:
         """Unregister the idle windows of mappings that have been closed."""
