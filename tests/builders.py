@@ -83,3 +83,26 @@ def write_family(
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(config, handle)
     return arrays
+
+
+def write_checkpoint(
+    directory: os.PathLike[str] | str,
+    tensors: Mapping[str, np.ndarray],
+    config: Mapping[str, object] | None,
+    *,
+    via: str = "packed",
+) -> str:
+    """One ``model.safetensors`` (hand-packed bytes, or the real ``safetensors``
+    library with ``via="library"``) and, unless None, its ``config.json``."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "model.safetensors")
+    if via == "library":
+        import safetensors.numpy
+
+        safetensors.numpy.save_file(dict(tensors), path, metadata={"format": "pt"})
+    else:
+        write_bytes(path, pack_safetensors(tensors, {"format": "pt"}))
+    if config is not None:
+        with open(os.path.join(directory, "config.json"), "w") as handle:
+            json.dump(config, handle)
+    return os.fspath(directory)

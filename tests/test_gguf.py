@@ -234,7 +234,7 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FormatError, match="not a regular file"):
         read_gguf_header(fifo)
-    with pytest.raises(FormatError, match="no such GGUF file"):
+    with pytest.raises(FormatError, match="GGUF file does not exist"):
         read_gguf_header(tmp_path / "missing.gguf")
 
 

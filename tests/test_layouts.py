@@ -4,26 +4,16 @@ same checkpoints as transformers' save_pretrained writes them."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
-from builders import pack_safetensors, write_bytes
+from builders import write_checkpoint
 
 from mmapstore import FormatError, open_store
 from mmapstore.convert import convert
 
 E, H, I = 4, 16, 8
-
-
-def write_checkpoint(directory, tensors: dict[str, np.ndarray], config: dict | None) -> str:
-    os.makedirs(directory, exist_ok=True)
-    write_bytes(os.path.join(directory, "model.safetensors"), pack_safetensors(tensors, {"format": "pt"}))
-    if config is not None:
-        with open(os.path.join(directory, "config.json"), "w") as handle:
-            json.dump(config, handle)
-    return os.fspath(directory)
 
 
 def random(shape, seed=0) -> np.ndarray:

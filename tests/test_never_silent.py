@@ -10,21 +10,12 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from builders import pack_safetensors, write_bytes
+from builders import write_bytes, write_checkpoint
 
 from mmapstore import FormatError, open_store
 from mmapstore.cli import main
 
 E, H, I = 4, 16, 8  # experts, hidden, expert width
-
-
-def write_checkpoint(directory, tensors: dict[str, np.ndarray], config: dict | None) -> str:
-    os.makedirs(directory, exist_ok=True)
-    write_bytes(os.path.join(directory, "model.safetensors"), pack_safetensors(tensors, {"format": "pt"}))
-    if config is not None:
-        with open(os.path.join(directory, "config.json"), "w") as handle:
-            json.dump(config, handle)
-    return os.fspath(directory)
 
 
 def per_expert(dtype=np.float32, suffixes=("weight",), extra: dict | None = None) -> dict[str, np.ndarray]:

@@ -7,11 +7,11 @@ keeps or dequantizes them, unsupported variants refused by name."""
 from __future__ import annotations
 
 import json
-import os
 
 import ml_dtypes
 import numpy as np
 import pytest
+from builders import write_checkpoint
 
 from mmapstore import FormatError, open_store
 from mmapstore.convert import convert
@@ -27,14 +27,8 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column
 
 
 def save(directory, tensors: dict[str, np.ndarray], config: dict) -> str:
-    """Through the real safetensors library, as compressed-tensors, AutoAWQ and GPTQ save."""
-    import safetensors.numpy
-
-    os.makedirs(directory, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as handle:
-        json.dump(config, handle)
-    return os.fspath(directory)
+    """Through the real safetensors library, as the format's own scripts save."""
+    return write_checkpoint(directory, tensors, config, via="library")
 
 
 def base_config(quant: dict, model_type: str = "qwen3_moe") -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from builders import write_bytes
+from builders import write_bytes, write_checkpoint
 
 import mmapstore
 from mmapstore import FormatError, SinkError, open_store
@@ -48,14 +48,8 @@ CT_CONFIG = {
 
 
 def save(directory, tensors: dict[str, np.ndarray], config: dict) -> str:
-    """Through the real safetensors library, as DeepSeek's and compressed-tensors' scripts do."""
-    import safetensors.numpy
-
-    os.makedirs(directory, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as handle:
-        json.dump(config, handle)
-    return os.fspath(directory)
+    """Through the real safetensors library, as the format's own scripts save."""
+    return write_checkpoint(directory, tensors, config, via="library")
 
 
 def fp8_checkpoint(scale_suffix: str = "weight_scale_inv", scale_dtype=np.float32, seed: int = 0):

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass, replace
 
 from ..dtypes import GGML_TYPES
 from ..errors import FormatError
-from .files import FileIdentity
+from .files import FileIdentity, open_regular
 from .gguf_cursor import UINT32, HeaderCursor
 from .records import MAX_TENSORS, TensorRecord, shape_nbytes
 
@@ -77,21 +76,7 @@ class GGUFHeader:
 
 def _open_regular(path: str) -> tuple[int, os.stat_result]:
     """Open read-only without blocking (a FIFO cannot hang us); refuse non-regular files."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such GGUF file") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{path}: not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, info
+    return open_regular(path, what="GGUF file")
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
