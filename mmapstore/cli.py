@@ -442,8 +442,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--on-miss",
         choices=["cpu", "fetch"],
-        default="cpu",
-        help="non-resident experts: compute on the CPU from the mapping, or fetch into the pool",
+        default=None,
+        help="non-resident experts: fetch into the pool (default on a GPU: exact at any capacity), "
+        "or compute on the CPU from the mapping (default on the CPU)",
     )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present)")
     run.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: config.json's)")

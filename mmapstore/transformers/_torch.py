@@ -1,4 +1,4 @@
-"""Torch at the edge of the runtime: zero-copy tensors over mapped slabs, devices, and the slot copy."""
+"""Torch at the edge of the runtime: zero-copy tensors over mapped slabs, dtypes and devices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import RuntimeConfigError
 
-__all__ = ["as_tensor", "copy_into_slot", "resolve_device", "torch_dtype"]
+__all__ = ["as_tensor", "resolve_device", "torch_dtype"]
 
 # numpy dtypes (from ml_dtypes) that torch.from_numpy cannot take: read them
 # through a same-width integer view, then reinterpret in torch.
@@ -74,15 +74,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if resolved.index is None and resolved.type == "cuda":
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
-
-
-def copy_into_slot(destination: torch.Tensor, source: torch.Tensor) -> int:
-    """Copy one slab (a tensor over the mapping) into its place in a pool slot,
-    casting to the pool's dtype; return the bytes written.
-
-    Every byte that enters a device pool passes here: moving to the torch
-    sink's asynchronous copies (pinned staging, registered page-cache
-    ranges) is a change to this function alone.
-    """
-    destination.copy_(source)
-    return destination.numel() * destination.element_size()

@@ -14,7 +14,9 @@ import torch
 from ..pool import ExecMode, ExpertPool, count_hits
 from ..store import LayerExperts
 from ._hf import grouped_linear
-from ._torch import as_tensor, copy_into_slot
+from ._torch import as_tensor
+from .fetch import FetchChunk, plan_fetch
+from .slots import SlotWriter
 
 __all__ = ["ExpertsLayout", "LayerCounters", "LayerRuntime", "OnMiss", "StepState"]
 
@@ -25,8 +27,9 @@ class OnMiss(enum.Enum):
     ``CPU``: computed on the CPU straight from the mapped slabs (TIDE's
     non-refresh path; the pool changes only on refresh steps).  ``FETCH``:
     the expert is copied into the pool first (least recently used resident
-    leaves), as LRU expert caches do; tokens beyond the pool's capacity in
-    one forward still run on the CPU.
+    leaves), as LRU expert caches do; a forward that routes to more experts
+    than the pool holds runs in chunks of at most ``capacity`` experts
+    (:mod:`~mmapstore.transformers.fetch`), so every pair runs on the device.
     """
 
     CPU = "cpu"
@@ -95,7 +98,10 @@ class LayerCounters:
 
     pairs: int = 0
     resident_pairs: int = 0
+    fetched_pairs: int = 0
     cpu_pairs: int = 0
+    chunked_forwards: int = 0
+    chunks: int = 0
     refreshes: int = 0
     promotions: int = 0
     copied_nbytes: int = 0
@@ -109,14 +115,26 @@ _Weights = tuple[
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """One forward's pairs: ``experts[p]`` is pair ``p``'s expert (pair ``p`` is token ``p // top_k``);
+    ``rank[p]`` its place in the stock backend's sort by expert."""
+
+    experts: npt.NDArray[np.int64]
+    rank: npt.NDArray[np.int64]
+    top_k: int
+
+
 class LayerRuntime:
     """Pool tensors, slot map and forward of one MoE layer.
 
     ``gate_up``/``down`` (and biases) hold ``pool.capacity`` experts on the
     device in the module's own layout; ``slot_map[e]`` is expert ``e``'s slot
     or -1.  A forward sends resident (token, expert) pairs through a grouped
-    matmul over the pool and the others through the CPU from the mapped
-    slabs, then weighs and sums them exactly as transformers' backends do.
+    matmul over the pool and the others through the CPU from the mapped slabs
+    (``OnMiss.CPU``) or through the pool after fetching them, in chunks when
+    they outnumber the slots (``OnMiss.FETCH``); then it weighs and sums every
+    pair's output exactly as transformers' backends do.
     """
 
     def __init__(
@@ -132,6 +150,7 @@ class LayerRuntime:
         on_miss: OnMiss,
         state: StepState,
         recorder: Recorder | None,
+        writer: SlotWriter | None = None,
     ) -> None:
         self.position = position
         self.experts = experts
@@ -143,6 +162,7 @@ class LayerRuntime:
         self.on_miss = on_miss
         self.state = state
         self.recorder = recorder
+        self.writer = writer if writer is not None else SlotWriter(device, "direct")
         self.counters = LayerCounters()
         capacity = pool.capacity
         self.gate_up = torch.empty(layout.gate_up_shape(capacity), dtype=dtype, device=device)
@@ -174,81 +194,131 @@ class LayerRuntime:
         return copied
 
     def _fill(self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]) -> int:
-        """Copy ``experts[i]`` into ``slots[i]`` (every part); return bytes written."""
-        layout, copied = self.layout, 0
+        """Copy ``experts[i]`` into ``slots[i]`` (every part), in stream order; return bytes written."""
+        layout, writer, copied = self.layout, self.writer, 0
         gate, up, down = self.experts.gate, self.experts.up, self.experts.down
         fused_axis = 1 if layout.transposed else 0  # the 2I axis of one slot
+        orientation = "kn" if layout.transposed else "nk"
         for expert, slot in zip(experts.tolist(), slots.tolist(), strict=True):
             gate_dst, up_dst = layout.halves(self.gate_up[slot], fused_axis)
-            for stack, dst in ((gate, gate_dst), (up, up_dst)):
-                source = as_tensor(stack.expert(expert))  # [k=H, n=I]
-                copied += copy_into_slot(dst, source if layout.transposed else source.T)
-            source = as_tensor(down.expert(expert))  # [k=I, n=H]
-            copied += copy_into_slot(self.down[slot], source if layout.transposed else source.T)
+            copied += writer.slab(gate_dst, gate, "weight", expert, orientation)
+            copied += writer.slab(up_dst, up, "weight", expert, orientation)
+            copied += writer.slab(self.down[slot], down, "weight", expert, orientation)
             if self.gate_up_bias is not None and self.down_bias is not None:
                 gate_bias, up_bias = layout.halves(self.gate_up_bias[slot], 0)
-                copied += copy_into_slot(gate_bias, as_tensor(gate.part("bias", expert)))
-                copied += copy_into_slot(up_bias, as_tensor(up.part("bias", expert)))
-                copied += copy_into_slot(self.down_bias[slot], as_tensor(down.part("bias", expert)))
+                copied += writer.slab(gate_bias, gate, "bias", expert, orientation)
+                copied += writer.slab(up_bias, up, "bias", expert, orientation)
+                copied += writer.slab(self.down_bias[slot], down, "bias", expert, orientation)
+        writer.flush()
         return copied
 
-    def _update(self, hits: npt.NDArray[np.int64]) -> None:
-        """Refresh (TIDE) or fetch misses, as the policy and ``on_miss`` say."""
+    def _bring_in(self, target: npt.NDArray[np.int64], heat: npt.NDArray[np.int64]) -> int:
+        """Make ``target`` resident (the coldest by ``heat`` leave), commit the pool; return the experts copied."""
         pool = self.pool
-        if not pool.offload:
-            return
-        used = hits > 0
-        self._last_used[used] = self.state.forward
-        if self.on_miss is OnMiss.FETCH:
-            if not (used & (self.slot_map < 0)).any():
-                return
-            result = pool.propose(pool.select_target(hits), self._last_used)  # least recently used leave
-        elif pool.should_refresh(ExecMode.REUSE, self.state.decode_step, self.state.prefill):
-            result = pool.propose(pool.select_target(hits), hits)
-        else:
-            return
+        result = pool.propose(target, heat)
+        if not result.promoted:
+            return 0
         promoted = np.asarray(result.promoted, dtype=np.int64)
         slots = np.asarray(result.slots, dtype=np.int64)
         self.counters.copied_nbytes += self._fill(promoted, slots)
-        pool.commit(result)  # only after the copies: the pool never names a slot still in flight
+        pool.commit(result)  # after the copies are queued: kernels queued later see the new experts
         self.slot_map[np.asarray(result.demoted, dtype=np.int64)] = -1
         self.slot_map[promoted] = slots
-        self.counters.refreshes += 1
         self.counters.promotions += promoted.size
+        return int(promoted.size)
+
+    def _refresh(self, hits: npt.NDArray[np.int64]) -> None:
+        """TIDE's refresh (``OnMiss.CPU``), when the policy says one is due."""
+        if self.pool.should_refresh(ExecMode.REUSE, self.state.decode_step, self.state.prefill):
+            self._bring_in(self.pool.select_target(hits), hits)
+            self.counters.refreshes += 1
 
     # -- forward ----------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts' output for ``hidden [tokens, H]``, like transformers' backends."""
         num_tokens, top_k = top_k_index.shape
+        # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
+        # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
+        _, stock_order = torch.sort(top_k_index.reshape(-1))
         ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
         flat = ids.reshape(-1)
+        rank = np.empty(flat.size, dtype=np.int64)
+        rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)
         hits = count_hits(flat, self.layout.num_experts)
         if self.recorder is not None:
             self.recorder(self.position, ids)
-        self._update(hits)
+        self._last_used[hits > 0] = self.state.forward
+        self.counters.pairs += flat.size
+        # Every pair's expert output lands in its row of `out`; the weighted sum over top-k runs once at the end,
+        # as in transformers' grouped_mm and batched_mm backends.
+        out = torch.empty((flat.size, self.layout.hidden), dtype=self.dtype, device=hidden.device)
+        routed = _Routed(flat, rank, top_k)
+        if self.on_miss is OnMiss.FETCH and self.pool.offload:
+            self._forward_fetch(hidden, routed, hits, out)
+        else:
+            if self.pool.offload:
+                self._refresh(hits)
+            self._forward_cpu_on_miss(hidden, routed, out)
+        weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
+        return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
+
+    def _forward_fetch(
+        self, hidden: torch.Tensor, routed: _Routed, hits: npt.NDArray[np.int64], out: torch.Tensor
+    ) -> None:
+        """Every pair on the device: fetch what is missing, chunk by chunk (see :func:`plan_fetch`)."""
+        counters, pool, flat = self.counters, self.pool, routed.experts
+        was_resident = self.slot_map >= 0
+        counters.resident_pairs += int(np.count_nonzero(was_resident[flat]))
+        counters.fetched_pairs += int(np.count_nonzero(~was_resident[flat]))
+        chunks = plan_fetch(hits, was_resident, pool.select_target(hits))
+        if len(chunks) > 1:
+            counters.chunked_forwards += 1
+        counters.chunks += len(chunks)
+        in_chunk = np.zeros(self.layout.num_experts, dtype=bool)
+        for chunk in chunks:
+            if self._bring_in(chunk.experts, self._heat(chunk)):
+                counters.refreshes += 1
+            in_chunk[:] = False
+            in_chunk[chunk.experts] = True
+            pairs = np.flatnonzero(in_chunk[flat])
+            if pairs.size:
+                self._run_on_device(hidden, routed, pairs, out)
+
+    def _heat(self, chunk: FetchChunk) -> npt.NDArray[np.int64]:
+        """Least recently used leave first; a chunk's protected experts never do."""
+        if not chunk.protected.size:
+            return self._last_used
+        heat = self._last_used.copy()
+        heat[chunk.protected] = int(heat.max()) + 1
+        return heat
+
+    def _forward_cpu_on_miss(self, hidden: torch.Tensor, routed: _Routed, out: torch.Tensor) -> None:
+        """Resident pairs through the pool, the others on the CPU from the mapped slabs."""
+        flat, top_k = routed.experts, routed.top_k
         slots = self.slot_map[flat]
         resident = np.flatnonzero(slots >= 0)
         missing = np.flatnonzero(slots < 0)
-        counters = self.counters
-        counters.pairs += flat.size
-        counters.resident_pairs += resident.size
-        counters.cpu_pairs += missing.size
-
-        out = torch.empty((flat.size, self.layout.hidden), dtype=self.dtype, device=hidden.device)
+        self.counters.resident_pairs += resident.size
+        self.counters.cpu_pairs += missing.size
         cpu_rows = None
         if missing.size:  # bring the rows over first, so the device works while the CPU computes
             cpu_tokens, cpu_rows = np.unique(missing // top_k, return_inverse=True)
             cpu_hidden = hidden[torch.from_numpy(cpu_tokens).to(hidden.device)].to("cpu")
         if resident.size:
-            order = np.argsort(slots[resident], kind="stable")
-            pairs = resident[order]
-            pair_index = torch.from_numpy(pairs).to(hidden.device)
-            out[pair_index] = self._device_experts(hidden[pair_index // top_k], slots[pairs])
+            self._run_on_device(hidden, routed, resident, out)
         if missing.size and cpu_rows is not None:
             cpu_out = self._cpu_experts(cpu_hidden, cpu_rows, flat[missing])
             out[torch.from_numpy(missing).to(hidden.device)] = cpu_out.to(hidden.device)
-        weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
-        return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
+
+    def _run_on_device(
+        self, hidden: torch.Tensor, routed: _Routed, pairs: npt.NDArray[np.intp], out: torch.Tensor
+    ) -> None:
+        """Rows ``pairs`` of ``out`` (their experts resident) from the pool, grouped by slot in the stock order."""
+        slots = self.slot_map[routed.experts[pairs]]
+        order = np.lexsort((routed.rank[pairs], slots))
+        pairs = pairs[order]
+        pair_index = torch.from_numpy(pairs).to(hidden.device)
+        out[pair_index] = self._device_experts(hidden[pair_index // routed.top_k], slots[order])
 
     def _device_experts(self, inputs: torch.Tensor, slots: npt.NDArray[np.int64]) -> torch.Tensor:
         """Pairs sorted by slot through the pool: grouped matmuls, gate, down."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, RuntimeConfigError, UnsupportedModelError
+from ..gpu.jobs import SOURCES, Source
 from ..pool import ExpertPool, RefreshPolicy, capacity_from_budget
 from ..store import ExpertStore, LayerExperts, open_store
 from . import _hf
@@ -28,6 +29,7 @@ from .backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
 from .capture import TraceRecorder
 from .layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from .runtime import OffloadedModel
+from .slots import SlotWriter
 
 __all__ = ["load_model"]
 
@@ -52,11 +54,12 @@ def load_model(
     capacity: int | Sequence[int] | None = None,
     budget_nbytes: int | None = None,
     every: int = 1,
-    on_miss: str | OnMiss = OnMiss.CPU,
+    on_miss: str | OnMiss | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     trace_path: str | os.PathLike[str] | None = None,
     capture_trace: bool = False,
+    source: Source = "auto",
 ) -> OffloadedModel:
     """Open a Hugging Face MoE checkpoint directory with its routed experts served from the store.
 
@@ -75,9 +78,15 @@ def load_model(
         Refresh each pool every ``every`` decode steps (and on every
         prefill), TIDE-style.
     on_miss
-        ``"cpu"`` (default): tokens routed to non-resident experts run on
-        the CPU from the mapped slabs.  ``"fetch"``: missing experts are
-        copied into the pool before the forward (least recently used leave).
+        ``"fetch"`` (the default on a CUDA device): missing experts are
+        copied into the pool before they run (least recently used leave);
+        a forward that routes to more experts than the pool holds runs in
+        chunks of at most ``capacity`` experts, so every token runs on the
+        device with the stock backend's kernel and the outputs are the stock
+        model's, bit for bit, at any capacity.  ``"cpu"`` (the default on the
+        CPU): tokens routed to non-resident experts run on the CPU from the
+        mapped slabs and the pools change only on refreshes (TIDE); on a GPU
+        their outputs differ from the device's by rounding.
     device
         Where the non-expert weights and the pools live (``"cpu"``, ``"cuda:0"``...).
     dtype
@@ -88,6 +97,11 @@ def load_model(
         ``mmapstore simulate --trace`` replays) on :meth:`OffloadedModel.close`.
     capture_trace
         Capture without a path (read with :meth:`OffloadedModel.trace`).
+    source
+        How expert bytes reach a CUDA device's pools (``"auto"``: DMA from
+        registered page-cache windows for resident ranges, ``pread`` through
+        a pinned ring for cold ones; ``"direct"``: a pageable torch copy);
+        see :data:`mmapstore.gpu.jobs.Source`.
 
     Returns
     -------
@@ -110,24 +124,28 @@ def load_model(
     import transformers
 
     path = os.fspath(checkpoint)
-    mode = _on_miss(on_miss)
     if type(every) is not int or every < 1:
         raise RuntimeConfigError(f"every must be a positive integer, got {every!r}")
     if capacity is not None and budget_nbytes is not None:
         raise RuntimeConfigError("give capacity or budget_nbytes, not both")
+    if source not in SOURCES:
+        raise RuntimeConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
     target = resolve_device(device)
+    mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     config = _read_config(path, transformers)
     compute_dtype = _dtype(dtype, config)
     model = _meta_model(path, config, compute_dtype, transformers)
 
     store = open_store(path)
+    writer: SlotWriter | None = None
     try:
         layers = _match_layers(path, model, store, config)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
         plan = _weight_plan(path, model, store, layers)
         # -- nothing was read but headers up to here; from here weights move --
         non_expert_nbytes = _load_non_experts(model, store, plan, target)
+        writer = SlotWriter(target, source)
         state = StepState()
         recorder = None
         if trace_file is not None or capture_trace:
@@ -149,6 +167,7 @@ def load_model(
                 on_miss=mode,
                 state=state,
                 recorder=None if recorder is None else recorder.record,
+                writer=writer,
             )
             for name, tensor in runtime.pool_tensors().items():
                 _set_tensor(layer.module, name, tensor)
@@ -167,17 +186,22 @@ def load_model(
             runtimes,
             state,
             recorder,
+            writer,
             trace_path=trace_file,
             initial_nbytes=initial_nbytes,
             non_expert_nbytes=non_expert_nbytes,
         )
     except BaseException:
+        if writer is not None:
+            writer.close()
         store.close()
         raise
 
 
 # -- checks (no weights read) ---------------------------------------------------
-def _on_miss(value: str | OnMiss) -> OnMiss:
+def _on_miss(value: str | OnMiss | None, device: torch.device) -> OnMiss:
+    if value is None:  # fetch is exact everywhere; the CPU path is exact only where the device is the CPU
+        return OnMiss.FETCH if device.type == "cuda" else OnMiss.CPU
     try:
         return value if isinstance(value, OnMiss) else OnMiss(value)
     except ValueError:

@@ -174,7 +174,7 @@ def _report(
         "dtype": str(loaded.layers[0].dtype).removeprefix("torch."),
         "capacities": sorted(set(stats.capacities)),
         "every": args.every,
-        "on_miss": args.on_miss,
+        "on_miss": loaded.layers[0].on_miss.value if loaded.layers else args.on_miss,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "new_tokens": len(new_ids),
@@ -215,8 +215,9 @@ def _print_report(report: dict[str, Any]) -> None:
         f"({rate(report['prefill_tokens_per_s'])} tok/s); decode: {rate(report['decode_tokens_per_s'])} tok/s"
     )
     print(
-        f"  hit rate {stats['hit_rate']:.3f} ({stats['resident_pairs']} of {stats['pairs']} routed pairs on the "
-        f"device); {stats['refreshes']} refreshes, {stats['promotions']} promotions"
+        f"  hit rate {stats['hit_rate']:.3f} ({stats['resident_pairs']} of {stats['pairs']} routed pairs found their "
+        f"expert in the pool, {stats['fetched_pairs']} fetched it, {stats['cpu_pairs']} ran on the CPU); "
+        f"{stats['refreshes']} refreshes, {stats['promotions']} promotions"
     )
     print(
         f"  moved {stats['copied_nbytes'] / 1e6:.1f} MB into the pools "

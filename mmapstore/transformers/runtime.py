@@ -15,6 +15,7 @@ from ..store import ExpertStore
 from ..trace import Phase, Trace, save_trace
 from .capture import TraceRecorder
 from .layer import LayerRuntime, StepState
+from .slots import SlotWriter
 
 __all__ = ["OffloadedModel", "RunStats"]
 
@@ -25,11 +26,16 @@ log = logging.getLogger(__name__)
 class RunStats:
     """Totals over every MoE layer since load (or :meth:`OffloadedModel.reset_stats`).
 
-    A *pair* is one (token, routed expert) of one layer.  ``resident_pairs``
-    ran on the device from the pool, ``cpu_pairs`` on the CPU from the
-    mapping.  ``copied_nbytes`` entered the pools (refreshes and fetches;
-    the initial fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the
-    expert bytes the CPU path multiplied by (read from the page cache).
+    A *pair* is one (token, routed expert) of one layer: ``pairs =
+    resident_pairs + fetched_pairs + cpu_pairs``.  ``resident_pairs`` found
+    their expert in the pool, ``fetched_pairs`` ran on the device after their
+    expert was fetched into it (``on_miss="fetch"``), ``cpu_pairs`` ran on
+    the CPU from the mapping (``on_miss="cpu"``).  ``chunks`` counts layer
+    forwards plus the extra passes of ``chunked_forwards``, the layer
+    forwards that routed to more experts than the pool holds.
+    ``copied_nbytes`` entered the pools (refreshes and fetches; the initial
+    fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
+    CPU path multiplied by (read from the page cache).
     """
 
     forwards: int
@@ -37,7 +43,10 @@ class RunStats:
     decode_forwards: int
     pairs: int
     resident_pairs: int
+    fetched_pairs: int
     cpu_pairs: int
+    chunked_forwards: int
+    chunks: int
     refreshes: int
     promotions: int
     copied_nbytes: int
@@ -48,7 +57,7 @@ class RunStats:
 
     @property
     def hit_rate(self) -> float:
-        """Share of pairs served from the pool (1.0 when nothing ran)."""
+        """Share of pairs whose expert was already in the pool (1.0 when nothing ran)."""
         return self.resident_pairs / self.pairs if self.pairs else 1.0
 
     def to_json(self) -> dict[str, Any]:
@@ -71,6 +80,7 @@ class OffloadedModel:
         layers: Sequence[LayerRuntime],
         state: StepState,
         recorder: TraceRecorder | None,
+        writer: SlotWriter | None = None,
         *,
         trace_path: str | None,
         initial_nbytes: int,
@@ -81,6 +91,7 @@ class OffloadedModel:
         self.layers = tuple(layers)
         self.state = state
         self.recorder = recorder
+        self.writer = writer
         self.trace_path = trace_path
         self.initial_nbytes = initial_nbytes
         self.non_expert_nbytes = non_expert_nbytes
@@ -125,7 +136,10 @@ class OffloadedModel:
             decode_forwards=self._decodes,
             pairs=sum(c.pairs for c in counters),
             resident_pairs=sum(c.resident_pairs for c in counters),
+            fetched_pairs=sum(c.fetched_pairs for c in counters),
             cpu_pairs=sum(c.cpu_pairs for c in counters),
+            chunked_forwards=sum(c.chunked_forwards for c in counters),
+            chunks=sum(c.chunks for c in counters),
             refreshes=sum(c.refreshes for c in counters),
             promotions=sum(c.promotions for c in counters),
             copied_nbytes=sum(c.copied_nbytes for c in counters),
@@ -178,6 +192,8 @@ class OffloadedModel:
                 hook.remove()
             for layer in self.layers:
                 layer._cpu_weights.clear()  # tensors over the mapping go before it
+            if self.writer is not None:
+                self.writer.close()  # registered page-cache windows go before the mapping
             self.store.close()
 
     def __enter__(self) -> OffloadedModel:
