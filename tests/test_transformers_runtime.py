@@ -23,6 +23,9 @@ from mmapstore.store.store import ExpertStore  # noqa: E402
 from mmapstore.trace import Phase, load_trace  # noqa: E402
 from mmapstore.transformers import BACKEND_NAME, load_model  # noqa: E402
 from mmapstore.transformers.backend import mmapstore_experts_forward  # noqa: E402
+from mmapstore.transformers.layer import OnMiss  # noqa: E402
+from mmapstore.transformers.loader import _on_miss  # noqa: E402
+from mmapstore.transformers.slots import SlotWriter  # noqa: E402
 
 EXPERTS = 8
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
@@ -152,6 +155,62 @@ def test_fetch_on_miss_equals_the_stock_model(checkpoints, family):
         assert torch.equal(greedy(loaded.model, ids, 10), greedy(stock(path), ids, 10))
         stats = loaded.stats()
     assert stats.promotions > 0 and stats.copied_nbytes > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("family", SERVED)
+def test_fetch_is_bit_identical_to_the_stock_model_at_every_capacity(checkpoints, family, dtype):
+    path = checkpoints[family]
+    reference = stock(path, dtype)
+    ids = prompt(batch=2, length=7, seed=11)
+    want_logits, want_tokens = logits(reference, ids), greedy(reference, ids, 5)
+    chunked = 0
+    for capacity in range(1, EXPERTS + 1):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=dtype) as loaded:
+            assert torch.equal(logits(loaded.model, ids), want_logits), f"capacity {capacity}"
+            assert torch.equal(greedy(loaded.model, ids, 5), want_tokens), f"capacity {capacity}"
+            stats = loaded.stats()
+        assert stats.cpu_pairs == 0 and stats.pairs == stats.resident_pairs + stats.fetched_pairs
+        if capacity < EXPERTS:
+            assert stats.fetched_pairs > 0 and stats.copied_nbytes > 0
+        chunked += stats.chunked_forwards
+    assert chunked > 0, "a 14-token prompt over 8 experts must route past the smaller pools"
+
+
+def test_fetch_is_the_default_on_cuda_and_cpu_on_miss_on_the_cpu(checkpoints):
+    with load_model(checkpoints["olmoe"], capacity=2, dtype=torch.float32) as loaded:
+        assert {layer.on_miss for layer in loaded.layers} == {OnMiss.CPU}
+    assert _on_miss(None, torch.device("cuda", 0)) is OnMiss.FETCH
+    assert _on_miss(None, torch.device("cpu")) is OnMiss.CPU
+    assert _on_miss("cpu", torch.device("cuda", 0)) is OnMiss.CPU
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_plain_slabs_go_through_the_device_copier_as_byte_jobs(checkpoints, family):
+    from mmapstore.gpu import DeviceCopier
+
+    path = checkpoints[family]
+    ids = prompt(batch=1, length=6, seed=4)
+    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
+        copier = DeviceCopier(torch.device("cpu"))
+        writer = SlotWriter(torch.device("cpu"), copier=copier)
+        for layer in loaded.layers:
+            layer.writer = writer
+        assert torch.equal(greedy(loaded.model, ids, 6), greedy(stock(path), ids, 6))
+        copied = loaded.stats().copied_nbytes
+        moved = copier.stats.nbytes.get("direct", 0)
+        reference = stock(path)
+        for layer in loaded.layers:
+            module = reference.get_submodule(next(n for n, m in loaded.model.named_modules() if m is layer.module))
+            for expert, slot in enumerate(layer.slot_map.tolist()):
+                if slot >= 0:
+                    assert torch.equal(layer.gate_up[slot], module.gate_up_proj[expert])
+                    assert torch.equal(layer.down[slot], module.down_proj[expert])
+        writer.close()
+    if family == "mixtral":  # per-expert [out, in] tensors: every slab is the slot's bytes
+        assert moved == copied > 0
+    else:  # GPT-OSS's interleaved halves are strided: torch lays them out; only the biases are plain
+        assert 0 < moved < copied
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -305,6 +364,7 @@ def test_a_family_without_the_experts_interface_is_refused_by_name(checkpoints, 
         ({"device": "meta"}, RuntimeConfigError, "meta device"),
         ({"every": 0}, RuntimeConfigError, "positive integer"),
         ({"on_miss": "swap"}, RuntimeConfigError, "on_miss"),
+        ({"source": "carrier-pigeon"}, RuntimeConfigError, "source must be one of"),
         ({"dtype": "int8"}, RuntimeConfigError, "floating-point"),
         ({"capacity": 2, "budget_nbytes": 1 << 20}, RuntimeConfigError, "not both"),
     ],

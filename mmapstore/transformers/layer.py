@@ -318,10 +318,24 @@ class LayerRuntime:
         order = np.lexsort((routed.rank[pairs], slots))
         pairs = pairs[order]
         pair_index = torch.from_numpy(pairs).to(hidden.device)
-        out[pair_index] = self._device_experts(hidden[pair_index // routed.top_k], slots[order])
+        rows = routed.rank[pairs]
+        in_place = rows.size == routed.experts.size and bool((rows == np.arange(rows.size)).all())
+        stock_rows = None if in_place else torch.from_numpy(rows).to(hidden.device)
+        out[pair_index] = self._device_experts(
+            hidden[pair_index // routed.top_k], slots[order], stock_rows, routed.experts.size
+        )
 
-    def _device_experts(self, inputs: torch.Tensor, slots: npt.NDArray[np.int64]) -> torch.Tensor:
-        """Pairs sorted by slot through the pool: grouped matmuls, gate, down."""
+    def _device_experts(
+        self, inputs: torch.Tensor, slots: npt.NDArray[np.int64], stock_rows: torch.Tensor | None, total: int
+    ) -> torch.Tensor:
+        """Pairs sorted by slot through the pool: grouped matmuls, gate, down.
+
+        The gate runs over a ``[total, 2I]`` buffer with each pair at its
+        row in the stock backend (``stock_rows``, None when every pair is
+        there already): a vectorized CPU kernel
+        can round an element differently in its scalar tail, so each
+        element keeps the place it has in the stock model.
+        """
         module: Any = self.module
         per_slot = np.bincount(slots, minlength=self.pool.capacity)
         offsets = torch.from_numpy(np.cumsum(per_slot).astype(np.int32)).to(inputs.device)
@@ -329,7 +343,13 @@ class LayerRuntime:
         transposed = self.layout.transposed
         bias = self.gate_up_bias[slot_index] if self.gate_up_bias is not None and slot_index is not None else None
         projected = grouped_linear(inputs, self.gate_up, offsets, bias, transposed)
+        if stock_rows is not None:
+            placed = projected.new_zeros((total, projected.shape[1]))
+            placed[stock_rows] = projected
+            projected = placed
         gated: torch.Tensor = module._apply_gate(projected)
+        if stock_rows is not None:
+            gated = gated[stock_rows]
         bias = self.down_bias[slot_index] if self.down_bias is not None and slot_index is not None else None
         return grouped_linear(gated, self.down, offsets, bias, transposed)
 

@@ -46,13 +46,16 @@ class SlotWriter:
         How bytes reach a CUDA device (:data:`~mmapstore.gpu.jobs.Source`);
         ``"direct"`` copies every slab with a torch ``copy_`` from the
         mapping (pageable memory).  Ignored on the CPU.
+    copier
+        A copier to send plain slabs to instead of making one (on any
+        device: a CPU copier copies from the mapping with the same byte jobs).
     """
 
-    def __init__(self, device: torch.device, source: Source = "auto") -> None:
+    def __init__(self, device: torch.device, source: Source = "auto", *, copier: DeviceCopier | None = None) -> None:
         self.device = device
         self.source = source
-        self._copier: DeviceCopier | None = None
-        if device.type == "cuda" and source != "direct":
+        self._copier: DeviceCopier | None = copier
+        if copier is None and device.type == "cuda" and source != "direct":
             from ..gpu.copier import DeviceCopier
 
             self._copier = DeviceCopier(device, source=source)
