@@ -160,8 +160,8 @@ def main() -> int:
     parser.add_argument("--accelerate-tokens", type=int, default=4)
     parser.add_argument(
         "--runs",
-        default="32:1:cpu,64:1:cpu,32:8:cpu,64:8:cpu,32:1:fetch,64:1:fetch,128:1:cpu",
-        help="capacity:every:on_miss,...",
+        default="32:1:fetch,64:1:fetch,32:1:cpu,64:1:cpu,128:1:fetch",
+        help="capacity:every:on_miss[:source],... (source: how bytes reach the pools, default auto)",
     )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--skip-accelerate", action="store_true")
@@ -258,17 +258,27 @@ def main() -> int:
     # 2. mmapstore.
     peaks = {}
     for spec in args.runs.split(","):
-        capacity, every, on_miss = spec.split(":")
+        capacity, every, on_miss, *rest = spec.split(":")
+        source = rest[0] if rest else "auto"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         started = time.perf_counter()
         with load_model(
-            args.dir, capacity=int(capacity), every=int(every), on_miss=on_miss, device=device, dtype=torch.bfloat16
+            args.dir,
+            capacity=int(capacity),
+            every=int(every),
+            on_miss=on_miss,
+            device=device,
+            dtype=torch.bfloat16,
+            source=source,  # type: ignore[arg-type]
         ) as loaded:
             load_s = time.perf_counter() - started
             with torch.no_grad():
                 ours_logits = loaded.model(prompt).logits.float().cpu()
+            prefill_chunks = loaded.stats().chunked_forwards
+            loaded.reset_stats()
+            copier = loaded.writer.copier if loaded.writer is not None else None
             snapshots = {}
 
             def snapshot(phase: str, loaded: Any = loaded, snapshots: dict[str, Any] = snapshots) -> None:
@@ -288,11 +298,19 @@ def main() -> int:
                     "capacity": int(capacity),
                     "every": int(every),
                     "on_miss": on_miss,
+                    "source": source,
                     "load_s": load_s,
                     "device_peak_nbytes": peak,
                     "pool_nbytes": stats.pool_nbytes,
                     "non_expert_nbytes": loaded.non_expert_nbytes,
                     "hit_rate": stats.hit_rate,
+                    "fetched_pairs": stats.fetched_pairs,
+                    "cpu_pairs": stats.cpu_pairs,
+                    "chunked_forwards": stats.chunked_forwards,
+                    "prefill_chunked_forwards": prefill_chunks,
+                    "copier": None
+                    if copier is None
+                    else {"nbytes": copier.stats.nbytes, "fallbacks": copier.stats.fallbacks},
                     "copied_nbytes_per_token": stats.copied_nbytes / tokens,
                     "cpu_read_nbytes_per_token": stats.cpu_read_nbytes / tokens,
                     "refreshes": stats.refreshes,
@@ -304,6 +322,7 @@ def main() -> int:
                         (i for i, (a, b) in enumerate(zip(result["ids"], ceiling["ids"], strict=True)) if a != b), None
                     ),
                     "prompt_logits_max_abs_diff": float((ours_logits - ceiling_logits).abs().max()),
+                    "prompt_logits_equal": bool(torch.equal(ours_logits, ceiling_logits)),
                     **memory_now(),
                     **{k: v for k, v in result.items() if k != "ids"},
                 },
