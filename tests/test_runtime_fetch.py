@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 pytest.importorskip("torch", reason="mmapstore.transformers needs torch (the dev extra installs it)")
 pytest.importorskip("transformers", reason="mmapstore.transformers needs transformers 5")
 
-from mmapstore.pool import ExpertPool  # noqa: E402
-from mmapstore.transformers.fetch import plan_fetch  # noqa: E402
+from mmapstore.pool import ExpertPool
+from mmapstore.transformers.fetch import plan_fetch
 
 
 def run_plan(pool: ExpertPool, hits: np.ndarray) -> tuple[int, list[np.ndarray]]:

@@ -288,7 +288,7 @@ class LayerRuntime:
         """Least recently used leave first; a chunk's protected experts never do."""
         if not chunk.protected.size:
             return self._last_used
-        heat = self._last_used.copy()
+        heat: npt.NDArray[np.int64] = self._last_used.copy()
         heat[chunk.protected] = int(heat.max()) + 1
         return heat
 

@@ -33,6 +33,8 @@ class RunStats:
     the CPU from the mapping (``on_miss="cpu"``).  ``chunks`` counts layer
     forwards plus the extra passes of ``chunked_forwards``, the layer
     forwards that routed to more experts than the pool holds.
+    ``refreshes`` counts TIDE refreshes (``on_miss="cpu"``) or pool updates
+    that copied experts in (``on_miss="fetch"``: one per chunk that fetched).
     ``copied_nbytes`` entered the pools (refreshes and fetches; the initial
     fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
     CPU path multiplied by (read from the page cache).
