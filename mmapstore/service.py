@@ -214,9 +214,24 @@ class SlabService:
         policy: RefreshPolicy | None = None,
         **options: Any,
     ) -> SlabService:
-        """The service with the largest capacity (the same in every layer) whose
-        buffers fit ``budget_nbytes`` (counted as for ``budget_nbytes`` in the
-        constructor; ``options`` are the constructor's keyword options).
+        """The service with :meth:`capacity_for_budget` slots per layer, its
+        buffers checked against ``budget_nbytes`` (``options`` are the
+        constructor's keyword options).
+
+        Raises
+        ------
+        OptionError
+            Not even one slot per layer fits.
+        """
+        capacity = cls.capacity_for_budget(store, budget_nbytes, **options)
+        return cls(store, capacity, policy, budget_nbytes=budget_nbytes, **options)
+
+    @staticmethod
+    def capacity_for_budget(store: ExpertStore, budget_nbytes: int, **options: Any) -> int:
+        """The largest capacity (the same in every layer) whose buffers fit
+        ``budget_nbytes``, counted as for the constructor's ``budget_nbytes``
+        with the same keyword ``options`` (``dtype``, ``orientation``,
+        ``read``, ``reader``, ``prefetch_nbytes``...).  Nothing is allocated.
 
         Raises
         ------
@@ -238,7 +253,7 @@ class SlabService:
                 f"{store.path}: a budget of {budget_nbytes} bytes leaves no pool slot "
                 f"({overhead.describe()} take {overhead.total}, one slot per layer {per_slot})"
             )
-        return cls(store, capacity, policy, budget_nbytes=budget_nbytes, **options)
+        return capacity
 
     def _pool_nbytes(self, capacities: Sequence[int], dtype: npt.DTypeLike | None, orientation: SinkOrientation) -> int:
         """Bytes of the default sink's pool buffers for ``capacities``."""

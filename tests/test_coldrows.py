@@ -420,3 +420,22 @@ def test_reader_reads_the_mapped_file_after_a_rename(tmp_path: Path) -> None:
         fresh = aligned_empty(old.nbytes)
         reader.read([ReadRequest(str(path), 0, fresh)], residency=False)  # no mapping: the path as it is now
         assert np.array_equal(fresh, old + 1)
+
+
+def test_bench_replay_moves_the_same_bytes_by_every_method(tmp_path: Path) -> None:
+    from mmapstore.bench import CASES
+    from mmapstore.bench.cold_replay import replay
+    from mmapstore.bench.data import write_slab_store
+
+    assert {"cold", "beyond_ram"} <= set(CASES)
+    path = str(tmp_path / "store")
+    write_slab_store(path, 2, 8, 64, 32, sparse=False)
+    per_slot = 2 * 3 * 64 * 32 * 2
+    overhead = 2 * ((32 << 20) + 4096) + 2 * ((4 << 20) + 2 * 4096)
+    reports = {
+        method: replay(path, 6, overhead + 2 * per_slot, method, depth=2) for method in ("auto", "map", "direct")
+    }
+    moved = {report["planned_nbytes"] for report in reports.values()}
+    assert len(moved) == 1 and moved.pop() > 0  # the same plans, whatever reads them
+    for report in reports.values():
+        assert "capacity 2/8" in str(report["note"]) and float(report["gbps"]) > 0  # type: ignore[arg-type]
