@@ -294,7 +294,7 @@ class DictSink:
             )  # fmt: skip
         try:
             if cold is not None:
-                cold.start(split.cold.tolist())  # reads run while the resident rows are copied
+                cold.start(split.cold.tolist(), split.partial.tolist())  # reads run while resident rows copy
             warm = np.concatenate((split.resident, split.mapped)) if len(split.resident) else split.mapped
             if len(split.resident):
                 _check_sizes(table, source, split.resident)

@@ -178,6 +178,11 @@ def case_beyond_ram(ctx: Context) -> list[Figure]:
     files = write_slab_store(path, layers, experts, k, n, sparse=False)
     store_nbytes = os.path.getsize(files[0])
     steps = 64
+    # One probe, outside the cgroups: every method then reads at the same queue depth.
+    depth = probe_reader_config(
+        [FileRange(files[0], 0, min(store_nbytes, 1 << 30))], depths=(2, 4, 8, 16), chunks=(4 << 20,),
+        sample_nbytes=32 << 20,
+    ).config.queue_depth  # fmt: skip
     results: dict[str, dict[str, object]] = {}
     notes: dict[str, str] = {}
     try:
@@ -189,7 +194,7 @@ def case_beyond_ram(ctx: Context) -> list[Figure]:
                 with open(os.path.join(group, "memory.max" if version == 2 else "memory.limit_in_bytes"), "w") as f:
                     f.write(str(limit))
                 command = [sys.executable, "-m", "mmapstore.bench.cold_replay", path, "--steps", str(steps),
-                           "--budget", str(limit - reserve), "--method", method]  # fmt: skip
+                           "--budget", str(limit - reserve), "--method", method, "--depth", str(depth)]  # fmt: skip
                 procs = os.path.join(group, "cgroup.procs")
                 done = subprocess.run(command, capture_output=True, text=True, preexec_fn=lambda: join_cgroup(procs))
                 peak, kills = cgroup_peak(group, version)

@@ -221,7 +221,9 @@ class ColdReader:
             position = start + piece.start
             stop = position + piece.nbytes
             while position < stop:
-                boundary = min(stop, (position // chunk + 1) * chunk)
+                # A chunk from where the piece starts (slabs of a store need not
+                # start on a chunk multiple), ending on a block boundary.
+                boundary = min(stop, max(position + ALIGN_NBYTES, (position + chunk) // ALIGN_NBYTES * ALIGN_NBYTES))
                 part = view[position - request.offset : boundary - request.offset]
                 task: Callable[..., _Tally] = self._copy if piece.warm else self._read
                 handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
