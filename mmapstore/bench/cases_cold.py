@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..apply import apply
-from ..io import ColdReader, FileRange, aligned_empty, probe_reader_config
+from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_reader_config
 from ..planner import geometries_of, plan_refresh
 from ..pool import ExpertPool
 from ..sinks import ArraySink, DictSink
@@ -77,12 +77,17 @@ def case_cold(ctx: Context) -> list[Figure]:
         reader = ColdReader(probed.config)
         auto = ArraySink.for_geometries(geometry, EXPERTS // 2, reader=reader)
         before = DictSink(auto.arrays, read="map")
+        deep = ColdReader(ReaderConfig(queue_depth=DEPTHS[-1], chunk_nbytes=4 << 20))
+        auto_deep = DictSink(auto.arrays, reader=deep)
         destination = aligned_empty(sum(-(-nbytes // 4096) * 4096 for _, nbytes in spans))
         destination[:] = 0
         config = probed.config
         methods: dict[str, Callable[[], object]] = {
             f"apply, ArraySink read=auto (default; reader qd {config.queue_depth}, {config.chunk_nbytes >> 20} MiB)": (
                 lambda: apply(plan, auto, source)
+            ),
+            f"apply, ArraySink read=auto, reader qd {DEPTHS[-1]}, 4 MiB (not probed)": lambda: apply(
+                plan, auto_deep, source
             ),
             "apply, ArraySink read=map (mmap + WILLNEED, before)": lambda: apply(plan, before, source),
             "mmap + WILLNEED + copy, by hand": lambda: willneed_copy(mapped, spans, destination),
@@ -109,6 +114,7 @@ def case_cold(ctx: Context) -> list[Figure]:
         apply(plan, auto, source)
         _check_values(plan.table, auto, source)
         reader.close()
+        deep.close()
     figures = []
     for position, name in enumerate(names):
         ratios = [ours / base for ours, base in zip(samples[name], best, strict=True)]
