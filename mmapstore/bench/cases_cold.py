@@ -9,6 +9,7 @@ ratios from one run mean anything.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -202,7 +203,9 @@ def case_beyond_ram(ctx: Context) -> list[Figure]:
                 command = [sys.executable, "-m", "mmapstore.bench.cold_replay", path, "--steps", str(steps),
                            "--budget", str(limit - reserve), "--method", method, "--depth", str(depth)]  # fmt: skip
                 procs = os.path.join(group, "cgroup.procs")
-                done = subprocess.run(command, capture_output=True, text=True, preexec_fn=lambda: join_cgroup(procs))
+                done = subprocess.run(
+                    command, capture_output=True, text=True, preexec_fn=functools.partial(join_cgroup, procs)
+                )
                 peak, kills = cgroup_peak(group, version)
             finally:
                 remove_cgroup(group)
