@@ -18,12 +18,20 @@ __all__ = ["PREFETCH_MODES", "ApplyResult", "Pending", "apply", "start"]
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     """Bytes delivered, seconds from prefetch to the last copy, table rows,
-    copy threads the sink used."""
+    copy threads the sink used; delivered bytes per source and bytes asked
+    of the device, as the sink reported them (see
+    :class:`~mmapstore.sinks.WriteResult`)."""
 
     nbytes: int
     seconds: float
     rows: int
     threads: int = 1
+    source_nbytes: tuple[tuple[str, int], ...] = ()
+    device_nbytes: int = 0
+
+    def nbytes_from(self, source: str) -> int:
+        """Delivered bytes that came from ``source`` (``"resident"``, ``"direct"``...)."""
+        return dict(self.source_nbytes).get(source, 0)
 
 
 class Pending:
@@ -49,7 +57,9 @@ class Pending:
             seconds = time.perf_counter() - self._started
             if self._pools is not None:
                 self.plan.commit(self._pools)
-            self._result = ApplyResult(written.nbytes, seconds, written.rows, written.threads)
+            self._result = ApplyResult(
+                written.nbytes, seconds, written.rows, written.threads, written.source_nbytes, written.device_nbytes
+            )
         return self._result
 
 
@@ -66,14 +76,18 @@ def start(
     Before the first byte moves: ``source.check`` (the store is open, no file
     shrank since it was mapped, every range lies in its file: touching a
     truncated mapping is SIGBUS) and ``sink.check`` (every destination).
-    Then the kernel is told ``MADV_WILLNEED`` about exactly the planned
+    Then the sink moves each row once.  A sink that reads cold rows itself
+    (``sink.reads_cold``: the numpy sinks unless ``read="map"``) copies the
+    resident rows from the mapping and reads the rest explicitly, and gets
+    no hint (a ``WILLNEED`` would read those ranges twice).  For any other
+    sink the kernel is told ``MADV_WILLNEED`` about exactly the planned
     ranges' pages that are not resident (their I/O in flight at once, nothing
     read past them, nothing spent on cached pages), and the sink copies each
-    row once, straight from the page cache.
+    row from the page cache.
 
-    ``prefetch`` is ``"willneed"`` (default), ``"willneed+populate"`` (adds
-    ``MADV_POPULATE_READ``, Linux >= 5.14) or ``"none"``; ``mmapstore bench``
-    compares them.
+    ``prefetch`` is that hint: ``"willneed"`` (default),
+    ``"willneed+populate"`` (adds ``MADV_POPULATE_READ``, Linux >= 5.14) or
+    ``"none"``; ``mmapstore bench`` compares them.
 
     Raises
     ------
@@ -88,7 +102,8 @@ def start(
     source.check(table)
     sink.check(table)
     started = time.perf_counter()
-    source.prefetch(table, prefetch)
+    if not getattr(sink, "reads_cold", False):
+        source.prefetch(table, prefetch)
     return Pending(plan, sink.submit(table, source), pools, started)
 
 

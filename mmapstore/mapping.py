@@ -223,6 +223,23 @@ class MappedFile:
             nbytes = self.nbytes - offset
         return _mincore(self.address + offset, min(nbytes, self.nbytes - offset))
 
+    def resident_pages(self, offset: int, nbytes: int) -> npt.NDArray[np.bool_]:
+        """Per page covering file bytes ``[offset, offset + nbytes)`` (the first
+        page starts at ``offset`` rounded down to a page): in memory now?  One
+        ``mincore`` call; pages past the end of the mapping count as absent."""
+        self._check_open()
+        start = offset - offset % PAGE_NBYTES
+        pages = -(-(offset + nbytes - start) // PAGE_NBYTES) if nbytes > 0 else 0
+        vector = np.zeros(pages, dtype=np.uint8)
+        end = min(offset + nbytes, self.nbytes)
+        if end > start and self._mmap is not None:
+            length = end - start
+            if _libc.mincore(ctypes.c_void_p(self.address + start), ctypes.c_size_t(length),
+                             vector.ctypes.data_as(ctypes.c_void_p)) != 0:  # fmt: skip
+                error = ctypes.get_errno()
+                raise OSError(error, f"mincore failed on {self.path}: {os.strerror(error)}")
+        return (vector & 1).astype(bool)
+
     def check_size(self) -> None:
         """Raise :class:`FormatError` if the file is now shorter than when mapped.
 

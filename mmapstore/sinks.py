@@ -30,9 +30,17 @@ A sink has two methods, and what ``submit`` returns has two more:
     commit pools only after it.
 
 Sinks that hold their destinations expose them as ``buffers`` (name ->
-array or tensor).  The numpy sinks here complete synchronously: ``submit``
-copies, on two threads when the table is large, and returns a finished
-completion.  Every sink passes :class:`mmapstore.testing.SinkTests`.
+array or tensor).  A sink that reads non-resident ranges itself sets
+``reads_cold`` True: :func:`~mmapstore.apply.start` then gives the kernel no
+``MADV_WILLNEED`` hint, which would read those ranges a second time.
+
+The numpy sinks here complete synchronously: ``submit`` makes one source
+choice per row (``read="auto"``: resident rows copied from the mapping, on
+two threads when they are many; cold rows read by a
+:class:`~mmapstore.io.ColdReader` straight into the destination or through a
+bounce buffer; see :mod:`mmapstore.coldrows`), and returns a finished
+completion whose result counts the bytes each source delivered.  Every sink
+passes :class:`mmapstore.testing.SinkTests`.
 """
 
 from __future__ import annotations
@@ -47,9 +55,10 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .coldrows import BOUNCE_NBYTES, READ_MODES, ROW_SOURCES, ColdRows, ReadMode, copy_view, split_rows
 from .dtypes import can_cast
 from .errors import SinkError
-from .kernels import copy_slab
+from .io import ALIGN_NBYTES, ColdReader, aligned_empty
 from .planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
 from .source import ByteSource
 from .writes import WriteTable
@@ -66,6 +75,8 @@ __all__ = [
     "Sink",
     "SinkOrientation",
     "WriteResult",
+    "pool_nbytes",
+    "pool_shapes",
 ]
 
 SinkOrientation = Literal["native", "kn"]
@@ -78,12 +89,23 @@ does not saturate memory bandwidth out of the page cache)."""
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     """What a completed submission moved: bytes delivered, wall seconds from
-    submit to completion, rows and copy threads used."""
+    submit to completion, rows and copy threads used.
+
+    ``source_nbytes`` counts the delivered bytes by where they came from
+    (:data:`~mmapstore.coldrows.RowSource` names; empty when a sink does not
+    say); ``device_nbytes`` the bytes explicit reads asked of the device.
+    """
 
     nbytes: int
     seconds: float
     rows: int
     threads: int = 1
+    source_nbytes: tuple[tuple[str, int], ...] = ()
+    device_nbytes: int = 0
+
+    def nbytes_from(self, source: str) -> int:
+        """Delivered bytes that came from ``source``."""
+        return dict(self.source_nbytes).get(source, 0)
 
 
 class Completion(Protocol):
@@ -127,7 +149,18 @@ class DictSink:
         Params whose slabs are stored transposed relative to the source
         (``[k, n]`` destinations of ``[n, k]`` sources, or the reverse).
     threads
-        Copy threads for large tables (1 or 2).
+        Copy threads for large tables of resident rows (1 or 2).
+    read
+        ``"auto"`` (resident rows copied from the mapping, cold rows read),
+        ``"map"`` (every row copied from the mapping) or ``"reader"`` (every
+        row read; the mapping is never touched): see :mod:`mmapstore.coldrows`.
+    reader
+        The :class:`~mmapstore.io.ColdReader` for cold rows (shared with a
+        prefetcher, say); by default the sink makes one with the default
+        config when it first meets a cold row, and :meth:`close` closes it.
+    bounce_nbytes
+        Size of each of the two bounce buffers for cold rows that are cast,
+        transposed or strided (allocated when first needed).
     """
 
     def __init__(
@@ -136,17 +169,61 @@ class DictSink:
         transpose: Collection[str] = (),
         *,
         threads: int = 2,
+        read: ReadMode = "auto",
+        reader: ColdReader | None = None,
+        bounce_nbytes: int = BOUNCE_NBYTES,
     ) -> None:
         if threads not in (1, 2):
             raise SinkError(f"threads must be 1 or 2, got {threads!r}")
+        if read not in READ_MODES:
+            raise SinkError(f"read must be one of {READ_MODES}, got {read!r}")
+        if bounce_nbytes < 1:
+            raise SinkError(f"bounce_nbytes must be positive, got {bounce_nbytes}")
         self.arrays = arrays
         self.transpose = frozenset(transpose)
         self.threads = threads
+        self.read: ReadMode = read
+        self.bounce_nbytes = bounce_nbytes
+        self._reader = reader
+        self._owns_reader = False
+        self._bounces: list[npt.NDArray[np.uint8]] = []
         self._checked: WriteTable | None = None
 
     @property
     def buffers(self) -> Mapping[str, npt.NDArray[np.generic]]:
         return self.arrays
+
+    @property
+    def reads_cold(self) -> bool:
+        """True unless ``read="map"``: cold ranges are read here, so apply must not hint them."""
+        return self.read != "map"
+
+    @property
+    def cold_reader(self) -> ColdReader:
+        """The reader of cold rows (made on first use when none was given)."""
+        if self._reader is None:
+            self._reader = ColdReader()
+            self._owns_reader = True
+        return self._reader
+
+    @property
+    def bounce_buffers_nbytes(self) -> int:
+        """Bytes of the two bounce buffers at most (for memory budgets)."""
+        return 2 * (self.bounce_nbytes + ALIGN_NBYTES)
+
+    def close(self) -> None:
+        """Close the reader this sink made (not one it was given) and free the bounce buffers."""
+        if self._owns_reader and self._reader is not None:
+            self._reader.close()
+            self._reader = None
+            self._owns_reader = False
+        self._bounces.clear()
+
+    def __enter__(self) -> DictSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def check(self, table: WriteTable) -> None:
         """See the module docstring.  Raises :class:`SinkError`."""
@@ -195,49 +272,97 @@ class DictSink:
         return int(destination.shape[0])
 
     def submit(self, table: WriteTable, source: ByteSource) -> Completion:
-        """Copy every row now (see the module docstring); returns a finished completion."""
+        """Copy or read every row now (see the module docstring); returns a finished completion.
+
+        Raises
+        ------
+        SinkError
+            A destination cannot take its rows (nothing written).
+        FormatError
+            A file ended before a planned byte of a cold row; the slots the
+            table names may then hold partial bytes and must not be committed.
+        """
         if self._checked is not table:
             self.check(table)
         start = time.perf_counter()
-        halves = _split(table) if self.threads > 1 and table.nbytes >= PARALLEL_MIN_NBYTES else None
+        split = split_rows(table, source, self.read)
+        cold: ColdRows | None = None
+        if len(split.cold):
+            cold = ColdRows(
+                table, source, self.arrays, self.transpose, self.cold_reader,
+                residency=self.read == "auto", bounces=self._bounces, bounce_nbytes=self.bounce_nbytes,
+            )  # fmt: skip
+        try:
+            if cold is not None:
+                cold.start(split.cold.tolist(), split.partial.tolist())  # reads run while resident rows copy
+            warm = np.concatenate((split.resident, split.mapped)) if len(split.resident) else split.mapped
+            if len(split.resident):
+                _check_sizes(table, source, split.resident)
+            threads = self._copy_rows(table, source, warm.tolist())
+            if cold is not None:
+                cold.finish()
+        except BaseException:
+            if cold is not None:
+                cold.abort()
+            raise
+        tally: dict[str, int] = {}
+        row_nbytes = table.row_nbytes()
+        for label, rows in (("resident", split.resident), ("mapped", split.mapped)):
+            if len(rows):
+                tally[label] = int(row_nbytes[rows].sum())
+        device = 0
+        if cold is not None:
+            for label, nbytes in cold.source_nbytes.items():
+                tally[label] = tally.get(label, 0) + nbytes
+            device = cold.device_nbytes
+        sources = tuple((label, tally[label]) for label in ROW_SOURCES if tally.get(label))
+        seconds = time.perf_counter() - start
+        return Completed(WriteResult(table.nbytes, seconds, table.rows, threads, sources, device))
+
+    def _copy_rows(self, table: WriteTable, source: ByteSource, rows: Sequence[int]) -> int:
+        """Copy ``rows`` from the source's views, on two threads when they are large; returns threads used."""
+        if not rows:
+            return 1
+        halves = _split(table, rows) if self.threads > 1 and table.nbytes >= PARALLEL_MIN_NBYTES else None
         if halves is None:
-            self._copy(table, source, [(row, 0, int(table.count[row])) for row in range(table.rows)])
-            threads = 1
-        else:
-            helper = _copy_pool().submit(self._copy, table, source, halves[1])
-            try:
-                self._copy(table, source, halves[0])
-            finally:
-                helper.result()
-            threads = 2
-        return Completed(WriteResult(table.nbytes, time.perf_counter() - start, table.rows, threads))
+            self._copy(table, source, [(row, 0, int(table.count[row])) for row in rows])
+            return 1
+        helper = _copy_pool().submit(self._copy, table, source, halves[1])
+        try:
+            self._copy(table, source, halves[0])
+        finally:
+            helper.result()
+        return 2
 
     def _copy(self, table: WriteTable, source: ByteSource, work: Sequence[Work]) -> None:
         for row, first, last in work:
             name = table.params[int(table.param[row])]
             view = source.view(table, row)[first:last]
             slot = int(table.slot[row]) + first
-            destination = self.arrays[name][slot : slot + last - first]
-            if name in self.transpose:
-                copy_slab(destination, view.swapaxes(-1, -2))
-            else:
-                # check() allowed the cast; "unsafe" lets numpy do float-to-float
-                # casts between ml_dtypes types that its same_kind rule does not know.
-                np.copyto(destination, view, casting="unsafe")
+            copy_view(self.arrays[name][slot : slot + last - first], view, name in self.transpose)
 
 
-def _split(table: WriteTable) -> tuple[list[Work], list[Work]] | None:
-    """The rows cut into two halves of about equal bytes (a row may be cut
+def _check_sizes(table: WriteTable, source: ByteSource, rows: npt.NDArray[np.int64]) -> None:
+    """Refuse before copying resident rows from a file that shrank since it was mapped
+    (touching a mapped page past the end is SIGBUS)."""
+    for file in np.unique(table.file[rows]).tolist():
+        mapped = source.mapping(file)
+        if mapped is not None:
+            mapped.check_size()
+
+
+def _split(table: WriteTable, rows: Sequence[int]) -> tuple[list[Work], list[Work]] | None:
+    """``rows`` cut into two halves of about equal bytes (a row may be cut
     between slabs); None when there is nothing to share."""
-    row_nbytes = table.row_nbytes()
+    row_nbytes = table.row_nbytes()[np.asarray(rows, dtype=np.int64)]
     total = int(row_nbytes.sum())
-    if total == 0:
+    if total < PARALLEL_MIN_NBYTES:
         return None
     first_half: list[Work] = []
     second_half: list[Work] = []
     target = total / 2
     done = 0
-    for row, nbytes in enumerate(row_nbytes.tolist()):
+    for row, nbytes in zip(rows, row_nbytes.tolist(), strict=True):
         count = int(table.count[row])
         if done >= target:
             second_half.append((row, 0, count))
@@ -269,7 +394,10 @@ def _copy_pool() -> ThreadPoolExecutor:
 
 
 class ArraySink(DictSink):
-    """Owns one preallocated, prefaulted ``[slots, ...]`` buffer per parameter."""
+    """Owns one preallocated, prefaulted ``[slots, ...]`` buffer per parameter.
+
+    ``read``, ``reader`` and ``bounce_nbytes`` as in :class:`DictSink`.
+    """
 
     @classmethod
     def allocate(
@@ -278,16 +406,23 @@ class ArraySink(DictSink):
         transpose: Collection[str] = (),
         *,
         threads: int = 2,
+        read: ReadMode = "auto",
+        reader: ColdReader | None = None,
+        bounce_nbytes: int = BOUNCE_NBYTES,
     ) -> ArraySink:
-        """Zeroed buffers of the given ``(shape, dtype)`` per parameter."""
+        """Zeroed, page-aligned buffers of the given ``(shape, dtype)`` per parameter
+        (aligned so that ``O_DIRECT`` reads land in their slots without a bounce)."""
         arrays: dict[str, npt.NDArray[np.generic]] = {}
         for name, (shape, dtype) in shapes.items():
-            buffer = np.empty(shape, dtype=dtype)
+            count = 1
+            for dim in shape:
+                count *= dim
+            raw = aligned_empty(count * np.dtype(dtype).itemsize)
             # Fresh anonymous memory is slow to first touch: fault it in now,
             # outside any refresh.
-            buffer.view(np.uint8).reshape(-1)[:] = 0
-            arrays[name] = buffer
-        return cls(arrays, transpose, threads=threads)
+            raw[:] = 0
+            arrays[name] = raw.view(dtype).reshape(shape)
+        return cls(arrays, transpose, threads=threads, read=read, reader=reader, bounce_nbytes=bounce_nbytes)
 
     @classmethod
     def for_geometries(
@@ -298,6 +433,9 @@ class ArraySink(DictSink):
         dtype: npt.DTypeLike | None = None,
         orientation: SinkOrientation = "native",
         names: str = DEFAULT_PARAM_NAME,
+        read: ReadMode = "auto",
+        reader: ColdReader | None = None,
+        bounce_nbytes: int = BOUNCE_NBYTES,
     ) -> ArraySink:
         """Buffers for every part of every stack.
 
@@ -311,7 +449,8 @@ class ArraySink(DictSink):
             the copy.  Scales and biases keep their own dtype.
         orientation
             ``"native"``: slabs as the file stores them, so a refresh is a
-            plain memcpy.  ``"kn"``: GroupedMatMul ``[k, n]``.
+            plain memcpy (and a cold row is read straight into its slot).
+            ``"kn"``: GroupedMatMul ``[k, n]``.
 
         Raises
         ------
@@ -319,41 +458,8 @@ class ArraySink(DictSink):
             An unknown orientation, a capacity per layer of the wrong length,
             or a cast or transpose asked of an encoded stack.
         """
-        if orientation not in ("native", "kn"):
-            raise SinkError(f"orientation must be 'native' or 'kn', got {orientation!r}")
-        layers = geometry.layers
-        if capacity is None:
-            capacities = [layer.num_experts for layer in layers]
-        elif isinstance(capacity, int):
-            capacities = [min(capacity, layer.num_experts) for layer in layers]
-        else:
-            if len(capacity) != len(layers):
-                raise SinkError(f"{len(capacity)} capacities for {len(layers)} MoE layers")
-            capacities = [min(int(c), layer.num_experts) for c, layer in zip(capacity, layers, strict=True)]
-        shapes: dict[str, tuple[tuple[int, ...], npt.DTypeLike]] = {}
-        transpose = []
-        for layer, slots in zip(layers, capacities, strict=True):
-            for stack in layer.stacks:
-                for part in stack.parts:
-                    name = param_name(names, layer.layer, stack.proj, part.part)
-                    flip = False
-                    buffer_dtype: npt.DTypeLike = part.dtype.numpy
-                    if part.part == "weight":
-                        if stack.encoding.encoded and (
-                            orientation != "native" or (dtype is not None and np.dtype(dtype) != part.dtype.numpy)
-                        ):
-                            raise SinkError(
-                                f"{part.stack}: {stack.encoding.describe()} slabs are encoded; a cast or transposed "
-                                "copy of them would not be their values (keep the store's dtype and native "
-                                "orientation)"
-                            )
-                        flip = orientation == "kn" and part.orientation == "nk"
-                        buffer_dtype = part.dtype.numpy if dtype is None else dtype
-                    shape = part.slab_shape[::-1] if flip else part.slab_shape
-                    shapes[name] = ((slots, *shape), buffer_dtype)
-                    if flip:
-                        transpose.append(name)
-        return cls.allocate(shapes, transpose)
+        shapes, transpose = pool_shapes(geometry, capacity, dtype=dtype, orientation=orientation, names=names)
+        return cls.allocate(shapes, transpose, read=read, reader=reader, bounce_nbytes=bounce_nbytes)
 
     @classmethod
     def for_store(
@@ -364,6 +470,68 @@ class ArraySink(DictSink):
         dtype: npt.DTypeLike | None = None,
         orientation: SinkOrientation = "native",
         names: str = DEFAULT_PARAM_NAME,
+        read: ReadMode = "auto",
+        reader: ColdReader | None = None,
     ) -> ArraySink:
         """:meth:`for_geometries` of an open store."""
-        return cls.for_geometries(geometries_of(store), capacity, dtype=dtype, orientation=orientation, names=names)
+        return cls.for_geometries(
+            geometries_of(store), capacity, dtype=dtype, orientation=orientation, names=names, read=read, reader=reader
+        )
+
+
+def pool_shapes(
+    geometry: StoreGeometry,
+    capacity: int | Sequence[int] | None = None,
+    *,
+    dtype: npt.DTypeLike | None = None,
+    orientation: SinkOrientation = "native",
+    names: str = DEFAULT_PARAM_NAME,
+) -> tuple[dict[str, tuple[tuple[int, ...], npt.DTypeLike]], list[str]]:
+    """``(param -> (shape, dtype), transposed params)`` of the buffers
+    :meth:`ArraySink.for_geometries` allocates (same arguments, same errors)."""
+    if orientation not in ("native", "kn"):
+        raise SinkError(f"orientation must be 'native' or 'kn', got {orientation!r}")
+    layers = geometry.layers
+    if capacity is None:
+        capacities = [layer.num_experts for layer in layers]
+    elif isinstance(capacity, int):
+        capacities = [min(capacity, layer.num_experts) for layer in layers]
+    else:
+        if len(capacity) != len(layers):
+            raise SinkError(f"{len(capacity)} capacities for {len(layers)} MoE layers")
+        capacities = [min(int(c), layer.num_experts) for c, layer in zip(capacity, layers, strict=True)]
+    shapes: dict[str, tuple[tuple[int, ...], npt.DTypeLike]] = {}
+    transpose = []
+    for layer, slots in zip(layers, capacities, strict=True):
+        for stack in layer.stacks:
+            for part in stack.parts:
+                name = param_name(names, layer.layer, stack.proj, part.part)
+                flip = False
+                buffer_dtype: npt.DTypeLike = part.dtype.numpy
+                if part.part == "weight":
+                    if stack.encoding.encoded and (
+                        orientation != "native" or (dtype is not None and np.dtype(dtype) != part.dtype.numpy)
+                    ):
+                        raise SinkError(
+                            f"{part.stack}: {stack.encoding.describe()} slabs are encoded; a cast or transposed "
+                            "copy of them would not be their values (keep the store's dtype and native "
+                            "orientation)"
+                        )
+                    flip = orientation == "kn" and part.orientation == "nk"
+                    buffer_dtype = part.dtype.numpy if dtype is None else dtype
+                shape = part.slab_shape[::-1] if flip else part.slab_shape
+                shapes[name] = ((slots, *shape), buffer_dtype)
+                if flip:
+                    transpose.append(name)
+    return shapes, transpose
+
+
+def pool_nbytes(shapes: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]]) -> int:
+    """Bytes of buffers of the given ``(shape, dtype)`` (see :func:`pool_shapes`)."""
+    total = 0
+    for shape, dtype in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count * np.dtype(dtype).itemsize
+    return total

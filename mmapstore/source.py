@@ -84,12 +84,21 @@ class MappedSource:
         The store's files; a table may only name these.
     where
         The store's path, for messages.
+    paths
+        The path of each of ``files`` when the names a table uses are not
+        paths (test sources over named buffers written to files); default
+        ``files``.
     """
 
-    def __init__(self, maps: FileMaps, files: tuple[str, ...], *, where: str) -> None:
+    def __init__(
+        self, maps: FileMaps, files: tuple[str, ...], *, where: str, paths: tuple[str, ...] | None = None
+    ) -> None:
         self._maps = maps
         self._files = files
         self._where = where
+        self._paths = files if paths is None else paths
+        if len(self._paths) != len(files):
+            raise SinkError(f"{where}: {len(self._paths)} paths for {len(files)} files")
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -115,7 +124,7 @@ class MappedSource:
             return
         ends = reads.offset + reads.nbytes
         for file in np.unique(reads.file).tolist():
-            mapped = self._maps.get(self._files[file])
+            mapped = self._maps.get(self._paths[file])
             mapped.check_size()
             last = int(ends[reads.file == file].max())
             if last > mapped.nbytes:
@@ -125,7 +134,7 @@ class MappedSource:
         geometry = table.geometries[int(table.param[row])]
         count = int(table.count[row])
         stride = geometry.stride if geometry.stride is not None else geometry.extent
-        mapped = self._maps.get(self._files[int(table.file[row])])
+        mapped = self._maps.get(self._paths[int(table.file[row])])
         return mapped.view(
             int(table.offset[row]) + geometry.view_delta,
             geometry.dtype.numpy,
@@ -134,10 +143,10 @@ class MappedSource:
         )
 
     def mapping(self, file: int) -> MappedFile:
-        return self._maps.get(self._files[file])
+        return self._maps.get(self._paths[file])
 
     def path(self, file: int) -> str:
-        return self._files[file]
+        return self._paths[file]
 
     def prefetch(self, table: WriteTable, mode: Prefetch = "willneed") -> None:
         """Hint the kernel about exactly the table's ranges: ``MADV_WILLNEED``
@@ -149,7 +158,7 @@ class MappedSource:
         """
         if mode == "none" or not len(table.reads):
             return
-        prefetch_reads(self._maps, self._files, table.reads, mode)
+        prefetch_reads(self._maps, self._paths, table.reads, mode)
 
 
 def prefetch_reads(maps: FileMaps, files: tuple[str, ...], reads: ReadRanges, mode: Prefetch) -> None:

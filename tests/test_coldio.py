@@ -348,22 +348,3 @@ def test_release_landed_drops_pages(data_file: tuple[str, npt.NDArray[np.uint8]]
         if mapped.resident_nbytes(0, 1 << 20) == 1 << 20:
             pytest.skip("this file system keeps file pages in memory (tmpfs)")
         assert mapped.resident_nbytes(0, 1 << 20) == 0
-
-
-def test_bench_replay_moves_exact_bytes(tmp_path: Path) -> None:
-    from mmapstore import bench_cold
-
-    layers, experts = 2, 8
-    path = tmp_path / "store.bin"
-    bench_cold._write_file(str(path), layers * 3 * experts * bench_cold.SLAB_NBYTES)
-    budget = (256 << 20) + layers * 3 * bench_cold.SLAB_NBYTES * 2  # two slots per layer beyond the reserve
-    for method in ("cold", "direct", "willneed"):
-        report = bench_cold.replay(str(path), layers, experts, 6, budget, method, 2)
-        assert report["gbps"] > 0  # type: ignore[operator]
-        assert "capacity 2/8" in str(report["note"])
-    rows = [
-        bench_cold.Row("cold", "x", (1.0, 2.0), 1.0, 0.5, "n"),
-        bench_cold.Row("cold", "fio", (), None, None, "none"),
-    ]
-    table = bench_cold.render(rows).splitlines()
-    assert len(table) == 3 and "1.50" in table[1] and "0.50x" in table[1]

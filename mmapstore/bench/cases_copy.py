@@ -83,9 +83,11 @@ def _one_slab_plan(store: ExpertStore, expert: int) -> RefreshPlan:
 
 
 def _slab_sink(store: ExpertStore) -> DictSink:
+    # The mapping path: what this case compares with the libraries' mapped
+    # reads (page-ins counted by mincore).  The cold reader has its own case.
     stack = store.layer(0).up
     destination = np.zeros((1, *stack.native_shape), dtype=stack.dtype)
-    return DictSink({NAME: destination})
+    return DictSink({NAME: destination}, read="map")
 
 
 @case("cold_slab")
@@ -302,7 +304,7 @@ def case_cold_refresh(ctx: Context) -> list[Figure]:
         reads = plan.table.reads
         ranges = list(zip(reads.offset.tolist(), reads.nbytes.tolist(), strict=True))
         nbytes = plan.nbytes
-        sink = ArraySink.for_store(store, EXPERTS // 2)
+        sink = ArraySink.for_store(store, EXPERTS // 2, read="map")  # the hint modes; read="auto" is case "cold"
     slabs = nbytes // (4 << 20)
     modes: tuple[Prefetch, ...] = ("willneed", "willneed+populate", "none")
     samples: dict[str, list[float]] = {mode: [] for mode in modes}

@@ -59,7 +59,12 @@ MADV_COLD: int = getattr(mmap, "MADV_COLD", 20)
 MADV_PAGEOUT: int = getattr(mmap, "MADV_PAGEOUT", 21)
 
 
-def _fadvise(path: str, spans: Iterable[tuple[int, int]], advice: int) -> None:
+def _fadvise(path: str, spans: Iterable[tuple[int, int]], advice: int, fd: int = -1) -> None:
+    if fd >= 0:  # the descriptor of the file as mapped: advise that very file
+        for offset, nbytes in spans:
+            if nbytes > 0:
+                os.posix_fadvise(fd, offset, nbytes, advice)
+        return
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
     except OSError as exc:
@@ -105,4 +110,6 @@ def release_landed(path: str, spans: Iterable[tuple[int, int]], mapped: MappedFi
     if mapped is not None:
         for offset, nbytes in spans:
             mapped.advise(offset, nbytes, MADV_DONTNEED)
+        _fadvise(path, spans, os.POSIX_FADV_DONTNEED, mapped.fd)
+        return
     drop_cached(path, spans)

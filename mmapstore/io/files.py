@@ -102,35 +102,50 @@ class FileHandles:
 
     def __init__(self, *, direct: bool) -> None:
         self._direct = direct and bool(_O_DIRECT)
-        self._handles: dict[str, Handles] = {}
+        # Keyed by path and identity: a path re-converted under a long-lived
+        # reader names a new file, which gets descriptors of its own.
+        self._handles: dict[tuple[str, tuple[int, int] | None], Handles] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._retired: list[int] = []
 
-    def get(self, path: str, identity: tuple[int, int] | None = None) -> Handles:
+    def get(self, path: str, identity: tuple[int, int] | None = None, via_fd: int = -1) -> Handles:
         """The descriptors of ``path``, opened on first use.
+
+        ``via_fd``, a descriptor already open on the file (a mapping's), is
+        reopened instead of the path (through ``/proc/self/fd``), so the file
+        read is the one that was validated and mapped even if the path has
+        since been renamed over.
 
         Raises
         ------
         FormatError
             The file cannot be opened or is not a regular file.
-            Also when ``identity`` is given and ``path`` now names another file.
+            Also when ``identity`` is given and the file opened is another one.
         """
-        handles = self._handles.get(path)
+        key = (path, identity)
+        handles = self._handles.get(key)
         if handles is not None:
             return handles
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"{path}: the reader is closed")
-            handles = self._handles.get(path)
+            handles = self._handles.get(key)
             if handles is None:
-                handles = self._open(path, identity)
-                self._handles[path] = handles
+                handles = self._open(path, identity, via_fd)
+                self._handles[key] = handles
             return handles
 
-    def _open(self, path: str, identity: tuple[int, int] | None) -> Handles:
+    def _open(self, path: str, identity: tuple[int, int] | None, via_fd: int) -> Handles:
+        fd = -1
+        if via_fd >= 0:
+            try:
+                fd = os.open(f"/proc/self/fd/{via_fd}", os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                fd = -1  # no /proc: open the path, the identity check below still holds
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
+            if fd < 0:
+                fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise FormatError(f"{path}: cannot open for reading: {exc.strerror}") from None
         info = os.fstat(fd)
@@ -153,16 +168,17 @@ class FileHandles:
                 _log.info("%s: O_DIRECT refused at open (%s); reading buffered", path, exc.strerror)
         return Handles(path, fd, direct_fd)
 
-    def refuse_direct(self, path: str, reason: str) -> Handles:
+    def refuse_direct(self, path: str, reason: str, identity: tuple[int, int] | None = None) -> Handles:
         """Stop using ``O_DIRECT`` for ``path`` (its file system refused a read)."""
         with self._lock:
-            handles = self._handles[path]
+            key = (path, identity)
+            handles = self._handles[key]
             if handles.direct_fd < 0:
                 return handles
             _log.info("%s: O_DIRECT refused at read (%s); reading buffered", path, reason)
             # The descriptor is not closed: another thread may be inside a read on it.
             replaced = Handles(path, handles.buffered_fd, -1)
-            self._handles[path] = replaced
+            self._handles[key] = replaced
             self._retired.append(handles.direct_fd)
             return replaced
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from ..errors import MmapStoreError, OptionError
 from .files import aligned_empty
-from .reader import ColdReader, ReadHandle
+from .reader import ColdReader, ReadHandle, StagedClaim
 from .requests import FileRange, ReaderConfig, ReadRequest
 
 __all__ = ["PrefetchTicket", "Prefetcher"]
@@ -148,19 +148,33 @@ class Prefetcher:
                 return entry
         return None
 
-    def claim(self, path: str, offset: int, nbytes: int) -> _Entry | None:
-        """The staged entry holding ``[offset, offset + nbytes)`` of ``path``, if any.
+    def claim_spans(self, path: str, offset: int, nbytes: int) -> list[tuple[int, int, StagedClaim]]:
+        """The staged pieces of ``[offset, offset + nbytes)`` of ``path``:
+        ``(file offset, nbytes, entry)``, sorted and disjoint (a refresh row
+        may span several prefetched experts, or only part of one).
 
         An entry is released once every one of its bytes has been claimed.
         """
+        end = offset + nbytes
+        spans: list[tuple[int, int, StagedClaim]] = []
         with self._lock:
-            entry = self._find(path, offset, nbytes)
-            if entry is None or entry.handle.cancelled:
-                return None
-            entry.claimed_nbytes += nbytes
-            if entry.claimed_nbytes >= entry.range.nbytes:
-                self._entries.remove(entry)
-            return entry
+            found = sorted(
+                (entry for entry in self._entries
+                 if entry.range.path == path and entry.range.offset < end and offset < entry.end
+                 and not entry.handle.cancelled),
+                key=lambda entry: entry.range.offset,
+            )  # fmt: skip
+            position = offset
+            for entry in found:
+                low, high = max(position, entry.range.offset), min(end, entry.end)
+                if high <= low:
+                    continue
+                spans.append((low, high - low, entry))
+                position = high
+                entry.claimed_nbytes += high - low
+                if entry.claimed_nbytes >= entry.range.nbytes:
+                    self._entries.remove(entry)
+        return spans
 
     def cancel(self, ticket: PrefetchTicket | None = None) -> None:
         """Cancel one ticket's reads (or all) and drop their staging buffers.

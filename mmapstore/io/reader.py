@@ -26,6 +26,7 @@ import concurrent.futures
 import errno
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -55,7 +56,10 @@ class StagedClaim(Protocol):
 
 
 class StagingLookup(Protocol):
-    def claim(self, path: str, offset: int, nbytes: int) -> StagedClaim | None: ...
+    def claim_spans(self, path: str, offset: int, nbytes: int) -> list[tuple[int, int, StagedClaim]]:
+        """Staged (or in-flight) pieces of file bytes ``[offset, offset + nbytes)``:
+        ``(file offset, nbytes, claim)``, sorted and disjoint; the caller reads the gaps."""
+        ...
 
 
 def _as_bytes(destination: memoryview | npt.NDArray[Any], path: str) -> memoryview:
@@ -133,6 +137,11 @@ class ReadHandle:
         return self._result
 
 
+def _release(executor: concurrent.futures.ThreadPoolExecutor, files: FileHandles) -> None:
+    executor.shutdown(wait=False, cancel_futures=True)
+    files.close()
+
+
 class ColdReader:
     """Reads byte ranges of files into caller buffers by the fastest exact path.
 
@@ -157,6 +166,8 @@ class ColdReader:
         )
         self._local = threading.local()
         self.staging: StagingLookup | None = None
+        # A reader dropped without close() still lets go of its threads and descriptors.
+        self._finalizer = weakref.finalize(self, _release, self._executor, self._files)
 
     # -- public ---------------------------------------------------------------
 
@@ -177,23 +188,46 @@ class ColdReader:
                 raise OptionError(f"{request.path}: negative offset {request.offset}")
         cancelled = threading.Event()
         handle = ReadHandle(sum(view.nbytes for view in views), len(requests), cancelled)
-        chunk = self.config.chunk_nbytes
         for index, (request, view) in enumerate(zip(requests, views, strict=True)):
-            claim = self.staging.claim(request.path, request.offset, view.nbytes) if self.staging else None
-            if claim is not None:
-                handle._futures.append(self._executor.submit(self._staged, cancelled, request, view, claim))
-                continue
-            mapped = request.mapped if residency else None
-            for piece in split_by_residency(index, mapped, request.offset, view.nbytes, self.config.piece_nbytes):
-                position = request.offset + piece.start
-                end = position + piece.nbytes
-                while position < end:
-                    boundary = min(end, (position // chunk + 1) * chunk)
-                    part = view[position - request.offset : boundary - request.offset]
-                    task: Callable[..., _Tally] = self._copy if piece.warm else self._read
-                    handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
-                    position = boundary
+            staged = self.staging.claim_spans(request.path, request.offset, view.nbytes) if self.staging else []
+            position = request.offset
+            for offset, nbytes, claim in staged:
+                self._submit_span(handle, cancelled, index, request, view, position, offset, residency)
+                part = view[offset - request.offset : offset + nbytes - request.offset]
+                handle._futures.append(self._executor.submit(self._staged, cancelled, request, offset, part, claim))
+                position = offset + nbytes
+            self._submit_span(
+                handle, cancelled, index, request, view, position, request.offset + view.nbytes, residency
+            )
         return handle
+
+    def _submit_span(
+        self,
+        handle: ReadHandle,
+        cancelled: threading.Event,
+        index: int,
+        request: ReadRequest,
+        view: memoryview,
+        start: int,
+        end: int,
+        residency: bool,
+    ) -> None:
+        """Queue file bytes ``[start, end)`` of ``request``: resident pieces copied, the rest read, a chunk each."""
+        if end <= start:
+            return
+        chunk = self.config.chunk_nbytes
+        mapped = request.mapped if residency else None
+        for piece in split_by_residency(index, mapped, start, end - start, self.config.piece_nbytes):
+            position = start + piece.start
+            stop = position + piece.nbytes
+            while position < stop:
+                # A chunk from where the piece starts (slabs of a store need not
+                # start on a chunk multiple), ending on a block boundary.
+                boundary = min(stop, max(position + ALIGN_NBYTES, (position + chunk) // ALIGN_NBYTES * ALIGN_NBYTES))
+                part = view[position - request.offset : boundary - request.offset]
+                task: Callable[..., _Tally] = self._copy if piece.warm else self._read
+                handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
+                position = boundary
 
     def read(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadResult:
         """:meth:`submit` and :meth:`ReadHandle.wait`; a failure cancels what is left."""
@@ -207,7 +241,7 @@ class ColdReader:
     def close(self) -> None:
         """Wait for reads in flight, stop the threads, close the descriptors."""
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._files.close()
+        self._finalizer()
 
     def __enter__(self) -> ColdReader:
         return self
@@ -222,15 +256,17 @@ class ColdReader:
         if cancelled.is_set():
             raise ReadCancelledError("read cancelled")
 
-    def _staged(self, cancelled: threading.Event, request: ReadRequest, view: memoryview, claim: StagedClaim) -> _Tally:
+    def _staged(
+        self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview, claim: StagedClaim
+    ) -> _Tally:
         self._check(cancelled)
-        if claim.copy_into(view, request.offset):
+        if claim.copy_into(view, offset):
             return ((("prefetched", view.nbytes),), 0)
         tally: Counter[Source] = Counter()
         device = 0
         step = self.config.chunk_nbytes
         for start in range(0, view.nbytes, step):
-            sources, nbytes = self._read(cancelled, request, request.offset + start, view[start : start + step])
+            sources, nbytes = self._read(cancelled, request, offset + start, view[start : start + step])
             tally.update(dict(sources))
             device += nbytes
         return tuple(tally.items()), device
@@ -247,14 +283,17 @@ class ColdReader:
 
     def _read(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
         self._check(cancelled)
-        handles = self._files.get(request.path, request.identity)
+        mapped = request.mapped
+        identity = request.identity if request.identity is not None or mapped is None else mapped.identity
+        handles = self._files.get(request.path, identity, mapped.fd if mapped is not None else -1)
         if handles.direct_fd >= 0:
             try:
                 return self._read_direct(handles, offset, view)
             except OSError as exc:
                 if exc.errno not in DIRECT_REFUSED_ERRNOS:
                     raise FormatError(f"{request.path}: direct read at {offset} failed: {exc.strerror}") from None
-                handles = self._files.refuse_direct(request.path, exc.strerror or errno.errorcode[exc.errno])
+                reason = exc.strerror or errno.errorcode[exc.errno]
+                handles = self._files.refuse_direct(request.path, reason, identity)
         try:
             pread_exact(handles.buffered_fd, view, offset, request.path)
         except OSError as exc:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from ..mapping import PAGE_NBYTES, MappedFile
 
 __all__ = ["Piece", "split_by_residency"]
@@ -32,21 +34,22 @@ class Piece:
     warm: bool
 
 
-def _page_span_nbytes(offset: int, nbytes: int) -> int:
-    low = offset - offset % PAGE_NBYTES
-    high = -(-(offset + nbytes) // PAGE_NBYTES) * PAGE_NBYTES
-    return high - low
-
-
 def split_by_residency(
     request: int, mapped: MappedFile | None, offset: int, nbytes: int, piece_nbytes: int
 ) -> list[Piece]:
     """Pieces of one range, each marked warm (all pages resident) or cold.
 
-    Without a mapping (or with an empty range) the whole range is one cold piece.
+    Without a mapping (or with an empty range) the whole range is one cold
+    piece.  One ``mincore`` call covers the range.
     """
     if mapped is None or nbytes == 0:
         return [Piece(request, 0, nbytes, False)] if nbytes else []
+    resident = mapped.resident_pages(offset, nbytes)
+    if not resident.any():
+        return [Piece(request, 0, nbytes, False)]
+    first_page = offset // PAGE_NBYTES
+    # Missing pages counted up to each page boundary: a piece is warm when none is missing.
+    missing = np.concatenate(([0], np.cumsum(~resident)))
     pieces: list[Piece] = []
     position = offset
     end = offset + nbytes
@@ -54,9 +57,9 @@ def split_by_residency(
     run_start = offset
     while position < end:
         boundary = min(end, (position // piece_nbytes + 1) * piece_nbytes)
-        length = boundary - position
-        warm = mapped.resident_nbytes(position, length) >= _page_span_nbytes(position, length)
-        current: Literal["warm", "cold"] = "warm" if warm else "cold"
+        low = position // PAGE_NBYTES - first_page
+        high = -(-boundary // PAGE_NBYTES) - first_page
+        current: Literal["warm", "cold"] = "warm" if missing[high] == missing[low] else "cold"
         if mode is not None and current != mode:
             pieces.append(Piece(request, run_start - offset, position - run_start, mode == "warm"))
             run_start = position

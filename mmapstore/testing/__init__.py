@@ -6,6 +6,6 @@ Importing :mod:`mmapstore.testing.sinks` needs pytest.
 
 from __future__ import annotations
 
-from .memory import ArraySource, InMemoryFiles
+from .memory import ArraySource, FileSource, InMemoryFiles
 
-__all__ = ["ArraySource", "InMemoryFiles"]
+__all__ = ["ArraySource", "FileSource", "InMemoryFiles"]

@@ -9,6 +9,7 @@ gives an :class:`ArraySource` that serves write tables from those bytes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,11 +18,11 @@ import numpy.typing as npt
 from ..dtypes import DType, code_of, dtype_from_code
 from ..errors import FormatError, SinkError
 from ..geometry import Orientation, PartGeometry, c_strides
-from ..mapping import MappedFile
-from ..source import Prefetch
+from ..mapping import FileMaps, MappedFile
+from ..source import MappedSource, Prefetch
 from ..writes import WriteTable
 
-__all__ = ["ArraySource", "InMemoryFiles"]
+__all__ = ["ArraySource", "FileSource", "InMemoryFiles"]
 
 
 def _dtype(array: npt.NDArray[np.generic]) -> DType:
@@ -187,8 +188,40 @@ class ArraySource:
     def mapping(self, file: int) -> MappedFile | None:
         return None
 
+    def write_files(self, directory: str) -> FileSource:
+        """The same bytes as files ``directory/<name>`` (fsynced, then dropped
+        from the page cache where the file system allows), served through
+        mappings by a :class:`FileSource` that takes the same tables."""
+        paths = []
+        for name in self._files:
+            path = os.path.join(directory, name)
+            with open(path, "wb") as handle:
+                handle.write(self._buffers[name].tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())  # dirty pages cannot be dropped
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            paths.append(path)
+        return FileSource(FileMaps({}), self._files, where=directory, paths=tuple(paths))
+
     def path(self, file: int) -> str:
         return self._files[file]
 
     def prefetch(self, table: WriteTable, mode: Prefetch = "willneed") -> None:
         return None
+
+
+class FileSource(MappedSource):
+    """A :class:`~mmapstore.source.MappedSource` that owns its mappings: :meth:`close` them."""
+
+    def close(self) -> None:
+        self._maps.close()
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -12,7 +12,8 @@ Subclass it in a test module and implement two methods::
 
 ``make_sink`` gets ``param -> Destination`` and returns a sink whose
 destinations are zero-filled; ``read`` returns a destination as a numpy
-array.  The suite runs without files (sources are in memory): values of
+array.  The suite runs without files (sources are in memory) unless
+``source_of`` is overridden to serve the same bytes from files: values of
 plain stacks, strided fused halves, gathered experts across files, every
 part (weight, scale, bias) of encoded and plain stacks, transposed
 destinations, casts, refreshes that touch only the planned slots, the
@@ -36,6 +37,7 @@ from ..geometry import Encoding, PartGeometry
 from ..planner import LayerGeometry, StackGeometry, StoreGeometry, param_name, plan_full_push, plan_refresh
 from ..pool import ExpertPool
 from ..sinks import Sink
+from ..source import ByteSource
 from ..writes import WriteTable
 from .memory import ArraySource, InMemoryFiles
 
@@ -166,8 +168,13 @@ class SinkTests:
     def read(self, sink: Sink, param: str) -> npt.NDArray[np.generic]:
         raise NotImplementedError
 
+    def source_of(self, scenario: Scenario) -> ByteSource:
+        """The source the tests read ``scenario`` through: in memory by default;
+        override it to serve the same bytes from files (see :meth:`InMemoryFiles.write`)."""
+        return scenario.source
+
     # -- helpers ---------------------------------------------------------------
-    def _write(self, sink: Sink, table: WriteTable, source: ArraySource) -> None:
+    def _write(self, sink: Sink, table: WriteTable, source: ByteSource) -> None:
         sink.check(table)
         result = sink.submit(table, source).wait()
         assert result.nbytes == table.nbytes and result.rows == table.rows
@@ -187,7 +194,7 @@ class SinkTests:
     def test_full_push_values(self, kind: str) -> None:
         scenario = _scenario(kind)
         sink = self.make_sink(scenario.destinations())
-        self._write(sink, plan_full_push(scenario.geometry).table, scenario.source)
+        self._write(sink, plan_full_push(scenario.geometry).table, self.source_of(scenario))
         for name, values in scenario.values.items():
             self._assert_holds(sink, name, values)
 
@@ -199,7 +206,7 @@ class SinkTests:
         pools = [ExpertPool(EXPERTS, 3)]
         plan = plan_refresh(scenario.geometry, pools, [np.array([[1, 4], [5, 4]])], step=0)
         assert plan is not None and len(plan.updates) == 2
-        self._write(sink, plan.table, scenario.source)
+        self._write(sink, plan.table, self.source_of(scenario))
         plan.commit(pools)
         residents = pools[0].resident_experts()
         for name, values in scenario.values.items():
@@ -221,7 +228,7 @@ class SinkTests:
         scenario = _scenario("stacked")
         flipped = frozenset(scenario.values)
         sink = self.make_sink(scenario.destinations(transpose=flipped))
-        self._write(sink, plan_full_push(scenario.geometry).table, scenario.source)
+        self._write(sink, plan_full_push(scenario.geometry).table, self.source_of(scenario))
         for name, values in scenario.values.items():
             self._assert_holds(sink, name, values.swapaxes(-1, -2))
 
@@ -239,7 +246,7 @@ class SinkTests:
         scenario = _scenario("stacked", source_dtype)
         flipped = frozenset(scenario.values) if transpose else frozenset()
         sink = self.make_sink(scenario.destinations(dtype=destination_dtype, transpose=flipped))
-        self._write(sink, plan_full_push(scenario.geometry).table, scenario.source)
+        self._write(sink, plan_full_push(scenario.geometry).table, self.source_of(scenario))
         for name, values in scenario.values.items():
             want = values.swapaxes(-1, -2) if transpose else values
             self._assert_holds(sink, name, want.astype(destination_dtype))
@@ -250,7 +257,7 @@ class SinkTests:
         sink = self.make_sink(scenario.destinations())
         table = plan_full_push(scenario.geometry).table
         sink.check(table)
-        completion = sink.submit(table, scenario.source)
+        completion = sink.submit(table, self.source_of(scenario))
         first = completion.wait()
         assert completion.done()
         assert completion.wait() == first
@@ -264,7 +271,7 @@ class SinkTests:
         pools = [ExpertPool(EXPERTS, 2)]
         plan = plan_refresh(scenario.geometry, pools, [np.array([0, 1])], step=0)  # both resident already
         assert plan is not None and plan.table.rows == 0
-        self._write(sink, plan.table, scenario.source)
+        self._write(sink, plan.table, self.source_of(scenario))
         self._assert_untouched(sink, destinations)
 
     # -- bad destinations ------------------------------------------------------
@@ -299,5 +306,5 @@ class SinkTests:
         with pytest.raises(SinkError):
             sink.check(table)
         with pytest.raises(SinkError):
-            sink.submit(table, scenario.source).wait()
+            sink.submit(table, self.source_of(scenario)).wait()
         self._assert_untouched(sink, destinations)

@@ -1,0 +1,240 @@
+"""Bench cases of the cold path: ``cold`` (a refresh from a cold page cache)
+and ``beyond_ram`` (a store several times larger than a memory limit).
+
+Every method runs on the same byte ranges in the same run, and the baseline
+of each repeat is the best parallel ``O_DIRECT`` ``preadv`` depth of that
+repeat: disk speed on shared machines moves by 3x within minutes, so only
+ratios from one run mean anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from ..apply import apply
+from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_reader_config
+from ..planner import geometries_of, plan_refresh
+from ..pool import ExpertPool
+from ..sinks import ArraySink, DictSink
+from ..source import MappedSource
+from ..store import open_store
+from ..writes import WriteTable
+from .coldtools import (
+    cgroup_peak,
+    drop_file,
+    fio_gbps,
+    join_cgroup,
+    memory_cgroup,
+    pread_pool,
+    remove_cgroup,
+    storage_read_nbytes,
+    willneed_copy,
+)
+from .data import EXPERTS, SLAB_SHAPE, data_store, write_slab_store
+from .figures import Figure
+from .registry import Context, case
+
+__all__: list[str] = []
+
+DEPTHS = (1, 2, 4, 8, 16)
+BASELINE = "best O_DIRECT preadv depth (4 MiB pieces) of the same repeat"
+
+
+@case("cold")
+def case_cold(ctx: Context) -> list[Figure]:
+    """A refresh of random experts (half of every layer's pool) from a cold
+    page cache: ``apply`` through an ``ArraySink`` with ``read="auto"`` (the
+    default) and ``read="map"`` (the path before), against buffered and
+    direct ``preadv`` pools of the same ranges at several depths."""
+    path, file_path, _ = data_store(ctx.scratch, ctx.size)
+    with open_store(path) as store:
+        geometry = geometries_of(store)
+        rng = np.random.default_rng(0)
+        pools = [ExpertPool(EXPERTS, EXPERTS // 2) for _ in geometry.layers]
+        captured = [rng.choice(EXPERTS, EXPERTS // 2, replace=False) for _ in geometry.layers]
+        plan = plan_refresh(geometry, pools, captured, 0)
+        assert plan is not None
+        reads = plan.table.reads
+        spans = list(zip(reads.offset.tolist(), reads.nbytes.tolist(), strict=True))
+        planned = plan.nbytes
+        source = store.byte_source()
+        mapped = source.mapping(0)
+        drop_file(file_path, mapped)
+        sample = min(32 << 20, mapped.nbytes // (4 * len(DEPTHS))) // (4 << 20) * (4 << 20)
+        probed = probe_reader_config(
+            [FileRange(file_path, 0, mapped.nbytes)], depths=DEPTHS, chunks=(1 << 20, 4 << 20), sample_nbytes=sample
+        )
+        reader = ColdReader(probed.config)
+        auto = ArraySink.for_geometries(geometry, EXPERTS // 2, reader=reader)
+        before = DictSink(auto.arrays, read="map")
+        deep = ColdReader(ReaderConfig(queue_depth=DEPTHS[-1], chunk_nbytes=4 << 20))
+        auto_deep = DictSink(auto.arrays, reader=deep)
+        destination = aligned_empty(sum(-(-nbytes // 4096) * 4096 for _, nbytes in spans))
+        destination[:] = 0
+        config = probed.config
+        methods: dict[str, Callable[[], object]] = {
+            f"apply, ArraySink read=auto (default; reader qd {config.queue_depth}, {config.chunk_nbytes >> 20} MiB)": (
+                lambda: apply(plan, auto, source)
+            ),
+            f"apply, ArraySink read=auto, reader qd {DEPTHS[-1]}, 4 MiB (not probed)": lambda: apply(
+                plan, auto_deep, source
+            ),
+            "apply, ArraySink read=map (mmap + WILLNEED, before)": lambda: apply(plan, before, source),
+            "mmap + WILLNEED + copy, by hand": lambda: willneed_copy(mapped, spans, destination),
+        }
+        for depth in DEPTHS:
+            methods[f"preadv buffered, qd {depth}"] = _pool(file_path, spans, destination, depth, False)
+        for depth in DEPTHS:
+            methods[f"preadv O_DIRECT, qd {depth}"] = _pool(file_path, spans, destination, depth, True)
+        samples: dict[str, list[float]] = {name: [] for name in methods}
+        reads_per_planned: dict[str, list[float]] = {name: [] for name in methods}
+        best: list[float] = []
+        names = list(methods)
+        for index in range(ctx.repeat):
+            order = names[index % len(names) :] + names[: index % len(names)]  # no method always first
+            for name in order:
+                drop_file(file_path, mapped)
+                read_before = storage_read_nbytes()
+                start = time.perf_counter()
+                methods[name]()
+                seconds = time.perf_counter() - start
+                reads_per_planned[name].append((storage_read_nbytes() - read_before) / planned)
+                samples[name].append(planned / seconds / 1e9)
+            best.append(max(samples[name][-1] for name in names if "O_DIRECT" in name))
+        apply(plan, auto, source)
+        _check_values(plan.table, auto, source)
+        reader.close()
+        deep.close()
+    figures = []
+    for position, name in enumerate(names):
+        ratios = [ours / base for ours, base in zip(samples[name], best, strict=True)]
+        read = statistics.median(reads_per_planned[name])
+        headline = position == 0
+        figures.append(Figure(
+            "cold", f"{name}: {planned >> 20} MiB, {plan.table.rows} rows", "GB/s", samples[name], BASELINE, best,
+            higher_is_better=True, target=">= 1.0x, <= 1.02x bytes read" if headline else "",
+            met=(statistics.median(ratios) >= 1.0 and read <= 1.02) if headline else None,
+            note=f"per-repeat ratio median {statistics.median(ratios):.2f}; storage bytes read per planned byte "
+            f"{read:.3f}",
+        ))  # fmt: skip
+    figures += _fio_figures(file_path, spans, planned, ctx)
+    probe = ", ".join(f"qd{depth}/{chunk >> 20}MiB {gbps:.2f}" for depth, chunk, gbps in probed.candidates)
+    figures.append(Figure("cold", "probe_reader_config candidates (GB/s)", "", [], note=probe))
+    return figures
+
+
+def _pool(
+    path: str, spans: list[tuple[int, int]], destination: npt.NDArray[np.uint8], depth: int, direct: bool
+) -> Callable[[], None]:
+    def run() -> None:
+        pread_pool(path, spans, destination, depth, direct)
+
+    return run
+
+
+def _check_values(table: WriteTable, sink: DictSink, source: MappedSource) -> None:
+    """Every planned slot holds its expert's bytes (whichever method wrote it last)."""
+    for row in range(table.rows):
+        name = table.param_name(row)
+        slot, count = int(table.slot[row]), int(table.count[row])
+        if sink.arrays[name][slot : slot + count].tobytes() != source.view(table, row).tobytes():
+            raise AssertionError(f"{name}: slots {slot}..{slot + count - 1} hold the wrong bytes")
+
+
+def _fio_figures(path: str, spans: list[tuple[int, int]], planned: int, ctx: Context) -> list[Figure]:
+    if shutil.which("fio") is None:
+        return [Figure("cold", "fio", "", [], note="fio is not installed here: not measured")]
+    figures = []
+    for depth in (1, 4, 16):
+        gbps = []
+        for _ in range(ctx.repeat):
+            drop_file(path)
+            value = fio_gbps(path, spans, depth, ctx.scratch)
+            if value is not None:
+                gbps.append(value)
+        figures.append(Figure("cold", f"fio O_DIRECT iolog replay, qd {depth}: {planned >> 20} MiB", "GB/s", gbps,
+                              note="fio's own timer, not rotated with the others"))  # fmt: skip
+    return figures
+
+
+@case("beyond_ram")
+def case_beyond_ram(ctx: Context) -> list[Figure]:
+    """A slab store three times ``size``, a memory cgroup of 3/4 ``size``, a
+    drifting trace replayed by each method in its own child process and cgroup."""
+    where = memory_cgroup()
+    if where is None:
+        return [Figure("beyond_ram", "-", "", [], note="no writable memory cgroup here: case not run")]
+    base, version = where
+    layers, (k, n) = 8, SLAB_SHAPE
+    slab_nbytes = k * n * 2
+    experts = max(8, 3 * ctx.size // (layers * 3 * slab_nbytes))
+    limit = 3 * ctx.size // 4
+    reserve = 256 << 20  # interpreter, numpy, threads: what the service's budget leaves out
+    path = os.path.join(ctx.scratch, "beyond_ram")
+    files = write_slab_store(path, layers, experts, k, n, sparse=False)
+    store_nbytes = os.path.getsize(files[0])
+    steps = 64
+    # One probe, outside the cgroups: every method then reads at the same queue depth.
+    depth = probe_reader_config(
+        [FileRange(files[0], 0, min(store_nbytes, 1 << 30))], depths=(2, 4, 8, 16), chunks=(4 << 20,),
+        sample_nbytes=32 << 20,
+    ).config.queue_depth  # fmt: skip
+    results: dict[str, dict[str, object]] = {}
+    notes: dict[str, str] = {}
+    try:
+        for method in ("auto", "map", "direct"):
+            drop_file(files[0])
+            group = os.path.join(base, f"mmapstore-bench-{os.getpid()}-{method}")
+            os.mkdir(group)
+            try:
+                with open(os.path.join(group, "memory.max" if version == 2 else "memory.limit_in_bytes"), "w") as f:
+                    f.write(str(limit))
+                command = [sys.executable, "-m", "mmapstore.bench.cold_replay", path, "--steps", str(steps),
+                           "--budget", str(limit - reserve), "--method", method, "--depth", str(depth)]  # fmt: skip
+                procs = os.path.join(group, "cgroup.procs")
+                done = subprocess.run(
+                    command, capture_output=True, text=True, preexec_fn=functools.partial(join_cgroup, procs)
+                )
+                peak, kills = cgroup_peak(group, version)
+            finally:
+                remove_cgroup(group)
+            within = done.returncode == 0 and kills == 0
+            notes[method] = (
+                f"limit {limit >> 20} MiB, store {store_nbytes >> 20} MiB, peak {peak >> 20} MiB, OOM kills {kills}, "
+                + ("within the limit" if within else f"FAILED rc={done.returncode}: {done.stderr.strip()[-300:]}")
+            )
+            if done.returncode == 0:
+                results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    baseline = results.get("direct")
+    base_gbps = [float(baseline["gbps"])] if baseline else []  # type: ignore[arg-type]
+    figures = []
+    for method in ("auto", "map", "direct"):
+        report = results.get(method)
+        if report is None:
+            figures.append(Figure("beyond_ram", method, "GB/s", [], note=notes[method]))
+            continue
+        headline = method == "auto"
+        ratio = float(report["gbps"]) / base_gbps[0] if base_gbps else 0.0  # type: ignore[arg-type]
+        figures.append(Figure(
+            "beyond_ram", str(report["method"]), "GB/s", [float(report["gbps"])],  # type: ignore[arg-type]
+            str(baseline["method"]) if baseline and method != "direct" else "",
+            base_gbps if method != "direct" else [], higher_is_better=True,
+            target=">= 0.8x, no OOM kill" if headline else "",
+            met=(ratio >= 0.8 and "within" in notes[method]) if headline else None,
+            note=f"{report['note']}; storage bytes read per planned byte {float(report['read_per_planned']):.3f}; "  # type: ignore[arg-type]
+            f"{notes[method]}",
+        ))  # fmt: skip
+    return figures
