@@ -36,8 +36,11 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("storage", ["safetensors", "raw"])
-def test_round_trip(sources, tmp_path, family, dtype, storage):
-    result = convert(sources[family], tmp_path / "out", storage=storage, dtype=dtype, shard_nbytes=8_000)
+@pytest.mark.parametrize("orientation", ["native", "kn"])
+def test_round_trip(sources, tmp_path, family, dtype, storage, orientation):
+    result = convert(
+        sources[family], tmp_path / "out", storage=storage, dtype=dtype, orientation=orientation, shard_nbytes=8_000
+    )
     assert not result.skipped and len(result.files) > 1
     with open_store(sources[family]) as src, open_store(result.path) as dst:
         assert dst.layout == "slab" and dst.layer_indices == src.layer_indices
@@ -45,7 +48,8 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
             for (_, source), (_, converted) in zip(a.stacks, b.stacks, strict=True):
                 want = DTYPES[dtype] or source.dtype
                 assert converted.dtype == np.dtype(want)
-                assert converted.is_stacked and converted.native_orientation == "kn"
+                wanted = source.native_orientation if orientation == "native" else "kn"
+                assert converted.is_stacked and converted.native_orientation == wanted
                 assert converted.part_span("weight", 0).mapped.offset_of(converted.native(0)) % 4096 == 0  # page-aligned
                 for expert in range(source.num_experts):
                     np.testing.assert_array_equal(converted.expert(expert), source.expert(expert).astype(want))
@@ -59,7 +63,8 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
     assert verify(result.path).ok
     manifest = json.loads(Path(result.path, "mmapstore.json").read_text())
     assert manifest["source"]["config"]["model_type"] == json.loads(Path(sources[family], "config.json").read_text())["model_type"]
-    assert all(len(entry["sha256"]) == 64 for entry in manifest["tensors"].values())
+    assert manifest["checksum"] == "xxh3_128"
+    assert all(len(entry["xxh3_128"]) == 32 for entry in manifest["tensors"].values())
 
 
 def test_existing_destination_needs_force_unless_it_is_this_conversion(sources, tmp_path):
