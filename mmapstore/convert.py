@@ -327,7 +327,12 @@ def _jobs(item: _Item, writer: SlabFileWriter) -> list[Job]:
             source = CopyFrom(span.mapped.fd, span.offset, span.mapped.path)
             jobs.append(Job(writer, spec.name, dtype, shape, copy=source))
         else:
-            jobs.append(Job(writer, spec.name, dtype, shape, make=functools.partial(item.slab, expert=expert)))
+            reads = tuple(
+                (span.mapped.fd, span.offset, span.nbytes)
+                for span in (stack.part_span(part, expert) for part in item.reads)
+            )
+            make = functools.partial(item.slab, expert=expert)
+            jobs.append(Job(writer, spec.name, dtype, shape, make=make, reads=reads))
     return jobs
 
 

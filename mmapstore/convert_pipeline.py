@@ -33,6 +33,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -48,7 +49,16 @@ from .preadcopy import pread_into
 from .store import ExpertStack
 from .transpose import transpose_into
 
-__all__ = ["AHEAD", "CHUNK_NBYTES", "WRITE_BEHIND_NBYTES", "CopyFrom", "Job", "SlabReader", "run_jobs"]
+__all__ = [
+    "AHEAD",
+    "CHUNK_NBYTES",
+    "READ_AHEAD_NBYTES",
+    "WRITE_BEHIND_NBYTES",
+    "CopyFrom",
+    "Job",
+    "SlabReader",
+    "run_jobs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,9 @@ CHUNK_NBYTES = 2 << 20
 """Bytes the writer transposes, hashes and writes at a time."""
 WRITE_BEHIND_NBYTES = 64 << 20
 """Written bytes whose writeback may be outstanding (0: leave it to the kernel)."""
+READ_AHEAD_NBYTES = 64 << 20
+"""Source bytes the reader asks the kernel to fetch ahead of what it reads
+(``POSIX_FADV_WILLNEED``: into the page cache, not into this process)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,13 @@ class Job:
     shape: tuple[int, ...]
     copy: CopyFrom | None = None
     make: Callable[[SlabReader], npt.NDArray[np.generic]] | None = None
+    reads: tuple[tuple[int, int, int], ...] = ()
+    """``(fd, offset, nbytes)`` of the source ranges ``make`` reads (hints for read-ahead)."""
+
+    def source_ranges(self) -> tuple[tuple[int, int, int], ...]:
+        if self.copy is not None:
+            return ((self.copy.fd, self.copy.offset, self.nbytes),)
+        return self.reads
 
     @property
     def nbytes(self) -> int:
@@ -158,8 +178,10 @@ def run_jobs(
         return False
 
     def read_all() -> None:
+        ahead = _ReadAhead(jobs, READ_AHEAD_NBYTES)
         try:
-            for job in jobs:
+            for index, job in enumerate(jobs):
+                ahead.advise(index)
                 if job.copy is not None:
                     source = job.copy
                     offset = job.writer.copy(job.tensor, source.fd, source.offset, job.nbytes, source_path=source.path)
@@ -214,6 +236,40 @@ def run_jobs(
         stop.set()
         thread.join()
     return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+class _ReadAhead:
+    """Keeps ``POSIX_FADV_WILLNEED`` hints about ``window`` bytes ahead of the
+    job being read, so the disk has reads queued while this process copies,
+    transposes or waits (the pages land in the page cache, not in RSS)."""
+
+    def __init__(self, jobs: Sequence[Job], window: int) -> None:
+        self._jobs = jobs
+        self._window = window
+        self._first = 0  # jobs [first, next) are advised and not yet read past
+        self._next = 0
+        self._advised = 0  # their source bytes
+        self._sizes = [sum(nbytes for _, _, nbytes in job.source_ranges()) for job in jobs] if window else []
+
+    def advise(self, current: int) -> None:
+        """Job ``current`` is about to be read: top the hints up."""
+        if not self._window:
+            return
+        while self._first < min(current, self._next):
+            self._advised -= self._sizes[self._first]
+            self._first += 1
+        if self._next < current:
+            self._first = self._next = current
+            self._advised = 0
+        while self._next < len(self._jobs) and self._advised < self._window:
+            for fd, offset, nbytes in self._jobs[self._next].source_ranges():
+                try:
+                    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    self._window = 0  # a hint: never worth failing for
+                    return
+            self._advised += self._sizes[self._next]
+            self._next += 1
 
 
 class _Chunks:
