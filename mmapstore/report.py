@@ -200,7 +200,7 @@ def _check_bytes(
         return Problem(record.path, record.name, str(exc))
     except ImportError as exc:  # a blake3 store without the blake3 package
         return Problem(record.path, record.name, f"cannot check: {exc}")
-    for (algorithm, digest), hasher in zip(expected, hashers):
+    for (algorithm, digest), hasher in zip(expected, hashers, strict=True):
         found = hasher.hexdigest()
         if found != digest:
             return Problem(

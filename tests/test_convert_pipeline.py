@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -67,7 +68,7 @@ def test_both_orientations_give_identical_values(sources, tmp_path, family, dtyp
         native_orientations = {stack.native_orientation for layer in source.layers for _, stack in layer.stacks}
         assert {stack.native_orientation for layer in a.layers for _, stack in layer.stacks} == native_orientations
     for result, orientation in ((native, native_orientations.pop()), (kn, "kn")):
-        manifest = json.loads(open(os.path.join(result.path, "mmapstore.json")).read())
+        manifest = json.loads(Path(result.path, "mmapstore.json").read_text())
         assert manifest["orientation"] == orientation
         assert manifest["options"]["orientation"] == ("native" if result is native else "kn")
         assert verify(result.path).ok
@@ -77,8 +78,8 @@ def test_native_slabs_are_the_source_bytes(sources, tmp_path):
     """Mixtral's [out, in] slabs pass through unchanged (copied by the kernel)."""
     result = convert(sources["mixtral"], tmp_path / "out")
     with open_store(sources["mixtral"]) as source, open_store(result.path) as store:
-        for a, b in zip(source.layers, store.layers):
-            for (_, original), (_, converted) in zip(a.stacks, b.stacks):
+        for a, b in zip(source.layers, store.layers, strict=True):
+            for (_, original), (_, converted) in zip(a.stacks, b.stacks, strict=True):
                 assert converted.native_orientation == original.native_orientation == "nk"
                 for expert in range(original.num_experts):
                     assert converted.native(expert).tobytes() == original.native(expert).tobytes()
@@ -89,8 +90,8 @@ def test_the_same_conversion_gives_the_same_bytes(sources, tmp_path):
         first = convert(sources["gpt_oss"], tmp_path / f"{orientation}1", orientation=orientation, shard_nbytes=20_000)
         second = convert(sources["gpt_oss"], tmp_path / f"{orientation}2", orientation=orientation, shard_nbytes=20_000)
         assert [os.path.basename(f) for f in first.files] == [os.path.basename(f) for f in second.files]
-        for a, b in zip(first.files, second.files):
-            assert open(a, "rb").read() == open(b, "rb").read()
+        for a, b in zip(first.files, second.files, strict=True):
+            assert Path(a).read_bytes() == Path(b).read_bytes()
 
 
 @pytest.mark.parametrize("orientation", ["native", "kn"])
@@ -162,7 +163,7 @@ def test_verify_catches_a_flipped_bit_with_each_checksum(sources, tmp_path, chec
         pytest.importorskip("blake3", reason="blake3 checksums need the blake3 package")
     result = convert(sources["mixtral"], tmp_path / "out", checksum=algorithm, shard_nbytes=20_000)
     manifest_path = os.path.join(result.path, "mmapstore.json")
-    manifest = json.loads(open(manifest_path).read())
+    manifest = json.loads(Path(manifest_path).read_text())
     assert manifest["checksum"] == algorithm
     assert all(len(entry[algorithm]) == HEX_DIGITS[algorithm] for entry in manifest["tensors"].values())
     if checksum != algorithm:  # a store as written before algorithms were named: sha256 per tensor only
@@ -180,7 +181,7 @@ def test_verify_catches_a_flipped_bit_with_each_checksum(sources, tmp_path, chec
 def test_a_manifest_naming_an_unknown_checksum_is_a_problem_not_a_pass(sources, tmp_path):
     result = convert(sources["mixtral"], tmp_path / "out")
     manifest_path = os.path.join(result.path, "mmapstore.json")
-    manifest = json.loads(open(manifest_path).read())
+    manifest = json.loads(Path(manifest_path).read_text())
     manifest["checksum"] = "crc32"
     for entry in manifest["tensors"].values():
         del entry["xxh3_128"]
@@ -193,7 +194,7 @@ def test_a_manifest_naming_an_unknown_checksum_is_a_problem_not_a_pass(sources, 
 def test_malformed_digests_are_format_errors(sources, tmp_path):
     result = convert(sources["mixtral"], tmp_path / "out")
     manifest_path = os.path.join(result.path, "mmapstore.json")
-    manifest = json.loads(open(manifest_path).read())
+    manifest = json.loads(Path(manifest_path).read_text())
     next(iter(manifest["tensors"].values()))["xxh3_128"] = "00" * 32  # a blake3-sized digest under xxh3_128
     with open(manifest_path, "w") as handle:
         json.dump(manifest, handle)
