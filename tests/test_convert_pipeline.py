@@ -11,7 +11,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from test_layouts import random, write_checkpoint
+from builders import write_checkpoint
+from test_layouts import random
 from test_quantized import FP8_CONFIG, MX_CONFIG, fp8_checkpoint, mxfp4_checkpoint, save
 
 import mmapstore.convert_pipeline as convert_pipeline
