@@ -306,3 +306,16 @@ def test_transpose_into_refuses_what_it_cannot_do():
         transpose_into(np.empty((2, 3), np.float32), np.empty((2, 3), np.float32))
     with pytest.raises(ValueError, match="contiguous"):
         transpose_into(np.empty((3, 2), np.float32), np.empty((3, 2), np.float32).T)
+
+
+def test_the_command_line_takes_orientation_and_checksum(sources, tmp_path, capsys):
+    from mmapstore.cli import main
+
+    dst = tmp_path / "out"
+    argv = ["convert", sources["mixtral"], str(dst), "--orientation", "kn", "--checksum", "sha256", "--quiet"]
+    assert main(argv) == 0
+    manifest = json.loads(Path(dst, "mmapstore.json").read_text())
+    assert (manifest["orientation"], manifest["checksum"]) == ("kn", "sha256")
+    assert main(argv) == 0 and "already holds" in capsys.readouterr().out
+    assert main(["convert", sources["mixtral"], str(dst), "--quiet"]) == 1  # another conversion: needs --force
+    assert main(["verify", str(dst)]) == 0

@@ -1,7 +1,7 @@
 """Convert at disk speed?  ``mmapstore convert`` against ``cp -r`` + ``sync``.
 
 The ``convert`` case of ``mmapstore bench``, also runnable alone
-(``python -m mmapstore.bench.cases_convert --size 2.25GiB --repeat 5``).  On one
+(``python -m mmapstore.bench_convert --size 2.25GiB --repeat 5``).  On one
 Mixtral-style per-expert bf16 checkpoint (4 MiB slabs; at least 2 GiB for a
 meaningful figure), with every source file evicted from the page cache
 before each trial (``POSIX_FADV_DONTNEED``) and the trials of one repeat run
@@ -40,7 +40,7 @@ from .figures import Figure
 from .registry import Context
 from .registry import case as register
 
-__all__ = ["CASES", "ConvertTrials", "case_convert", "make_source", "render", "run_trials"]
+__all__ = ["CASES", "ConvertTrials", "case_convert", "main", "make_source", "render", "run_trials"]
 
 EXPERTS, HIDDEN, FFN = 16, 2048, 1024  # [1024, 2048] bf16 slabs of 4 MiB
 CASES = ("cp", "convert", "convert kn")
@@ -212,7 +212,8 @@ def case_convert(ctx: Context) -> list[Figure]:
 def main(argv: list[str] | None = None) -> int:
     from ..cli import parse_size
 
-    parser = argparse.ArgumentParser(prog="python -m mmapstore.bench.cases_convert", description=__doc__.split("\n")[0])
+    """``python -m mmapstore.bench_convert``: run the trials and print the table."""
+    parser = argparse.ArgumentParser(prog="python -m mmapstore.bench_convert", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("2.25GiB"), help="expert bytes (>= 2 GiB)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", help="scratch directory (default: the temporary directory)")
@@ -240,7 +241,3 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"seconds": trials.seconds, "peaks": trials.peaks, "slab_nbytes": trials.slab_nbytes}, handle)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
