@@ -97,6 +97,38 @@ def _progress(total: Callable[[], int], label: str, quiet: bool) -> Iterator[Cal
         yield bar.update
 
 
+class _ByteBar:
+    """A tqdm byte counter whose total is learnt when the work is planned
+    (so it counts what is written, after ``--dtype`` and ``--layers``)."""
+
+    def __init__(self, label: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=None, unit="B", unit_scale=True, desc=label, file=sys.stderr)
+
+    def start(self, total: int) -> None:
+        self._bar.reset(total=total)
+
+    def update(self, nbytes: int) -> None:
+        self._bar.update(nbytes)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@contextlib.contextmanager
+def _bar(label: str, quiet: bool) -> Iterator[_ByteBar | None]:
+    """A :class:`_ByteBar` on stderr, or None when quiet or not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bar = _ByteBar(label)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
@@ -139,22 +171,20 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .store import open_store
 
-    def total() -> int:
-        with open_store(args.src) as store:
-            return sum(layer.nbytes for layer in store.layers)
-
-    with _progress(total, "convert", args.quiet) as progress:
+    with _bar("convert", args.quiet) as bar:
         result = convert(
             args.src,
             args.dst,
             storage=args.format,
             dtype=args.dtype,
+            orientation=args.orientation,
+            checksum=args.checksum,
             shard_nbytes=args.shard_size,
             layers=args.layers,
             force=args.force,
-            progress=progress,
+            progress=None if bar is None else bar.update,
+            on_plan=None if bar is None else bar.start,
         )
     if args.json:
         _print_json(
@@ -355,6 +385,19 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--format", choices=["safetensors", "raw"], default="safetensors")
     convert.add_argument("--dtype", choices=["keep", "f32", "f16", "bf16"], default="keep")
+    convert.add_argument(
+        "--orientation",
+        choices=["native", "kn"],
+        default="native",
+        help="native: keep the source's slab orientation (no transpose; [k, n] stays a view); "
+        "kn: write GroupedMatMul [E, k, n]",
+    )
+    convert.add_argument(
+        "--checksum",
+        choices=["xxh3_128", "blake3", "sha256"],
+        default="xxh3_128",
+        help="per-tensor checksum that verify checks (blake3 needs the [blake3] extra)",
+    )
     convert.add_argument("--shard-size", type=parse_size, default=parse_size("4GiB"))
     convert.add_argument("--layers", help="model layer range A-B (inclusive)")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")

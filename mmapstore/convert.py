@@ -1,46 +1,56 @@
 """Streaming conversion of any checkpoint ``open_store`` opens into a slab store.
 
-Each stack is written contiguous as ``[E, k, n]`` (GroupedMatMul orientation,
-transposed from ``[out, in]`` sources), page-aligned, named
-``blk.{L}.ffn_{gate,up,down}_exps.weight``, with an ``mmapstore.json``
-manifest carrying provenance and a sha256 per tensor.  Conversion streams
-slab by slab: peak memory is a few slabs whatever the checkpoint size.  Source
-bytes are read with ``pread`` into reused buffers, never through the mapping,
-so a source file truncated under a running conversion is a
-:class:`~mmapstore.errors.FormatError`, not a SIGBUS.  The output is built in
-a staging directory beside the destination under a lock and renamed into
-place (see :mod:`mmapstore.publish`).  A destination that is the source, or
-holds it, is refused.
+Each part of each stack is written contiguous as ``[E, ...]``, page-aligned,
+named ``blk.{L}.ffn_{gate,up,down}_exps.{part}``, with an ``mmapstore.json``
+manifest carrying provenance, the orientation and a checksum per tensor.
+
+By default slabs keep the source's *native orientation* (``[out, in]`` for
+``nn.Linear`` checkpoints): the manifest records it and ``stack.expert(e)``
+still gives ``[k, n]``, as a transposed view, so slabs that need no cast pass
+through unchanged and are copied file to file by the kernel.
+``orientation="kn"`` writes the GroupedMatMul layout ``[E, k, n]`` instead,
+transposing on the way (packed, ggml and MXFP4 encodings have no element
+view to transpose and are refused there unless dequantized).
+
+Conversion streams slab by slab through :mod:`mmapstore.convert_pipeline`
+(read, transform, hash and write overlapped on two threads): peak memory is
+a few slabs whatever the checkpoint size.  Source bytes are never read
+through the mapping, so a source file truncated under a running conversion
+is a :class:`~mmapstore.errors.FormatError`, not a SIGBUS.  The output is
+built in a staging directory beside the destination under a lock and renamed
+into place (see :mod:`mmapstore.publish`).  A destination that is the
+source, or holds it, is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
+import functools
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .dequant import dequantize_slab
+from .checksum import ALGORITHMS, DEFAULT_ALGORITHM, new_hasher
+from .convert_pipeline import CopyFrom, Job, SlabReader, run_jobs
 from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
 from .errors import ConvertError, FormatError
-from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec, read_checkpoint
+from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, TensorSpec, read_checkpoint
 from .formats.records import split_by_size
-from .geometry import Encoding
-from .kernels import copy_slab
+from .formats.slabfile import SlabFileWriter
+from .geometry import Encoding, PartGeometry, c_strides
 from .mapping import PAGE_NBYTES
-from .preadcopy import pread_into
 from .publish import clean_partials, locked, staged_dir
 from .store import ExpertStack, ExpertStore, open_store
 
-__all__ = ["ConvertResult", "convert", "source_fingerprint"]
+__all__ = ["ORIENTATIONS", "ConvertResult", "convert", "source_fingerprint"]
 
 TOOL_VERSION = "0.1.0"
+ORIENTATIONS = ("native", "kn")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +91,14 @@ def convert(
     *,
     storage: str = "safetensors",
     dtype: str = "keep",
+    orientation: str = "native",
+    checksum: str = DEFAULT_ALGORITHM,
     shard_nbytes: int = 4 << 30,
     layers: str | None = None,
     force: bool = False,
     lock_timeout: float = -1,
     progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into a slab store at ``dst``; atomic, locked, streaming.
 
@@ -93,16 +106,42 @@ def convert(
     this very conversion (same source files, sizes, mtimes and options): then
     nothing is written and ``skipped`` is True, so racing converters agree.
 
+    Parameters
+    ----------
+    storage
+        ``"safetensors"`` shards or ``"raw"`` ``.bin`` files.
+    dtype
+        ``"keep"``, or ``"f32"``, ``"f16"``, ``"bf16"``: values (encoded
+        stacks are dequantized).
+    orientation
+        ``"native"`` (keep the source's slab orientation; no transpose) or
+        ``"kn"`` (GroupedMatMul ``[E, k, n]``).
+    checksum
+        The per-tensor checksum, one of :data:`~mmapstore.checksum.ALGORITHMS`.
+    progress
+        Called with byte counts as they reach the disk (their sum is the
+        total given to ``on_plan``).
+    on_plan
+        Called once, before writing, with the bytes the conversion writes.
+
     Raises
     ------
     FormatError
-        The source is malformed.
+        The source is malformed, or shrank while it was read.
     ConvertError
-        ``dst`` exists, options are invalid, or the lock timed out.
+        ``dst`` exists, options are invalid, the lock timed out, or the
+        destination could not be written.
+    ImportError
+        ``checksum="blake3"`` without the ``blake3`` package.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if storage not in ("safetensors", "raw"):
         raise ConvertError(f"storage must be 'safetensors' or 'raw', got {storage!r}")
+    if orientation not in ORIENTATIONS:
+        raise ConvertError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    if checksum not in ALGORITHMS:
+        raise ConvertError(f"checksum must be one of {ALGORITHMS}, got {checksum!r}")
+    new_hasher(checksum)  # a missing optional package fails before any work
     with open_store(src) as store:
         _refuse_overlap(src, dst, store.files)
         out_dtype = None if dtype == "keep" else parse_user_dtype(dtype)
@@ -116,14 +155,21 @@ def convert(
                             f"{stack.name}: {stack.encoding.describe()} experts dequantize to floats, not {out_dtype.code}"
                         )
         chosen = _parse_layers(layers, sorted(store.layer_indices + [layer.layer_index for layer in store.mtp_layers]))
-        options = {"storage": storage, "dtype": dtype, "shard_nbytes": shard_nbytes, "layers": chosen}
+        options = {
+            "storage": storage,
+            "dtype": dtype,
+            "orientation": orientation,
+            "checksum": checksum,
+            "shard_nbytes": shard_nbytes,
+            "layers": chosen,
+        }
         fingerprint = source_fingerprint(store)
-        orientation = _orientation(store, chosen)
+        written = _orientation(store, chosen, orientation, out_dtype)
         plan = [
             item
             for index in chosen
             for proj, stack in store.layer(index).stacks
-            for item in _stack_items(index, proj, stack, out_dtype, orientation)
+            for item in _stack_items(index, proj, stack, out_dtype, written)
         ]
         with locked(dst, lock_timeout):
             clean_partials(dst)
@@ -131,11 +177,13 @@ def convert(
                 done = _existing_conversion(dst, os.path.abspath(src), fingerprint, options, plan)
                 if done is not None:
                     return done
+            if on_plan is not None:
+                on_plan(sum(item.spec.nbytes for item in plan))
             try:
                 with staged_dir(dst, replace=force) as staging:
-                    entries = _write(staging, plan, storage, shard_nbytes, progress)
+                    entries = _write(staging, plan, storage, shard_nbytes, checksum, progress)
                     encodings = {
-                        f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, orientation).to_json()
+                        f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, written).to_json()
                         for index in chosen
                         for proj, stack in store.layer(index).stacks
                         if out_dtype is None and stack.encoding.encoded
@@ -145,9 +193,10 @@ def convert(
                         "format_version": FORMAT_VERSION,
                         "storage": storage,
                         "layout": "slab",
-                        "orientation": orientation,
+                        "orientation": written,
                         "encodings": encodings,
                         "dtype": (out_dtype.code if out_dtype else "keep"),
+                        "checksum": checksum,
                         "tool_version": TOOL_VERSION,
                         "source": {
                             "path": os.path.abspath(src),
@@ -230,90 +279,81 @@ def _write(
     plan: list[_Item],
     storage: str,
     shard_nbytes: int,
+    checksum: str,
     progress: Callable[[int], None] | None,
 ) -> dict[str, dict[str, Any]]:
+    """Write every shard of ``plan`` into ``staging``; return the manifest's tensor entries."""
     shards = split_by_size(plan, lambda item: item.spec.nbytes, shard_nbytes)
-    entries: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmapstore-sha256") as hasher:
+    suffix = "safetensors" if storage == "safetensors" else "bin"
+    writers: list[SlabFileWriter] = []
+    jobs: list[Job] = []
+    placed: list[tuple[_Item, str, SlabFileWriter]] = []
+    try:
         for number, shard in enumerate(shards, start=1):
-            _write_shard(staging, number, len(shards), shard, storage, hasher, progress, entries)
+            file_name = f"experts-{number:05d}-of-{len(shards):05d}.{suffix}"
+            writer = SlabFileWriter(
+                os.path.join(staging, file_name), [item.spec for item in shard], storage=storage, align=PAGE_NBYTES
+            )
+            writers.append(writer)
+            for item in shard:
+                placed.append((item, file_name, writer))
+                jobs += _jobs(item, writer)
+        digests = run_jobs(jobs, algorithm=checksum, progress=progress)
+    finally:
+        for writer in writers:
+            writer.abort()  # a no-op for the writers run_jobs closed
+    entries: dict[str, dict[str, Any]] = {}
+    for item, file_name, writer in placed:
+        spec = item.spec
+        entries[spec.name] = {
+            "file": file_name,
+            "dtype": spec.dtype.code,
+            "shape": list(spec.shape),
+            "offset": writer.offsets[spec.name],
+            "nbytes": spec.nbytes,
+            checksum: digests[spec.name],
+        }
     return entries
 
 
-def _write_shard(
-    staging: str,
-    number: int,
-    count: int,
-    shard: list[_Item],
-    storage: str,
-    hasher: ThreadPoolExecutor,
-    progress: Callable[[int], None] | None,
-    entries: dict[str, dict[str, Any]],
-) -> None:
-    suffix = "safetensors" if storage == "safetensors" else "bin"
-    file_name = f"experts-{number:05d}-of-{count:05d}.{suffix}"
-    path = os.path.join(staging, file_name)
-    specs = [item.spec for item in shard]
-    writer: SafetensorsWriter | _RawWriter
-    if storage == "safetensors":
-        writer = SafetensorsWriter(path, specs, {"format": "mmapstore"}, align=PAGE_NBYTES)
-    else:
-        writer = _RawWriter(path, specs, PAGE_NBYTES)
-    with writer:
-        for item in shard:
-            spec = item.spec
-            digest = _stream_stack(writer, item, hasher, progress)
-            entries[spec.name] = {
-                "file": file_name,
-                "dtype": spec.dtype.code,
-                "shape": list(spec.shape),
-                "offset": writer.offsets[spec.name],
-                "nbytes": spec.nbytes,
-                "sha256": digest,
-            }
+def _jobs(item: _Item, writer: SlabFileWriter) -> list[Job]:
+    """One job per expert: a kernel copy when the bytes pass through, else a read and a transform."""
+    spec, stack = item.spec, item.stack
+    dtype, shape = spec.dtype.numpy, spec.shape[1:]
+    jobs = []
+    for expert in range(stack.num_experts):
+        if item.copy_part is not None:
+            span = stack.part_span(item.copy_part, expert)
+            source = CopyFrom(span.mapped.fd, span.offset, span.mapped.path)
+            jobs.append(Job(writer, spec.name, dtype, shape, copy=source))
+        else:
+            reads = tuple(
+                (span.mapped.fd, span.offset, span.nbytes)
+                for span in (stack.part_span(part, expert) for part in item.reads)
+            )
+            make = functools.partial(item.slab, expert=expert)
+            jobs.append(Job(writer, spec.name, dtype, shape, make=make, reads=reads))
+    return jobs
+
+
+_Slab = Callable[..., npt.NDArray[np.generic]]
+"""``slab(reader, expert=e)``: expert ``e``'s slab as written, from bytes read by a :class:`SlabReader`."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One ``[E, ...]`` tensor to write: ``slab(reader, e)`` gives expert
-    ``e``'s slab as written (bytes read by ``reader``, possibly transposed, or
-    values computed from its parts); ``reads`` are the parts it reads."""
+    """One ``[E, ...]`` tensor to write: ``slab(reader, expert=e)`` gives
+    expert ``e``'s slab as written (bytes read by ``reader``, possibly a
+    transposed or strided view, or values computed from its parts); ``reads``
+    are the parts it reads; ``copy_part`` names the part whose file bytes
+    are the written slab exactly, when there is one (then no byte needs
+    reading into memory)."""
 
     spec: TensorSpec
     stack: ExpertStack
-    slab: Callable[[_Reader, int], npt.NDArray[np.generic]]
+    slab: _Slab
     reads: tuple[str, ...]
-
-
-class _Reader:
-    """Reads one stack's expert slabs with ``pread`` into buffers reused from
-    slab to slab (one per part): a source that shrinks is a short read and a
-    :class:`FormatError`, never a fault on a mapped page.  A returned array is
-    valid until the next read of the same part."""
-
-    def __init__(self, stack: ExpertStack) -> None:
-        self.stack = stack
-        self._buffers: dict[str, npt.NDArray[np.uint8]] = {}
-
-    def part(self, part: str, expert: int) -> npt.NDArray[np.generic]:
-        span = self.stack.part_span(part, expert)
-        layout = self.stack.part(part, expert)  # a view of the mapping: only its layout is used, never its bytes
-        buffer = self._buffers.get(part)
-        if buffer is None or buffer.nbytes < span.nbytes:
-            buffer = self._buffers[part] = np.empty(span.nbytes, dtype=np.uint8)
-        pread_into(span.mapped, span.offset, buffer[: span.nbytes])
-        delta = span.mapped.offset_of(layout) - span.offset
-        slab: npt.NDArray[np.generic] = np.ndarray(
-            layout.shape, dtype=layout.dtype, buffer=buffer, offset=delta, strides=layout.strides
-        )
-        return slab
-
-    def dequantize(self, expert: int) -> npt.NDArray[np.generic]:
-        """:meth:`ExpertStack.dequantize` over the bytes read (``[k, n]`` float32)."""
-        stack = self.stack
-        views = {name: self.part(name, expert) for name in stack.parts if name != "bias"}
-        values = dequantize_slab(stack.encoding, views, stack.native_orientation, stack.k, stack.n, where=stack.name)
-        return np.asarray(values if stack.native_orientation == "kn" else values.T).astype(np.float32)
+    copy_part: str | None = None
 
 
 # Encodings whose bytes cannot be transposed (blocks or words packed along one axis).
@@ -321,19 +361,36 @@ _NATIVE_ONLY = ("mxfp4", "ggml", "int4_group", "nvfp4", "mxfp4_packed", "awq", "
 _ML_FLOATS = ("BF16", "F8_E4M3", "F8_E5M2")
 
 
-def _orientation(store: ExpertStore, layers: list[int]) -> str:
-    """``kn`` (GroupedMatMul ``[E, k, n]``) unless a stack's encoded blocks
-    cannot be transposed: then every stack keeps its native orientation
-    (``nk``, or ``kn`` for AWQ/GPTQ), which must be one for the whole store."""
+def _orientation(store: ExpertStore, layers: list[int], requested: str, out_dtype: DType | None) -> str:
+    """The one orientation of the store written.
+
+    ``"kn"`` when asked; ``"native"`` is the orientation the stacks already
+    have (where they differ, as DBRX's down stacks do, the one holding most
+    bytes, and the others are transposed).  Encoded stacks kept encoded
+    whose blocks or packed words cannot be transposed pin their native
+    orientation: asking for another, or mixing two, is refused.
+    """
     stacks = [stack for index in layers for _, stack in store.layer(index).stacks]
-    if any(stack.encoding.kind in _NATIVE_ONLY for stack in stacks):
-        native = {stack.native_orientation for stack in stacks}
-        if len(native) != 1:
-            raise ConvertError(
-                f"{store.path}: block-encoded stacks mixed with stacks of another orientation cannot share one store"
-            )
-        return native.pop()
-    return "kn"
+    pinned = [stack for stack in stacks if out_dtype is None and stack.encoding.kind in _NATIVE_ONLY]
+    fixed = {stack.native_orientation for stack in pinned}
+    if len(fixed) > 1:
+        raise ConvertError(
+            f"{store.path}: block-encoded stacks mixed with stacks of another orientation cannot share one store"
+        )
+    if requested == "kn":
+        for stack in pinned:
+            if stack.native_orientation != "kn":
+                raise ConvertError(
+                    f"{store.path}: --orientation kn: {stack.name} is {stack.encoding.describe()}, whose encoded "
+                    "bytes cannot be transposed; keep the native orientation or dequantize with --dtype"
+                )
+        return "kn"
+    if fixed:
+        return fixed.pop()
+    nbytes: collections.Counter[str] = collections.Counter()
+    for stack in stacks:
+        nbytes[stack.native_orientation] += stack.nbytes
+    return "kn" if nbytes["kn"] >= nbytes["nk"] else "nk"
 
 
 def _written_encoding(stack: ExpertStack, out_dtype: DType | None, orientation: str) -> Encoding:
@@ -356,16 +413,20 @@ def _stack_items(layer: int, proj: str, stack: ExpertStack, out_dtype: DType | N
     name = f"blk.{layer}.ffn_{proj}_exps"
     experts = stack.num_experts
 
-    def oriented(part: str) -> Callable[[_Reader, int], npt.NDArray[np.generic]]:
-        return (lambda reader, e: reader.part(part, e).T) if flip else (lambda reader, e: reader.part(part, e))
+    def read(part: str, transpose: bool) -> _Slab:
+        def slab(reader: SlabReader, expert: int) -> npt.NDArray[np.generic]:
+            values = reader.part(stack, part, expert)
+            return values.T if transpose else values
+
+        return slab
 
     if stack.encoding.encoded and out_dtype is not None:
         shape: tuple[int, ...] = (stack.k, stack.n) if orientation == "kn" else (stack.n, stack.k)
-        dequantized: Callable[[_Reader, int], npt.NDArray[np.generic]] = (
-            (lambda reader, e: reader.dequantize(e))
-            if orientation == "kn"
-            else (lambda reader, e: reader.dequantize(e).T)
-        )
+
+        def dequantized(reader: SlabReader, expert: int) -> npt.NDArray[np.generic]:
+            values = reader.dequantize(stack, expert)  # [k, n]
+            return values if orientation == "kn" else values.T
+
         reads = tuple(part for part in stack.parts if part != "bias")
         items.append(_Item(TensorSpec(f"{name}.weight", out_dtype, (experts, *shape)), stack, dequantized, reads))
     else:
@@ -376,93 +437,28 @@ def _stack_items(layer: int, proj: str, stack: ExpertStack, out_dtype: DType | N
             if data_type.block_elems > 1:  # ggml blocks travel as bytes; the manifest names their type
                 data_type = dtype_from_code("U8")
             shape = geometry.slab_shape[::-1] if flip else geometry.slab_shape
-            items.append(
-                _Item(TensorSpec(f"{name}.{part}", data_type, (experts, *shape)), stack, oriented(part), (part,))
-            )
+            spec = TensorSpec(f"{name}.{part}", data_type, (experts, *shape))
+            copy = part if not flip and _passes_through(geometry, spec) else None
+            items.append(_Item(spec, stack, read(part, flip), (part,), copy))
     if "bias" in stack.parts:
         bias = stack.parts["bias"]
-        data_type = out_dtype or bias.dtype
-        items.append(
-            _Item(
-                TensorSpec(f"{name}.bias", data_type, (experts, *bias.slab_shape)),
-                stack,
-                lambda reader, e: reader.part("bias", e),
-                ("bias",),
-            )
-        )
+        spec = TensorSpec(f"{name}.bias", out_dtype or bias.dtype, (experts, *bias.slab_shape))
+        copy = "bias" if _passes_through(bias, spec) else None
+        items.append(_Item(spec, stack, read("bias", False), ("bias",), copy))
     return items
 
 
-def _stream_stack(
-    writer: SafetensorsWriter | _RawWriter,
-    item: _Item,
-    hasher: ThreadPoolExecutor,
-    progress: Callable[[int], None] | None,
-) -> str:
-    """Write one ``[E, ...]`` part stack slab by slab; return its sha256.
-
-    Each slab is read with ``pread`` (see :class:`_Reader`), transposed or
-    cast into one of two output slabs, hashed on ``hasher`` (one thread, so
-    updates stay in order; hashlib releases the GIL) while this thread reads
-    and writes the next slab; the two output slabs alternate so neither is
-    overwritten while being hashed.
-    """
-    spec, stack = item.spec, item.stack
-    digest = hashlib.sha256()
-    reader = _Reader(stack)
-    staging = [np.empty(spec.shape[1:], dtype=spec.dtype.numpy) for _ in range(2)]
-    pending: list[Future[None] | None] = [None, None]
-    for expert in range(stack.num_experts):
-        which = expert % 2
-        previous = pending[which]
-        if previous is not None:
-            previous.result()  # its last hash must finish before we overwrite it
-        out = staging[which]
-        copy_slab(out, item.slab(reader, expert))
-        pending[which] = hasher.submit(digest.update, out.reshape(-1).view(np.uint8).data)
-        writer.append(out)
-        if progress is not None:
-            progress(out.nbytes)
-    for future in pending:
-        if future is not None:
-            future.result()
-    return digest.hexdigest()
-
-
-class _RawWriter:
-    """Raw slab file: each tensor at a page-aligned offset, described by the manifest."""
-
-    def __init__(self, path: str, specs: list[TensorSpec], align: int) -> None:
-        self.offsets: dict[str, int] = {}
-        position = 0
-        for spec in specs:
-            position += -position % align
-            self.offsets[spec.name] = position
-            position += spec.nbytes
-        self._specs = specs
-        self._current = 0
-        self._written = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - owned by the writer, closed in __exit__
-        self._file.truncate(position)
-
-    def append(self, data: npt.NDArray[np.generic]) -> None:
-        spec = self._specs[self._current]
-        self._file.seek(self.offsets[spec.name] + self._written)
-        self._file.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-        self._written += data.nbytes
-        if self._written >= spec.nbytes:
-            self._current += 1
-            self._written = 0
-
-    def __enter__(self) -> _RawWriter:
-        return self
-
-    def __exit__(self, kind: object, value: object, tb: object) -> None:
-        try:
-            if kind is None:
-                if self._current != len(self._specs):
-                    raise ValueError(f"{self._file.name}: closed before every tensor was written")
-                self._file.flush()
-                os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
+def _passes_through(geometry: PartGeometry, spec: TensorSpec) -> bool:
+    """True when each expert's file bytes of ``geometry`` are exactly its slab
+    of ``spec``: one contiguous range in C order, of the same bytes (a ggml
+    block type written as ``U8`` bytes counts), nothing cast."""
+    same_bytes = geometry.dtype.code == spec.dtype.code or (geometry.dtype.block_elems > 1 and spec.dtype.code == "U8")
+    return (
+        same_bytes
+        and geometry.view_delta == 0
+        and geometry.extent == geometry.slab_nbytes == spec.nbytes // geometry.num_experts
+        and (
+            geometry.dtype.block_elems > 1
+            or geometry.slab_strides == c_strides(geometry.slab_shape, geometry.dtype.itemsize)
+        )
+    )

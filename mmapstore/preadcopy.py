@@ -10,6 +10,7 @@ it) survive a file that shrinks while they read it.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy.typing as npt
 from .errors import FormatError
 from .mapping import MappedFile
 
-__all__ = ["MAX_PREAD_NBYTES", "pread_into"]
+__all__ = ["MAX_PREAD_NBYTES", "copy_range", "pread_into"]
 
 # One preadv call moves at most this much (Linux caps a single read near 2 GiB).
 MAX_PREAD_NBYTES = 1 << 30
@@ -85,3 +86,81 @@ def pread_into(
                 f"{offset}): it shrank or is truncated"
             )
         done += got
+
+
+# copy_file_range cannot serve these (another filesystem on an old kernel, a
+# filesystem or file kind without support): copy through a bounce buffer.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+_BOUNCE_NBYTES = 8 << 20
+
+
+def copy_range(
+    source: int,
+    source_offset: int,
+    destination: int,
+    destination_offset: int,
+    nbytes: int,
+    *,
+    path: str,
+) -> None:
+    """Copy exactly ``nbytes`` from ``source`` to ``destination`` at the given
+    offsets, in the kernel (``copy_file_range``) where it can, else through a
+    bounce buffer with ``pread``/``pwrite``.  Neither file is mapped and
+    neither descriptor's position moves.
+
+    Parameters
+    ----------
+    source, destination
+        Open file descriptors (``destination`` opened for writing).
+    source_offset, destination_offset
+        Absolute offsets of the first byte in each file.
+    nbytes
+        Bytes to copy.
+    path
+        The source's name for messages.
+
+    Raises
+    ------
+    FormatError
+        The source ends before ``source_offset + nbytes`` (it shrank, or was
+        shorter than promised): ``copy_file_range`` returns a short count
+        there, never a fault.
+    OSError
+        Writing failed (a full or read-only disk).
+    """
+    if source_offset < 0 or destination_offset < 0 or nbytes < 0:
+        raise ValueError(f"{path}: negative offset or length")
+    done = 0
+    while done < nbytes:
+        try:
+            got = os.copy_file_range(
+                source,
+                destination,
+                min(nbytes - done, MAX_PREAD_NBYTES),
+                source_offset + done,
+                destination_offset + done,
+            )
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY or done:
+                raise
+            _bounce_copy(source, source_offset, destination, destination_offset, nbytes, path=path)
+            return
+        if got == 0:
+            raise FormatError(
+                f"{path}: file ends before byte {source_offset + nbytes} (copied {done} of {nbytes} bytes at offset "
+                f"{source_offset}): it shrank or is truncated"
+            )
+        done += got
+
+
+def _bounce_copy(
+    source: int, source_offset: int, destination: int, destination_offset: int, nbytes: int, *, path: str
+) -> None:
+    buffer = np.empty(min(nbytes, _BOUNCE_NBYTES), dtype=np.uint8)
+    for start in range(0, nbytes, buffer.nbytes):
+        chunk = buffer[: min(buffer.nbytes, nbytes - start)]
+        pread_into(source, source_offset + start, chunk, path=path)
+        view = chunk.data
+        written = 0
+        while written < chunk.nbytes:
+            written += os.pwrite(destination, view[written:], destination_offset + start + written)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .checksum import ALGORITHMS, Hasher, digests_of, new_hasher
 from .errors import FormatError
 from .formats import MANIFEST_NAME, FileIdentity, TensorRecord
 from .formats.checkpoint import read_header_in
@@ -80,7 +80,8 @@ class VerifyReport:
 
 
 def verify(path: str) -> VerifyReport:
-    """Check structure and, for slab stores, every tensor's sha256.
+    """Check structure and, for slab stores, every tensor's checksum
+    (whichever of :data:`~mmapstore.checksum.ALGORITHMS` the manifest names).
 
     The structure is validated by the same code as :func:`open_store` (one
     problem per tensor, so a damaged one does not stop the rest); bytes are
@@ -143,12 +144,23 @@ def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
             check_overlaps(records, path=manifest_path)
         except FormatError as exc:
             report.problems.append(Problem(manifest_path, None, str(exc)))
+    algorithm = manifest.get("checksum")
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        report.problems.append(
+            Problem(
+                manifest_path, None, f"checksum {algorithm!r:.40} is not one of {list(ALGORITHMS)}: bytes not checked"
+            )
+        )
     buffer = np.empty(_HASH_CHUNK, dtype=np.uint8)
     descriptors: dict[str, int] = {}
     try:
         for name, record in records.items():
             report.checked_tensors += 1
-            problem = _check_bytes(record, entries[name].get("sha256"), descriptors, buffer)
+            expected = [(str(found), str(digest)) for found, digest in digests_of(entries[name])]
+            if not expected and algorithm in ALGORITHMS:
+                report.problems.append(Problem(record.path, name, f"the manifest gives no {algorithm} checksum"))
+                continue
+            problem = _check_bytes(record, expected, descriptors, buffer)
             if problem is not None:
                 report.problems.append(problem)
             else:
@@ -159,7 +171,10 @@ def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
 
 
 def _check_bytes(
-    record: TensorRecord, expected: str | None, descriptors: dict[str, int], buffer: npt.NDArray[np.uint8]
+    record: TensorRecord,
+    expected: list[tuple[str, str]],
+    descriptors: dict[str, int],
+    buffer: npt.NDArray[np.uint8],
 ) -> Problem | None:
     try:
         if record.path not in descriptors:
@@ -172,20 +187,23 @@ def _check_bytes(
                 record.name,
                 f"truncated: bytes [{record.offset}, {record.offset + record.nbytes}) but the file is {size} bytes",
             )
-        if expected is None:
+        if not expected:
             return None
-        digest = hashlib.sha256()
+        hashers: list[Hasher] = [new_hasher(algorithm) for algorithm, _ in expected]
         end = record.offset + record.nbytes
         for start in range(record.offset, end, _HASH_CHUNK):
             chunk = buffer[: min(_HASH_CHUNK, end - start)]
             pread_into(fd, start, chunk, path=record.path)
-            digest.update(chunk.data)
+            for hasher in hashers:
+                hasher.update(chunk.data)
     except FormatError as exc:
         return Problem(record.path, record.name, str(exc))
-    if digest.hexdigest() != expected:
-        return Problem(
-            record.path,
-            record.name,
-            f"sha256 mismatch: manifest {expected[:16]}..., file {digest.hexdigest()[:16]}...",
-        )
+    except ImportError as exc:  # a blake3 store without the blake3 package
+        return Problem(record.path, record.name, f"cannot check: {exc}")
+    for (algorithm, digest), hasher in zip(expected, hashers, strict=True):
+        found = hasher.hexdigest()
+        if found != digest:
+            return Problem(
+                record.path, record.name, f"{algorithm} mismatch: manifest {digest[:16]}..., file {found[:16]}..."
+            )
     return None

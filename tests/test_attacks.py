@@ -458,19 +458,23 @@ def verify_truncated(medium_store, trials: int) -> dict[str, int]:
 
 SHRINK_AT = """
 import hashlib, os, sys
+import xxhash
 victim, after, keep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-real, count = hashlib.sha256, [0]
-class Hooked:  # the file shrinks right after the after-th chunk is hashed
-    def __init__(self, *args):
-        self.inner = real(*args)
-    def update(self, data):
-        self.inner.update(data)
-        count[0] += 1
-        if count[0] == after:
-            os.truncate(victim, keep)
-    def hexdigest(self):
-        return self.inner.hexdigest()
-hashlib.sha256 = Hooked
+count = [0]
+def hooked(real):
+    class Hooked:  # the file shrinks right after the after-th chunk is hashed (by any checksum)
+        def __init__(self, *args):
+            self.inner = real(*args)
+        def update(self, data):
+            self.inner.update(data)
+            count[0] += 1
+            if count[0] == after:
+                os.truncate(victim, keep)
+        def hexdigest(self):
+            return self.inner.hexdigest()
+    return Hooked
+hashlib.sha256 = hooked(hashlib.sha256)
+xxhash.xxh3_128 = hooked(xxhash.xxh3_128)
 from mmapstore.cli import main
 sys.exit(main(sys.argv[4:]))
 """

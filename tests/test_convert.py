@@ -28,16 +28,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
-    return {family: synth_checkpoint(root / family, family, layers=2, experts=4, hidden=24, ffn=16,
-                                     dtype="f32" if family == "olmoe" else "bf16", shard_nbytes=40_000).path
-            for family in FAMILIES}
+    return {
+        family: synth_checkpoint(
+            root / family,
+            family,
+            layers=2,
+            experts=4,
+            hidden=24,
+            ffn=16,
+            dtype="f32" if family == "olmoe" else "bf16",
+            shard_nbytes=40_000,
+        ).path
+        for family in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("storage", ["safetensors", "raw"])
-def test_round_trip(sources, tmp_path, family, dtype, storage):
-    result = convert(sources[family], tmp_path / "out", storage=storage, dtype=dtype, shard_nbytes=8_000)
+@pytest.mark.parametrize("orientation", ["native", "kn"])
+def test_round_trip(sources, tmp_path, family, dtype, storage, orientation):
+    result = convert(
+        sources[family], tmp_path / "out", storage=storage, dtype=dtype, orientation=orientation, shard_nbytes=8_000
+    )
     assert not result.skipped and len(result.files) > 1
     with open_store(sources[family]) as src, open_store(result.path) as dst:
         assert dst.layout == "slab" and dst.layer_indices == src.layer_indices
@@ -45,8 +58,11 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
             for (_, source), (_, converted) in zip(a.stacks, b.stacks, strict=True):
                 want = DTYPES[dtype] or source.dtype
                 assert converted.dtype == np.dtype(want)
-                assert converted.is_stacked and converted.native_orientation == "kn"
-                assert converted.part_span("weight", 0).mapped.offset_of(converted.native(0)) % 4096 == 0  # page-aligned
+                wanted = source.native_orientation if orientation == "native" else "kn"
+                assert converted.is_stacked and converted.native_orientation == wanted
+                assert (
+                    converted.part_span("weight", 0).mapped.offset_of(converted.native(0)) % 4096 == 0
+                )  # page-aligned
                 for expert in range(source.num_experts):
                     np.testing.assert_array_equal(converted.expert(expert), source.expert(expert).astype(want))
     if storage == "safetensors":
@@ -58,8 +74,12 @@ def test_round_trip(sources, tmp_path, family, dtype, storage):
                         np.testing.assert_array_equal(array, dst.view(name))
     assert verify(result.path).ok
     manifest = json.loads(Path(result.path, "mmapstore.json").read_text())
-    assert manifest["source"]["config"]["model_type"] == json.loads(Path(sources[family], "config.json").read_text())["model_type"]
-    assert all(len(entry["sha256"]) == 64 for entry in manifest["tensors"].values())
+    assert (
+        manifest["source"]["config"]["model_type"]
+        == json.loads(Path(sources[family], "config.json").read_text())["model_type"]
+    )
+    assert manifest["checksum"] == "xxh3_128"
+    assert all(len(entry["xxh3_128"]) == 32 for entry in manifest["tensors"].values())
 
 
 def test_existing_destination_needs_force_unless_it_is_this_conversion(sources, tmp_path):
@@ -107,8 +127,12 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_file(sources, tmp_path):
 
 def _run_convert(src: str, dst: str, *extra: str) -> subprocess.Popen[bytes]:
     code = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "convert", src, dst, "--quiet", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "convert", src, dst, "--quiet", *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_racing_converters_end_with_one_valid_store(sources, tmp_path):

@@ -480,11 +480,12 @@ def _convert_process(src: str, dst: str) -> subprocess.Popen[bytes]:
 
 
 # A converter that SIGKILLs itself at its N-th event: before and after every
-# slab appended, file or directory fsynced, directory made, rename, exchange
+# slab written or copied, file or directory fsynced, directory made, rename, exchange
 # and removal.  N = 0 counts the events of a whole run (printed on stderr).
 KILL_AT_EVENT = """
 import os, shutil, signal, sys
 import mmapstore.formats.safetensors as st_format
+import mmapstore.formats.slabfile as slabfile
 import mmapstore.publish as publish
 from mmapstore.cli import main
 kill_at, count = int(sys.argv[1]), [0]
@@ -501,7 +502,8 @@ def hook(owner, name):
         return result
     setattr(owner, name, hooked)
 for owner, name in ((os, "fsync"), (os, "mkdir"), (os, "rename"), (os, "unlink"), (shutil, "rmtree"),
-                    (publish, "_exchange"), (st_format.SafetensorsWriter, "append")):
+                    (publish, "_exchange"), (st_format.SafetensorsWriter, "append"),
+                    (slabfile.SlabFileWriter, "write"), (slabfile.SlabFileWriter, "copy")):
     hook(owner, name)
 code = main(sys.argv[2:])
 print("events", count[0], file=sys.stderr)

@@ -1,13 +1,10 @@
-"""Bench cases that compute: planning, the transposing copy kernel, convert."""
+"""Bench cases that compute: planning and the transposing copy kernel (convert: :mod:`.cases_convert`)."""
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,7 +15,7 @@ from ..pool import ExpertPool
 from ..proposals import count_hits_rows
 from ..sinks import ArraySink
 from ..store import open_store
-from ..synth import routing_trace, synth_checkpoint
+from ..synth import routing_trace
 from .data import BF16, times, write_slab_store
 from .figures import Figure
 from .registry import Context, case
@@ -71,8 +68,8 @@ def case_plan(ctx: Context) -> list[Figure]:
 
 @case("transpose")
 def case_transpose(ctx: Context) -> list[Figure]:
-    """A ``kn`` sink filled from ``[out, in]`` slabs: the shared tiled kernel
-    (what sinks and convert run) against numpy's plain strided copy."""
+    """A ``kn`` sink filled from ``[out, in]`` slabs: the shared transpose
+    kernel (what sinks and convert run) against numpy's plain strided copy."""
     path = os.path.join(ctx.scratch, "transpose")
     experts, k, n = 8, 2048, 1024
     if not os.path.exists(path):
@@ -104,46 +101,6 @@ def case_transpose(ctx: Context) -> list[Figure]:
             figures.append(Figure(
                 "transpose", f"apply(full push) into a kn ArraySink ({label}), {plan.nbytes / 2**20:.0f} MiB of "
                 "[out, in] slabs", "GB/s", ours, "np.copyto of the transposed views", baseline, higher_is_better=True,
-                note="the same kernels.copy_slab that convert runs",
+                note="kernels.copy_slab: the packed-word transpose that convert --orientation kn runs",
             ))  # fmt: skip
     return figures
-
-
-@case("convert")
-def case_convert(ctx: Context) -> list[Figure]:
-    source = os.path.join(ctx.scratch, "convert_src")
-    experts, hidden, ffn = 16, 2048, 1024
-    layers = max(1, ctx.size // (3 * experts * hidden * ffn * 2))
-    if not os.path.exists(source):
-        synth_checkpoint(source, "mixtral", layers=layers, experts=experts, hidden=hidden, ffn=ffn,
-                         shard_nbytes=1 << 30)  # fmt: skip
-    files = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".safetensors"))
-    nbytes = sum(os.path.getsize(file) for file in files)
-    with open_store(source) as store:
-        expert_nbytes = sum(layer.nbytes for layer in store.layers)
-        slab_nbytes = store.layers[0].gate.slab_nbytes
-    ours, rss, cp = [], [], []
-    for trial in range(max(2, ctx.repeat // 2)):
-        dst = os.path.join(ctx.scratch, f"convert_dst{trial}")
-        code = (
-            "import sys, time; from mmapstore.convert import convert; t = time.perf_counter(); "
-            f"convert({source!r}, {dst!r}); print(time.perf_counter() - t); "
-            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        ours.append(expert_nbytes / float(out[0]) / 1e9)
-        rss.append(int(out[1]) * 1024 / slab_nbytes)
-        shutil.rmtree(dst)
-        copy_dst = os.path.join(ctx.scratch, f"cp_dst{trial}")
-        start = time.perf_counter()
-        subprocess.run(["cp", "-r", source, copy_dst], check=True)
-        subprocess.run(["sync", "-f", copy_dst], check=False)
-        cp.append(nbytes / (time.perf_counter() - start) / 1e9)
-        shutil.rmtree(copy_dst)
-    return [
-        Figure("convert", f"convert mixtral per-expert -> slab store ({expert_nbytes / 2**20:.0f} MiB of experts, "
-               "transpose + sha256 + fsync)", "GB/s", ours, "cp -r of the source + sync", cp, higher_is_better=True,
-               target=">= 0.8x cp", met=statistics.median(ours) >= 0.8 * statistics.median(cp)),
-        Figure("convert", "convert peak RSS (VmHWM, includes the interpreter)", "slabs", rss,
-               note=f"slab = {slab_nbytes / 2**20:.0f} MiB; total expert bytes = {expert_nbytes / slab_nbytes:.0f} slabs"),
-    ]  # fmt: skip

@@ -5,6 +5,9 @@ plus ``mmapstore.json``.  With ``"storage": "raw"`` the manifest is the only
 description of the bytes: per tensor a file relative to the store, a dtype, a
 shape and a byte offset.  With ``"storage": "safetensors"`` the shards'
 headers describe the bytes and the manifest adds checksums and provenance.
+Each tensor entry may carry a checksum under the name of its algorithm
+(``xxh3_128``, ``blake3``, ``sha256``: see :mod:`mmapstore.checksum`); the
+top-level ``checksum`` names the one the writer used.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import itertools
 import os
 from typing import Any
 
+from ..checksum import ALGORITHMS, HEX_DIGITS
 from ..dtypes import dtype_from_code
 from ..errors import FormatError
 from ..geometry import ENCODING_KINDS, Encoding
@@ -48,6 +52,9 @@ def check_manifest(manifest: dict[str, Any], *, path: str) -> None:
     orientation = manifest.get("orientation", "kn")
     if orientation not in ("kn", "nk"):
         raise FormatError(f"{path}: 'orientation' must be 'kn' or 'nk', found {orientation!r:.40}")
+    algorithm = manifest.get("checksum")
+    if algorithm is not None and not isinstance(algorithm, str):
+        raise FormatError(f"{path}: 'checksum' must name an algorithm, found {algorithm!r:.40}")
     tensors = manifest.get("tensors")
     if not isinstance(tensors, dict):
         raise FormatError(f"{path}: 'tensors' must be an object")
@@ -56,11 +63,13 @@ def check_manifest(manifest: dict[str, Any], *, path: str) -> None:
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise FormatError(f"{path}: tensor {name!r}: entry must be an object")
-        checksum = entry.get("sha256")
-        if checksum is not None and (
-            not isinstance(checksum, str) or len(checksum) != 64 or not all(c in "0123456789abcdef" for c in checksum)
-        ):
-            raise FormatError(f"{path}: tensor {name!r}: sha256 must be 64 lowercase hex digits")
+        for algorithm in ALGORITHMS:
+            digest = entry.get(algorithm)
+            digits = HEX_DIGITS[algorithm]
+            if digest is not None and (
+                not isinstance(digest, str) or len(digest) != digits or not all(c in "0123456789abcdef" for c in digest)
+            ):
+                raise FormatError(f"{path}: tensor {name!r}: {algorithm} must be {digits} lowercase hex digits")
 
 
 def raw_record(
