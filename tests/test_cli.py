@@ -110,8 +110,24 @@ def test_python_dash_m_and_sizes():
 
 def test_sparse_synth_takes_no_disk(tmp_path, capsys):
     out = str(tmp_path / "huge")
-    code, text, _ = run(capsys, "synth", out, "--family", "mixtral", "--layers", "4", "--experts", "8",
-                        "--hidden", "4096", "--ffn", "8192", "--sparse", "--shard-size", "2GiB")
+    code, text, _ = run(
+        capsys,
+        "synth",
+        out,
+        "--family",
+        "mixtral",
+        "--layers",
+        "4",
+        "--experts",
+        "8",
+        "--hidden",
+        "4096",
+        "--ffn",
+        "8192",
+        "--sparse",
+        "--shard-size",
+        "2GiB",
+    )
     assert code == 0 and "(sparse)" in text
     files = [os.path.join(out, name) for name in os.listdir(out) if name.endswith(".safetensors")]
     assert sum(os.path.getsize(f) for f in files) > 3e9
