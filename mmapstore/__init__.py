@@ -9,16 +9,21 @@ only by the modules that need them.
 
 from __future__ import annotations
 
-from ._version import VERSION
-from .apply import (
+from ._apply import (
     ApplyResult,
     apply,
     start,
 )
-from .convert import (
+from ._convert import (
     ConvertResult,
     convert,
 )
+from ._replay import (
+    ReplayGeometry,
+    SimulationReport,
+    replay,
+)
+from ._version import VERSION
 from .errors import (
     CapturedIdsError,
     ConvertError,
@@ -60,11 +65,6 @@ from .pool import (
     ExpertPool,
     RefreshPolicy,
     capacity_from_budget,
-)
-from .replay import (
-    ReplayGeometry,
-    SimulationReport,
-    replay,
 )
 from .report import (
     VerifyReport,

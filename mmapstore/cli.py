@@ -170,7 +170,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from ._convert import convert
 
     with _bar("convert", args.quiet) as bar:
         result = convert(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .replay import CostModel, ReplayInput
+from ._replay import CostModel, ReplayInput
 from .tune import PolicyComparison, Recommendation
 
 __all__ = ["plot_comparison", "plot_tuning"]

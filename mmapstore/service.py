@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .apply import ApplyResult, apply
+from ._apply import ApplyResult, apply
 from .coldrows import BOUNCE_NBYTES, READ_MODES, ReadMode
 from .errors import CapturedIdsError, ExpertIndexError, LayerNotFoundError, OptionError, SinkError
 from .io import (

@@ -26,12 +26,12 @@ A sink has two methods, and what ``submit`` returns has two more:
     Block until every copy landed; report bytes, seconds and rows.  Calling
     it again returns the same result.  Nothing may read the destinations,
     and no pool may be committed, before ``wait`` returns:
-    :func:`mmapstore.apply.apply` and :class:`~mmapstore.service.SlabService`
+    :func:`mmapstore.apply` and :class:`~mmapstore.service.SlabService`
     commit pools only after it.
 
 Sinks that hold their destinations expose them as ``buffers`` (name ->
 array or tensor).  A sink that reads non-resident ranges itself sets
-``reads_cold`` True: :func:`~mmapstore.apply.start` then gives the kernel no
+``reads_cold`` True: :func:`~mmapstore._apply.start` then gives the kernel no
 ``MADV_WILLNEED`` hint, which would read those ranges a second time.
 
 The numpy sinks here complete synchronously: ``submit`` makes one source

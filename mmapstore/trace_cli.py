@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._replay import CostModel, ReplayGeometry, ReplayInput, prepare
 from .cli import escape, parse_size
-from .replay import CostModel, ReplayGeometry, ReplayInput, prepare
 from .trace import Trace, load_trace, save_trace
 
 __all__ = ["add_trace_arguments", "cmd_trace", "run_simulate_trace", "run_tune"]

@@ -17,7 +17,7 @@ and ``C_CPU`` the CPU seconds per routed token per expert.
 :func:`fit` measures ``d`` and ``m`` per layer and capacity from the trace;
 :func:`recommend` solves Eq. 7 for τ per layer and capacity, spends a byte
 budget across layers greedily, and replays its own recommendation
-(:func:`~mmapstore.replay.replay`) so the model's error is reported, not
+(:func:`mmapstore.replay`) so the model's error is reported, not
 hidden.  :func:`compare_policies` replays every policy over τ and says which
 wins.  :func:`measure_cpu_cost` and :func:`probe_io_bandwidth` measure the
 machine (small and fast).
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ._replay import Clock, CostModel, ReplayInput, SimulationReport, refresh_schedule, replay
 from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, StaticPolicy, TidePolicy
-from .replay import Clock, CostModel, ReplayInput, SimulationReport, refresh_schedule, replay
 
 __all__ = [
     "PolicyComparison",

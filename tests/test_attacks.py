@@ -32,8 +32,8 @@ from mmapstore import (
     OptionError,
     open_store,
 )
+from mmapstore._convert import convert
 from mmapstore.cli import main
-from mmapstore.convert import convert
 from mmapstore.formats import read_checkpoint
 from mmapstore.formats.records import MAX_MANIFEST_NBYTES
 from mmapstore.mapping import MADV_POPULATE_READ, PAGE_NBYTES, MappedFile
@@ -110,7 +110,7 @@ def race_open_against_reconversion(source: str, dst: str, seconds: float) -> tup
             sys.executable,
             "-c",
             (
-                "import sys, time\nfrom mmapstore.convert import convert\n"
+                "import sys, time\nfrom mmapstore._convert import convert\n"
                 "end = time.monotonic() + float(sys.argv[3]); n = 0\n"
                 "while time.monotonic() < end:\n"
                 "    convert(sys.argv[1], sys.argv[2], force=True, dtype=('f32', 'keep')[n % 2]); n += 1\n"
@@ -595,7 +595,7 @@ def test_ragged_captured_ids_and_wrong_hits_are_typed():
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
 def test_disk_full_or_read_only_destination_is_one_line(small_source, tmp_path, capsys, monkeypatch, failure):
-    convert_module = importlib.import_module("mmapstore.convert")
+    convert_module = importlib.import_module("mmapstore._convert")
 
     def fail(*args, **kwargs):
         raise OSError(failure, os.strerror(failure))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mmapstore import FormatError, open_store
+from mmapstore._convert import convert
 from mmapstore.coldrows import ROW_SOURCES
-from mmapstore.convert import convert
 from mmapstore.errors import ExpertIndexError, LayerNotFoundError, OptionError, SinkError
 from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty
 from mmapstore.io import reader as io_reader

@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 from mmapstore import ConvertError, open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 from mmapstore.report import verify
 from mmapstore.synth import synth_checkpoint
 
@@ -173,7 +173,7 @@ def test_sigkill_mid_convert_leaves_no_destination_and_rerun_succeeds(medium_sou
 def test_peak_memory_is_bounded_by_a_few_slabs(medium_source, tmp_path):
     script = f"""
 from mmapstore import open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 def rss(field="VmRSS"):
     # VmHWM belongs to this process image; ru_maxrss would carry the forking
     # parent's peak across exec.

@@ -18,8 +18,8 @@ from test_quantized import FP8_CONFIG, MX_CONFIG, fp8_checkpoint, mxfp4_checkpoi
 import mmapstore.convert_pipeline as convert_pipeline
 import mmapstore.preadcopy as preadcopy
 from mmapstore import ConvertError, FormatError, open_store
+from mmapstore._convert import convert
 from mmapstore.checksum import HEX_DIGITS
-from mmapstore.convert import convert
 from mmapstore.preadcopy import copy_range
 from mmapstore.report import verify
 from mmapstore.synth import synth_checkpoint

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmapstore import open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 from mmapstore.report import verify
 from mmapstore.service import SlabService
 

@@ -11,7 +11,7 @@ import pytest
 from builders import write_checkpoint
 
 from mmapstore import FormatError, open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 
 E, H, I = 4, 16, 8
 

@@ -14,7 +14,7 @@ import pytest
 from builders import write_checkpoint
 
 from mmapstore import FormatError, open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 from mmapstore.report import verify
 from mmapstore.service import SlabService
 from mmapstore.sinks import ArraySink

@@ -14,7 +14,7 @@ from builders import write_bytes, write_checkpoint
 
 import mmapstore
 from mmapstore import FormatError, SinkError, open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 from mmapstore.report import verify
 from mmapstore.service import SlabService
 from mmapstore.sinks import ArraySink

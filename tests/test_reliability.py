@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import mmapstore.formats.records as records
 from mmapstore import FormatError, open_store
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 from mmapstore.formats import read_safetensors_header
 from mmapstore.planner import geometries_of, plan_full_push
 from mmapstore.pool import RefreshPolicy

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mmapstore import CapturedIdsError, SinkError, StoreClosedError, open_store
-from mmapstore.apply import apply
-from mmapstore.convert import convert
+from mmapstore._apply import apply
+from mmapstore._convert import convert
 from mmapstore.planner import geometries_of, plan_full_push, plan_refresh, plan_resident
 from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore.service import SlabService

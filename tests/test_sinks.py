@@ -86,7 +86,7 @@ def _one_layer():
 
 
 def test_pools_commit_only_after_the_sink_finished():
-    from mmapstore.apply import apply, start
+    from mmapstore._apply import apply, start
     from mmapstore.planner import plan_refresh
     from mmapstore.pool import ExpertPool
 

@@ -121,7 +121,7 @@ def test_coalesced_runs_read_their_own_bytes(tmp_path, device):
     # A converted store keeps each stack as one [E, ...] tensor, so runs of
     # consecutive experts become one row whose extent spans the whole run; the
     # last stack's run of 7 of 8 experts ends at the end of the file.
-    from mmapstore.convert import convert
+    from mmapstore._convert import convert
 
     synth_checkpoint(tmp_path / "c", family="mixtral", layers=1, experts=8, hidden=64, ffn=32)
     convert(str(tmp_path / "c"), str(tmp_path / "s"))

@@ -8,9 +8,9 @@ import statistics
 import numpy as np
 import pytest
 
+from mmapstore._replay import CostModel, ReplayGeometry, prepare, replay
 from mmapstore.cli import main
 from mmapstore.policies import TidePolicy
-from mmapstore.replay import CostModel, ReplayGeometry, prepare, replay
 from mmapstore.trace import load_trace, save_trace
 from mmapstore.trace_synth import block_diffusion_trace, recency_trace, uniform_trace, zipf_trace
 from mmapstore.tune import compare_policies, fit, measure_cpu_cost, recommend

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from ..apply import apply
+from .._apply import apply
 from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_reader_config
 from ..planner import geometries_of, plan_refresh
 from ..pool import ExpertPool

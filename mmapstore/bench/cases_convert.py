@@ -49,7 +49,7 @@ NAMES = {"cp": "cp -r + sync", "convert": "convert (native, xxh3-128)", "convert
 
 _CONVERT = """
 import sys, time
-from mmapstore.convert import convert
+from mmapstore._convert import convert
 src, dst, orientation, checksum = sys.argv[1:5]
 start = time.perf_counter()
 convert(src, dst, orientation=orientation, checksum=checksum)

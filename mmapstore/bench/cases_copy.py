@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from ..apply import apply
+from .._apply import apply
 from ..mapping import MADV_WILLNEED
 from ..planner import RefreshPlan, geometries_of, plan_refresh
 from ..pool import ExpertPool

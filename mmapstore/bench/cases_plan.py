@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..apply import apply
+from .._apply import apply
 from ..planner import geometries_of, plan_full_push, plan_refresh
 from ..pool import ExpertPool
 from ..proposals import count_hits_rows

@@ -309,7 +309,7 @@ class SafetensorsWriter:
     likes (so peak memory is a chunk, not a tensor). ``close()`` checks that
     every byte was written, flushes and fsyncs.  The writer writes ``path``
     in place: publish atomically by writing in a temporary directory or
-    file and renaming (see :mod:`mmapstore.convert`).
+    file and renaming (see :mod:`mmapstore._convert`).
     """
 
     def __init__(
