@@ -28,7 +28,7 @@ import collections
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,8 @@ from .checksum import ALGORITHMS, DEFAULT_ALGORITHM, new_hasher
 from .convert_pipeline import CopyFrom, Job, SlabReader, run_jobs
 from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
 from .errors import ConvertError, FormatError
-from .formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, TensorSpec, read_checkpoint
+from .formats import FORMAT_NAME, MANIFEST_NAME, TensorSpec, read_checkpoint
+from .formats.manifest import LAYOUT_VERSIONS
 from .formats.records import split_by_size
 from .formats.slabfile import SlabFileWriter
 from .geometry import Encoding, PartGeometry, c_strides
@@ -47,10 +48,18 @@ from .mapping import PAGE_NBYTES
 from .publish import clean_partials, locked, staged_dir
 from .store import ExpertStack, ExpertStore, open_store
 
-__all__ = ["ORIENTATIONS", "ConvertResult", "convert", "source_fingerprint"]
+__all__ = ["LAYOUTS", "ORIENTATIONS", "ConvertResult", "convert", "source_fingerprint"]
 
 TOOL_VERSION = "0.1.0"
 ORIENTATIONS = ("native", "kn")
+LAYOUTS = ("slab", "expert-major")
+PART_ALIGN_NBYTES = 64
+"""Alignment of a part inside an expert-major record: any dtype's views, and
+a cache line.  Parts of real models are multiples of it, so a record is
+one dense range."""
+"""``slab``: each part one ``[E, ...]`` tensor.  ``expert-major``: per layer one
+``[E, record]`` byte tensor whose row ``e`` holds every part of expert ``e``
+(gate, up, down, their scales and biases), so a promotion is one read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +101,7 @@ def convert(
     storage: str = "safetensors",
     dtype: str = "keep",
     orientation: str = "native",
+    layout: str = "slab",
     checksum: str = DEFAULT_ALGORITHM,
     shard_nbytes: int = 4 << 30,
     layers: str | None = None,
@@ -116,6 +126,11 @@ def convert(
     orientation
         ``"native"`` (keep the source's slab orientation; no transpose) or
         ``"kn"`` (GroupedMatMul ``[E, k, n]``).
+    layout
+        ``"slab"`` (each part one ``[E, ...]`` tensor) or ``"expert-major"``
+        (all parts of one expert in one contiguous, page-aligned record; the
+        manifest says where each part lies in it, and stack views over it
+        stay zero-copy, strided by the record size).
     checksum
         The per-tensor checksum, one of :data:`~mmapstore.checksum.ALGORITHMS`.
     progress
@@ -139,6 +154,8 @@ def convert(
         raise ConvertError(f"storage must be 'safetensors' or 'raw', got {storage!r}")
     if orientation not in ORIENTATIONS:
         raise ConvertError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    if layout not in LAYOUTS:
+        raise ConvertError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if checksum not in ALGORITHMS:
         raise ConvertError(f"checksum must be one of {ALGORITHMS}, got {checksum!r}")
     new_hasher(checksum)  # a missing optional package fails before any work
@@ -163,14 +180,23 @@ def convert(
             "shard_nbytes": shard_nbytes,
             "layers": chosen,
         }
+        if layout != "slab":  # stores converted before layouts existed still match their options
+            options["layout"] = layout
         fingerprint = source_fingerprint(store)
         written = _orientation(store, chosen, orientation, out_dtype)
-        plan = [
-            item
+        items = {
+            index: [
+                item
+                for proj, stack in store.layer(index).stacks
+                for item in _stack_items(index, proj, stack, out_dtype, written)
+            ]
             for index in chosen
-            for proj, stack in store.layer(index).stacks
-            for item in _stack_items(index, proj, stack, out_dtype, written)
-        ]
+        }
+        plan: list[_Item] | list[_Record] = (
+            [item for index in chosen for item in items[index]]
+            if layout == "slab"
+            else [_record(index, items[index]) for index in chosen]
+        )
         with locked(dst, lock_timeout):
             clean_partials(dst)
             if not force:
@@ -178,7 +204,7 @@ def convert(
                 if done is not None:
                     return done
             if on_plan is not None:
-                on_plan(sum(item.spec.nbytes for item in plan))
+                on_plan(sum(unit.spec.nbytes for unit in plan))
             try:
                 with staged_dir(dst, replace=force) as staging:
                     entries = _write(staging, plan, storage, shard_nbytes, checksum, progress)
@@ -188,11 +214,11 @@ def convert(
                         for proj, stack in store.layer(index).stacks
                         if out_dtype is None and stack.encoding.encoded
                     }
-                    manifest = {
+                    manifest: dict[str, Any] = {
                         "format": FORMAT_NAME,
-                        "format_version": FORMAT_VERSION,
+                        "format_version": LAYOUT_VERSIONS[layout],
                         "storage": storage,
-                        "layout": "slab",
+                        "layout": layout,
                         "orientation": written,
                         "encodings": encodings,
                         "dtype": (out_dtype.code if out_dtype else "keep"),
@@ -209,6 +235,10 @@ def convert(
                         "files": sorted({entry["file"] for entry in entries.values()}),
                         "tensors": entries,
                     }
+                    if layout == "expert-major":
+                        manifest["records"] = {
+                            unit.spec.name: unit.to_json() for unit in plan if isinstance(unit, _Record)
+                        }
                     with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
                         json.dump(manifest, handle, indent=1, sort_keys=True)
                         handle.write("\n")
@@ -248,7 +278,7 @@ def _refuse_overlap(src: str, dst: str, files: tuple[str, ...]) -> None:
 
 
 def _existing_conversion(
-    dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any], plan: list[_Item]
+    dst: str, src: str, fingerprint: list[list[object]], options: dict[str, Any], plan: Sequence[_Item | _Record]
 ) -> ConvertResult | None:
     """``dst`` as a result if it already holds this very conversion, intact in
     structure (every header valid, every file of the size its header needs,
@@ -276,18 +306,18 @@ def _existing_conversion(
 
 def _write(
     staging: str,
-    plan: list[_Item],
+    plan: Sequence[_Item | _Record],
     storage: str,
     shard_nbytes: int,
     checksum: str,
     progress: Callable[[int], None] | None,
 ) -> dict[str, dict[str, Any]]:
     """Write every shard of ``plan`` into ``staging``; return the manifest's tensor entries."""
-    shards = split_by_size(plan, lambda item: item.spec.nbytes, shard_nbytes)
+    shards = split_by_size(list(plan), lambda unit: unit.spec.nbytes, shard_nbytes)
     suffix = "safetensors" if storage == "safetensors" else "bin"
     writers: list[SlabFileWriter] = []
     jobs: list[Job] = []
-    placed: list[tuple[_Item, str, SlabFileWriter]] = []
+    placed: list[tuple[_Item | _Record, str, SlabFileWriter]] = []
     try:
         for number, shard in enumerate(shards, start=1):
             file_name = f"experts-{number:05d}-of-{len(shards):05d}.{suffix}"
@@ -297,7 +327,7 @@ def _write(
             writers.append(writer)
             for item in shard:
                 placed.append((item, file_name, writer))
-                jobs += _jobs(item, writer)
+                jobs += _jobs(item, writer) if isinstance(item, _Item) else item.jobs(writer)
         digests = run_jobs(jobs, algorithm=checksum, progress=progress)
     finally:
         for writer in writers:
@@ -318,22 +348,22 @@ def _write(
 
 def _jobs(item: _Item, writer: SlabFileWriter) -> list[Job]:
     """One job per expert: a kernel copy when the bytes pass through, else a read and a transform."""
+    return [_expert_job(item, writer, expert, item.spec.name) for expert in range(item.stack.num_experts)]
+
+
+def _expert_job(item: _Item, writer: SlabFileWriter, expert: int, tensor: str, at: int = -1) -> Job:
+    """Expert ``expert``'s slab of ``item``, written at the cursor of ``tensor`` (or at its byte ``at``)."""
     spec, stack = item.spec, item.stack
     dtype, shape = spec.dtype.numpy, spec.shape[1:]
-    jobs = []
-    for expert in range(stack.num_experts):
-        if item.copy_part is not None:
-            span = stack.part_span(item.copy_part, expert)
-            source = CopyFrom(span.mapped.fd, span.offset, span.mapped.path)
-            jobs.append(Job(writer, spec.name, dtype, shape, copy=source))
-        else:
-            reads = tuple(
-                (span.mapped.fd, span.offset, span.nbytes)
-                for span in (stack.part_span(part, expert) for part in item.reads)
-            )
-            make = functools.partial(item.slab, expert=expert)
-            jobs.append(Job(writer, spec.name, dtype, shape, make=make, reads=reads))
-    return jobs
+    if item.copy_part is not None:
+        span = stack.part_span(item.copy_part, expert)
+        source = CopyFrom(span.mapped.fd, span.offset, span.mapped.path)
+        return Job(writer, tensor, dtype, shape, copy=source, at=at)
+    reads = tuple(
+        (span.mapped.fd, span.offset, span.nbytes) for span in (stack.part_span(part, expert) for part in item.reads)
+    )
+    make = functools.partial(item.slab, expert=expert)
+    return Job(writer, tensor, dtype, shape, make=make, reads=reads, at=at)
 
 
 _Slab = Callable[..., npt.NDArray[np.generic]]
@@ -354,6 +384,65 @@ class _Item:
     slab: _Slab
     reads: tuple[str, ...]
     copy_part: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """One layer written expert-major: ``spec`` is a ``U8 [E, record_nbytes]``
+    tensor whose row ``e`` holds expert ``e``'s slab of each of ``items`` at
+    ``offsets``, back to back (each on a :data:`PART_ALIGN_NBYTES` boundary,
+    zero padding between them); ``record_nbytes`` is a whole number of
+    pages, so every record starts page-aligned and reads directly."""
+
+    spec: TensorSpec
+    items: tuple[_Item, ...]
+    offsets: tuple[int, ...]
+
+    def jobs(self, writer: SlabFileWriter) -> list[Job]:
+        """Per expert, each part's slab then its padding, in file order."""
+        record_nbytes = self.spec.shape[1]
+        ends = [*self.offsets[1:], record_nbytes]
+        jobs: list[Job] = []
+        for expert in range(self.spec.shape[0]):
+            row = expert * record_nbytes
+            for item, offset, end in zip(self.items, self.offsets, ends, strict=True):
+                jobs.append(_expert_job(item, writer, expert, self.spec.name, at=row + offset))
+                slab_nbytes = item.spec.nbytes // self.spec.shape[0]
+                pad = end - offset - slab_nbytes
+                if pad:
+                    at = row + offset + slab_nbytes
+                    jobs.append(Job(writer, self.spec.name, np.dtype(np.uint8), (pad,), make=_zeros(pad), at=at))
+        return jobs
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's description of the record: where each part lies in it."""
+        return {
+            "parts": {
+                item.spec.name: {"offset": offset, "dtype": item.spec.dtype.code, "shape": list(item.spec.shape)}
+                for item, offset in zip(self.items, self.offsets, strict=True)
+            }
+        }
+
+
+def _record(layer: int, items: list[_Item]) -> _Record:
+    """Lay one layer's parts out in an expert-major record."""
+    experts = items[0].stack.num_experts
+    offsets: list[int] = []
+    cursor = 0
+    for item in items:
+        cursor += -cursor % PART_ALIGN_NBYTES
+        offsets.append(cursor)
+        cursor += item.spec.nbytes // experts
+    cursor += -cursor % PAGE_NBYTES
+    spec = TensorSpec(f"blk.{layer}.ffn_exps.records", dtype_from_code("U8"), (experts, cursor))
+    return _Record(spec, tuple(items), tuple(offsets))
+
+
+def _zeros(nbytes: int) -> Callable[[SlabReader], npt.NDArray[np.generic]]:
+    def make(reader: SlabReader) -> npt.NDArray[np.generic]:
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    return make
 
 
 # Encodings whose bytes cannot be transposed (blocks or words packed along one axis).

@@ -179,6 +179,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             storage=args.format,
             dtype=args.dtype,
             orientation=args.orientation,
+            layout=args.layout,
             checksum=args.checksum,
             shard_nbytes=args.shard_size,
             layers=args.layers,
@@ -391,6 +392,13 @@ def _parser() -> argparse.ArgumentParser:
         default="native",
         help="native: keep the source's slab orientation (no transpose; [k, n] stays a view); "
         "kn: write GroupedMatMul [E, k, n]",
+    )
+    convert.add_argument(
+        "--layout",
+        choices=["slab", "expert-major"],
+        default="slab",
+        help="slab: each part one [E, ...] tensor; expert-major: all parts of one expert in one "
+        "contiguous record (a promotion is one read)",
     )
     convert.add_argument(
         "--checksum",

@@ -23,8 +23,10 @@ orientation, not a strided half of a fused slab, a C-contiguous slice).
 Otherwise its byte range is read into a bounded bounce buffer (two, so that
 the next batch is read while the last one is laid out) and the shared copy
 kernel :func:`~mmapstore.kernels.copy_slab` casts or transposes it from
-there.  Rows that share a byte range (the gate and up halves of one fused
-slab) share one read.
+there.  Bounced ranges that overlap or lie less than a block apart are
+read as one: the gate and up halves of one fused slab, and every part of
+an expert in an expert-major store (one read per expert, or per run of
+adjacent experts, up to the bounce size).
 
 A file that ends before a planned byte raises
 :class:`~mmapstore.errors.FormatError` naming it; a short read is never
@@ -159,8 +161,10 @@ class _Item:
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """Ranges read into one bounce buffer (``positions[key]``) and the items laid out from them."""
+    """Merged ranges read into one bounce buffer (``reads[range]`` is its
+    position) and the items laid out from them (``positions[item.key]``)."""
 
+    reads: dict[tuple[int, int, int], int]
     positions: dict[tuple[int, int, int], int]
     items: tuple[_Item, ...]
     nbytes: int  # bounce bytes the batch needs
@@ -306,7 +310,12 @@ class ColdRows:
         """The row cut into runs of slabs whose ranges each fit a bounce batch (one slab at least)."""
         table = self._table
         step = geometry.stride if geometry.stride is not None else geometry.extent
-        per_run = max(1, (self._bounce_nbytes - geometry.extent) // step + 1) if step else count
+        if step > geometry.extent:
+            # Records of several parts (expert-major): every part of a row cut
+            # at the same experts, so their ranges merge into whole records.
+            per_run = max(1, self._bounce_nbytes // step)
+        else:
+            per_run = max(1, (self._bounce_nbytes - geometry.extent) // step + 1) if step else count
         file, offset = int(table.file[row]), int(table.offset[row])
         items = []
         for first in range(0, count, per_run):
@@ -316,26 +325,32 @@ class ColdRows:
         return items
 
     def _plan_batches(self, items: Sequence[_Item]) -> list[_Batch]:
-        """Unique ranges in order, packed into batches of at most ``bounce_nbytes``
-        (a range larger than that is a batch of its own); each range starts at a
-        bounce position congruent to its file offset, so ``O_DIRECT`` reads its body in place."""
+        """Items' ranges merged (:func:`_merge`), packed in file order into
+        batches of at most ``bounce_nbytes`` (a range larger than that is a
+        batch of its own); each range starts at a bounce position congruent to
+        its file offset, so ``O_DIRECT`` reads its body in place."""
+        spans, span_of = _merge(sorted({item.key for item in items}), self._bounce_nbytes)
+        by_span: list[list[_Item]] = [[] for _ in spans]
+        for item in items:
+            by_span[span_of[item.key]].append(item)
         batches: list[_Batch] = []
+        reads: dict[tuple[int, int, int], int] = {}
         positions: dict[tuple[int, int, int], int] = {}
         batch_items: list[_Item] = []
         cursor = 0
-        for item in items:
-            key = item.key
-            if key not in positions:
-                position = _align_up(cursor) + key[1] % ALIGN_NBYTES
-                if batch_items and position + key[2] > self._capacity:
-                    batches.append(_Batch(positions, tuple(batch_items), cursor))
-                    positions, batch_items, cursor = {}, [], 0
-                    position = key[1] % ALIGN_NBYTES
-                positions[key] = position
-                cursor = position + key[2]
-            batch_items.append(item)
+        for span, span_items in zip(spans, by_span, strict=True):
+            position = _align_up(cursor) + span[1] % ALIGN_NBYTES
+            if batch_items and position + span[2] > self._capacity:
+                batches.append(_Batch(reads, positions, tuple(batch_items), cursor))
+                reads, positions, batch_items, cursor = {}, {}, [], 0
+                position = span[1] % ALIGN_NBYTES
+            reads[span] = position
+            for item in span_items:
+                positions[item.key] = position + item.key[1] - span[1]
+            batch_items.extend(span_items)
+            cursor = position + span[2]
         if batch_items:
-            batches.append(_Batch(positions, tuple(batch_items), cursor))
+            batches.append(_Batch(reads, positions, tuple(batch_items), cursor))
         return batches
 
     def _submit_next(self) -> None:
@@ -352,7 +367,7 @@ class ColdRows:
         bounce = self._bounces[index % 2]
         requests = [
             self._request(file, offset, bounce[position : position + nbytes])
-            for (file, offset, nbytes), position in batch.positions.items()
+            for (file, offset, nbytes), position in batch.reads.items()
         ]
         residency = any(item.row in self._partial for item in batch.items)
         self._pending.append(self._reader.submit(requests, residency=residency))
@@ -392,6 +407,31 @@ class ColdRows:
         largest = max(range(len(shares)), key=lambda index: shares[index][1])
         for index, (source, share) in enumerate(shares):
             self.source_nbytes[source] += share + (rest if index == largest else 0)
+
+
+def _merge(
+    keys: Sequence[tuple[int, int, int]], limit_nbytes: int
+) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int, int], int]]:
+    """Sorted ``(file, offset, nbytes)`` ranges merged into the reads that
+    serve them, and the read of each range.  Overlapping ranges always merge
+    (they share bytes); ranges that touch or lie less than a block apart
+    merge while the read stays within ``limit_nbytes`` (one request instead
+    of several, for the price of at most a block of gap each)."""
+    spans: list[tuple[int, int, int]] = []
+    span_of: dict[tuple[int, int, int], int] = {}
+    for key in keys:
+        file, offset, nbytes = key
+        if spans:
+            last_file, last_offset, last_nbytes = spans[-1]
+            end = last_offset + last_nbytes
+            merged = max(end, offset + nbytes) - last_offset
+            if last_file == file and (offset < end or (offset - end < ALIGN_NBYTES and merged <= limit_nbytes)):
+                spans[-1] = (file, last_offset, merged)
+                span_of[key] = len(spans) - 1
+                continue
+        spans.append(key)
+        span_of[key] = len(spans) - 1
+    return spans, span_of
 
 
 def _align_up(position: int) -> int:

@@ -100,6 +100,11 @@ class Job:
     make: Callable[[SlabReader], npt.NDArray[np.generic]] | None = None
     reads: tuple[tuple[int, int, int], ...] = ()
     """``(fd, offset, nbytes)`` of the source ranges ``make`` reads (hints for read-ahead)."""
+    at: int = -1
+    """Byte of ``tensor`` where the slab goes, or -1 for the tensor's cursor.
+    Set when one tensor gets both copied and written slabs (an expert-major
+    record): copies claim their bytes on the reader thread, writes on the
+    writer thread, so a cursor would not keep their order."""
 
     def source_ranges(self) -> tuple[tuple[int, int, int], ...]:
         if self.copy is not None:
@@ -183,7 +188,9 @@ def run_jobs(
                 ahead.advise(index)
                 if job.copy is not None:
                     source = job.copy
-                    offset = job.writer.copy(job.tensor, source.fd, source.offset, job.nbytes, source_path=source.path)
+                    offset = job.writer.copy(
+                        job.tensor, source.fd, source.offset, job.nbytes, source_path=source.path, at=job.at
+                    )
                     entry: _Entry = (job, offset, None, None)
                 else:
                     assert job.make is not None
@@ -305,7 +312,7 @@ class _Chunks:
         dtype = job.dtype
         if slab.dtype == dtype and slab.flags.c_contiguous:
             hasher.update(slab.reshape(-1).view(np.uint8).data)
-            return job.writer.write(job.tensor, slab)
+            return job.writer.write(job.tensor, slab, at=job.at)
         rows = slab.shape[0] if slab.ndim else 1
         row_nbytes = job.nbytes // rows if rows else 0
         band = max(1, CHUNK_NBYTES // row_nbytes) if row_nbytes else rows
@@ -325,7 +332,7 @@ class _Chunks:
             else:
                 np.copyto(chunk, slab[start:stop], casting="unsafe")
             hasher.update(chunk.reshape(-1).view(np.uint8).data)
-            offset = job.writer.write(job.tensor, chunk)
+            offset = job.writer.write(job.tensor, chunk, at=job.at + start * row_nbytes if job.at >= 0 else -1)
             first = offset if first < 0 else first
         return first
 

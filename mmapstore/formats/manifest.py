@@ -8,6 +8,12 @@ headers describe the bytes and the manifest adds checksums and provenance.
 Each tensor entry may carry a checksum under the name of its algorithm
 (``xxh3_128``, ``blake3``, ``sha256``: see :mod:`mmapstore.checksum`); the
 top-level ``checksum`` names the one the writer used.
+
+``"layout": "expert-major"`` (format version 2) stores each MoE layer as one
+``U8 [E, record_nbytes]`` tensor whose row ``e`` holds every part of expert
+``e``; the manifest's ``records`` map says where each part lies in a row
+(``offset``, ``dtype``, ``shape`` ``[E, ...]``).  :func:`expert_major_records`
+turns that into part records whose experts are ``record_nbytes`` apart.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from .records import MAX_TENSORS, TensorRecord, shape_nbytes, validate_shape
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LAYOUT_VERSIONS",
     "MANIFEST_NAME",
     "check_manifest",
     "check_overlaps",
+    "expert_major_records",
     "manifest_encodings",
     "raw_record",
     "raw_records",
@@ -36,7 +44,9 @@ __all__ = [
 
 MANIFEST_NAME = "mmapstore.json"
 FORMAT_NAME = "mmapstore.slab_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LAYOUT_VERSIONS = {"slab": 1, "expert-major": 2}
+"""The format version a writer records for each layout (the oldest reader that understands it)."""
 STORAGES = ("safetensors", "raw")
 
 
@@ -49,6 +59,11 @@ def check_manifest(manifest: dict[str, Any], *, path: str) -> None:
         raise FormatError(f"{path}: unsupported format_version {version!r:.40}; this reader knows 1..{FORMAT_VERSION}")
     if manifest.get("storage") not in STORAGES:
         raise FormatError(f"{path}: 'storage' must be one of {STORAGES}, found {manifest.get('storage')!r:.80}")
+    layout = manifest.get("layout", "slab")
+    if layout not in LAYOUT_VERSIONS:
+        raise FormatError(f"{path}: 'layout' must be one of {list(LAYOUT_VERSIONS)}, found {layout!r:.40}")
+    if version < LAYOUT_VERSIONS[layout]:
+        raise FormatError(f"{path}: layout {layout!r} needs format_version {LAYOUT_VERSIONS[layout]}, found {version}")
     orientation = manifest.get("orientation", "kn")
     if orientation not in ("kn", "nk"):
         raise FormatError(f"{path}: 'orientation' must be 'kn' or 'nk', found {orientation!r:.40}")
@@ -148,3 +163,68 @@ def manifest_encodings(manifest: dict[str, Any], *, path: str) -> dict[str, Enco
             raise FormatError(f"{path}: encoding of {name!r}: block must be [rows, cols] of positive ints")
         result[name] = Encoding(kind, dtype, (block[0], block[1]))
     return result
+
+
+def expert_major_records(
+    manifest: dict[str, Any], tensors: dict[str, TensorRecord], *, path: str
+) -> tuple[dict[str, TensorRecord], dict[str, int]]:
+    """The part records of an expert-major store and each one's expert stride.
+
+    ``tensors`` are the store's real tensors (each layer's ``U8 [E,
+    record_nbytes]`` record tensor).  A returned record's ``offset`` is expert
+    0's slab of that part and its ``nbytes`` are the part's values
+    (``E * slab bytes``), which lie ``record_nbytes`` apart, not contiguous:
+    its stride is returned beside it.  Tensors that are no record pass through.
+
+    Raises
+    ------
+    FormatError
+        ``records`` is malformed, names a tensor the store lacks or one that is
+        not ``U8 [E, record_nbytes]``, a part does not fit its record, two
+        parts of one record overlap, or a part name is used twice.
+    """
+    raw = manifest.get("records")
+    if not isinstance(raw, dict) or not raw:
+        raise FormatError(f"{path}: an expert-major store needs a non-empty 'records' object")
+    result = {name: record for name, record in tensors.items() if name not in raw}
+    strides: dict[str, int] = {}
+    for record_name, entry in raw.items():
+        where = f"{path}: record {record_name!r}"
+        record = tensors.get(record_name)
+        if record is None:
+            raise FormatError(f"{where}: no such tensor in the store")
+        if record.dtype.code != "U8" or len(record.shape) != 2 or not record.shape[0] or not record.shape[1]:
+            raise FormatError(
+                f"{where}: expected a U8 [experts, bytes] tensor, found {record.dtype.code} {list(record.shape)}"
+            )
+        experts, record_nbytes = record.shape
+        parts = entry.get("parts") if isinstance(entry, dict) else None
+        if not isinstance(parts, dict) or not parts:
+            raise FormatError(f"{where}: 'parts' must be a non-empty object of part name to placement")
+        spans: list[tuple[int, int, str]] = []
+        for name, placement in parts.items():
+            if not isinstance(placement, dict):
+                raise FormatError(f"{where}: part {name!r}: placement must be an object")
+            if name in result or name in tensors:
+                raise FormatError(f"{where}: part {name!r} is named twice in the store")
+            dtype = dtype_from_code(placement.get("dtype"), where=f"{where}: part {name!r}")
+            shape = validate_shape(placement.get("shape"), path=path, tensor=name)
+            if not shape or shape[0] != experts:
+                raise FormatError(
+                    f"{where}: part {name!r}: shape {list(shape)} must start with the record's {experts} experts"
+                )
+            offset = placement.get("offset")
+            slab_nbytes = shape_nbytes(shape, dtype) // experts
+            if type(offset) is not int or offset < 0 or offset + slab_nbytes > record_nbytes:
+                raise FormatError(
+                    f"{where}: part {name!r}: offset {offset!r:.40} with {slab_nbytes} bytes per expert does not "
+                    f"fit a record of {record_nbytes} bytes"
+                )
+            spans.append((offset, slab_nbytes, name))
+            result[name] = TensorRecord(name, dtype, shape, record.path, record.offset + offset, slab_nbytes * experts)
+            strides[name] = record_nbytes
+        spans.sort()
+        for (offset, nbytes, before), (next_offset, _, after) in itertools.pairwise(spans):
+            if offset + nbytes > next_offset:
+                raise FormatError(f"{where}: parts {before!r} and {after!r} overlap")
+    return result, strides

@@ -80,38 +80,41 @@ class SlabFileWriter:
             os.close(self.fd)
             raise
 
-    def _claim(self, name: str, nbytes: int) -> int:
-        """Reserve the next ``nbytes`` of tensor ``name``; return their file offset."""
+    def _claim(self, name: str, nbytes: int, at: int = -1) -> int:
+        """Reserve the next ``nbytes`` of tensor ``name`` (or those at byte
+        ``at`` of it, for writers that fill a tensor out of order); return their
+        file offset."""
         spec = self._specs.get(name)
         if spec is None:
             raise ValueError(f"{self.path}: no tensor {name!r} in this file")
         with self._lock:
             done = self._written[name]
-            if done + nbytes > spec.nbytes:
+            if done + nbytes > spec.nbytes or at + nbytes > spec.nbytes:
                 raise ValueError(
-                    f"{self.path}: tensor {name!r}: {done + nbytes} bytes written, its shape holds {spec.nbytes}"
+                    f"{self.path}: tensor {name!r}: {max(done, at) + nbytes} bytes written, its shape holds {spec.nbytes}"
                 )
             self._written[name] = done + nbytes
-        return self.offsets[name] + done
+        return self.offsets[name] + (done if at < 0 else at)
 
-    def write(self, name: str, data: npt.NDArray[np.generic] | memoryview) -> int:
-        """Write ``data`` (C order) at tensor ``name``'s cursor; return the file offset written."""
+    def write(self, name: str, data: npt.NDArray[np.generic] | memoryview, *, at: int = -1) -> int:
+        """Write ``data`` (C order) at tensor ``name``'s cursor (or at its byte
+        ``at``); return the file offset written."""
         if isinstance(data, np.ndarray):
             if not data.flags.c_contiguous:
                 raise ValueError(f"{self.path}: tensor {name!r}: data must be C-contiguous")
             view = data.reshape(-1).view(np.uint8).data
         else:
             view = data.cast("B")
-        offset = self._claim(name, view.nbytes)
+        offset = self._claim(name, view.nbytes, at)
         _pwrite_all(self.fd, view, offset)
         return offset
 
-    def copy(self, name: str, source: int, source_offset: int, nbytes: int, *, source_path: str) -> int:
+    def copy(self, name: str, source: int, source_offset: int, nbytes: int, *, source_path: str, at: int = -1) -> int:
         """Copy ``nbytes`` of file ``source`` at ``source_offset`` to tensor
         ``name``'s cursor with :func:`~mmapstore.preadcopy.copy_range` (a
         source that shrank is a :class:`~mmapstore.errors.FormatError`);
-        return the file offset written."""
-        offset = self._claim(name, nbytes)
+        return the file offset written (``at`` as in :meth:`write`)."""
+        offset = self._claim(name, nbytes, at)
         copy_range(source, source_offset, self.fd, offset, nbytes, path=source_path)
         return offset
 

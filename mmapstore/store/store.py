@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from ..errors import FileChangedError, FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
-from ..formats.manifest import manifest_encodings
+from ..formats.manifest import expert_major_records, manifest_encodings
 from ..geometry import Encoding, Orientation, PartGeometry, c_strides
 from ..mapping import FileMaps
 from ..source import MappedSource
@@ -44,14 +44,19 @@ class ExpertStore:
         self.files: tuple[str, ...] = checkpoint.files
         self._file_ids = {path: index for index, path in enumerate(self.files)}
         slab_encodings, orientation = None, "kn"
+        tensors = checkpoint.tensors
+        # Expert strides of parts whose experts are not back to back (expert-major stores).
+        self._strides: dict[str, int] = {}
         if checkpoint.manifest is not None:
             orientation = str(checkpoint.manifest.get("orientation", "kn"))
             slab_encodings = manifest_encodings(checkpoint.manifest, path=checkpoint.path)
+            if checkpoint.manifest.get("layout") == "expert-major":
+                tensors, self._strides = expert_major_records(checkpoint.manifest, tensors, path=checkpoint.path)
         elif checkpoint.kind == "gguf":
             slab_encodings, orientation = {}, "nk"  # ggml ne = {in, out, E}: numpy [E, out, in]
         try:
             self.layout, plans = discover(
-                checkpoint.tensors,
+                tensors,
                 checkpoint.config,
                 source=checkpoint.path,
                 slab_encodings=slab_encodings,
@@ -148,9 +153,10 @@ class ExpertStore:
 
     # -- building -------------------------------------------------------
     def _stacked(self, stack: str, part: str, record: TensorRecord, orientation: Orientation) -> PartGeometry:
-        """Geometry of an ``[E, ...]`` record: expert ``e`` at ``offset + e * stride``."""
+        """Geometry of an ``[E, ...]`` record: expert ``e`` at ``offset + e * stride``
+        (``stride`` the slab's bytes, or an expert-major record's)."""
         experts, slab_shape = self._experts_and_slab(record)
-        stride = record.nbytes // experts
+        extent = record.nbytes // experts
         return PartGeometry.stacked(
             stack,
             part,
@@ -160,8 +166,8 @@ class ExpertStore:
             c_strides(slab_shape, record.dtype.itemsize),
             file=self._file_ids[record.path],
             base=record.offset,
-            stride=stride,
-            extent=stride,
+            stride=self._strides.get(record.name, extent),
+            extent=extent,
             orientation=orientation,
         )
 
