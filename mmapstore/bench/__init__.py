@@ -22,13 +22,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
-from . import cases_cold, cases_convert, cases_copy, cases_gpu, cases_open, cases_plan
+from . import cases_cold, cases_convert, cases_copy, cases_gpu, cases_layout, cases_open, cases_plan
 from .figures import Figure, render
 from .registry import CASES, Context
 
 __all__ = ["CASES", "Context", "Figure", "render", "run_bench", "run_cases"]
 
-del cases_cold, cases_convert, cases_copy, cases_gpu, cases_open, cases_plan  # imported for their registrations
+del (
+    cases_cold,
+    cases_convert,
+    cases_copy,
+    cases_gpu,
+    cases_layout,
+    cases_open,
+    cases_plan,
+)  # imported for their registrations
 
 
 def run_cases(
