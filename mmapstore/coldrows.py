@@ -20,6 +20,10 @@ sorts the rows of a write table before copying, according to its read mode:
 A cold row is read straight into the destination slot slice when its slabs
 are contiguous and stored as the destination holds them (same dtype, native
 orientation, not a strided half of a fused slab, a C-contiguous slice).
+Slabs of an expert-major store (each part's slab dense, experts a record
+apart) that qualify likewise are gathered by file offset: the parts of one
+record, and of adjacent records, land in their slots with one scatter
+``preadv`` (:meth:`~mmapstore.io.ColdReader.submit_scatter`).
 Otherwise its byte range is read into a bounded bounce buffer (two, so that
 the next batch is read while the last one is laid out) and the shared copy
 kernel :func:`~mmapstore.kernels.copy_slab` casts or transposes it from
@@ -45,7 +49,7 @@ import numpy.typing as npt
 
 from .errors import MmapStoreError, SinkError
 from .geometry import PartGeometry, c_strides
-from .io import ALIGN_NBYTES, ColdReader, ReadHandle, ReadRequest, ReadResult, aligned_empty
+from .io import ALIGN_NBYTES, ColdReader, ReadHandle, ReadRequest, ReadResult, ScatterRequest, aligned_empty
 from .kernels import copy_slab
 from .mapping import MappedFile
 
@@ -149,6 +153,18 @@ def _contiguous(geometry: PartGeometry) -> bool:
     )
 
 
+def _in_records(geometry: PartGeometry) -> bool:
+    """Whether each slab of this part is dense, experts further apart than a
+    slab (a part of an expert-major record)."""
+    return (
+        geometry.view_delta == 0
+        and geometry.extent == geometry.slab_nbytes
+        and tuple(geometry.slab_strides) == c_strides(geometry.slab_shape, geometry.dtype.itemsize)
+        and geometry.stride is not None
+        and geometry.stride > geometry.extent
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Item:
     """Slabs ``first .. last-1`` of a row, laid out from a bounce range."""
@@ -218,6 +234,7 @@ class ColdRows:
         # at a position congruent to its file offset.
         self._capacity = bounce_nbytes + ALIGN_NBYTES
         self._mappings: dict[int, MappedFile | None] = {}
+        self._gap = np.empty(ALIGN_NBYTES, dtype=np.uint8)  # padding read between scattered parts
         self._direct: list[tuple[ReadHandle, int]] = []  # handle, bytes it delivers
         self._partial: frozenset[int] = frozenset()
         self._batches: list[_Batch] = []
@@ -239,27 +256,37 @@ class ColdRows:
         self._partial = frozenset(partial) if self._residency else frozenset()
         direct: dict[bool, list[ReadRequest]] = {False: [], True: []}
         items: list[_Item] = []
+        scattered: list[tuple[int, int, npt.NDArray[np.uint8]]] = []  # file, offset, destination
         for row in rows:
             param = int(table.param[row])
             geometry = table.geometries[param]
             name = table.params[param]
             count, slot = int(table.count[row]), int(table.slot[row])
             destination = self._arrays[name][slot : slot + count]
-            if (
+            same = (
                 name not in self._transpose
                 and destination.dtype == geometry.dtype.numpy
                 and destination.flags.c_contiguous
-                and _contiguous(geometry)
-            ):
+            )
+            if same and _contiguous(geometry):
                 request = self._request(int(table.file[row]), int(table.offset[row]), _bytes_of(destination))
                 direct[row in self._partial].append(request)
+            elif same and _in_records(geometry) and row not in self._partial:
+                assert geometry.stride is not None
+                file, offset = int(table.file[row]), int(table.offset[row])
+                scattered.extend(
+                    (file, offset + index * geometry.stride, _bytes_of(destination[index])) for index in range(count)
+                )
             else:
                 items.extend(self._items(row, geometry, count))
-        for residency, requests in direct.items():
-            if requests:
-                requests.sort(key=lambda request: (request.path, request.offset))  # the disk in file order
-                nbytes = sum(request.nbytes for request in requests)
-                self._direct.append((self._reader.submit(requests, residency=residency), nbytes))
+        if scattered:
+            nbytes = sum(destination.nbytes for _, _, destination in scattered)
+            self._direct.append((self._reader.submit_scatter(self._scatter_requests(scattered)), nbytes))
+        for residency, singles in direct.items():
+            if singles:
+                singles.sort(key=lambda request: (request.path, request.offset))  # the disk in file order
+                nbytes = sum(request.nbytes for request in singles)
+                self._direct.append((self._reader.submit(singles, residency=residency), nbytes))
         self._batches = self._plan_batches(items)
         self._submit_next()
 
@@ -305,6 +332,34 @@ class ColdRows:
         mapped = self._mapping(file)
         identity = mapped.identity if mapped is not None else None
         return ReadRequest(self._source.path(file), offset, destination, mapped, identity)
+
+    def _scatter_requests(self, pieces: list[tuple[int, int, npt.NDArray[np.uint8]]]) -> list[ScatterRequest]:
+        """Pieces of one file less than a block apart joined into scatter
+        requests of at most ``bounce_nbytes`` (the padding between two parts of
+        a record lands in a scratch buffer no one reads)."""
+        pieces.sort(key=lambda piece: (piece[0], piece[1]))
+        groups: list[list[tuple[int, int, npt.NDArray[np.uint8]]]] = []
+        size = 0
+        for piece in pieces:
+            if groups:
+                file, offset, last = groups[-1][-1]
+                gap = piece[1] - offset - last.nbytes
+                if piece[0] == file and 0 <= gap < ALIGN_NBYTES and size + gap + piece[2].nbytes <= self._bounce_nbytes:
+                    if gap:
+                        groups[-1].append((file, offset + last.nbytes, self._gap[:gap]))
+                    groups[-1].append(piece)
+                    size += gap + piece[2].nbytes
+                    continue
+            groups.append([piece])
+            size = piece[2].nbytes
+        requests = []
+        for group in groups:
+            file, offset, _ = group[0]
+            mapped = self._mapping(file)
+            identity = mapped.identity if mapped is not None else None
+            destinations = tuple(destination for _, _, destination in group)
+            requests.append(ScatterRequest(self._source.path(file), offset, destinations, mapped, identity))
+        return requests
 
     def _items(self, row: int, geometry: PartGeometry, count: int) -> list[_Item]:
         """The row cut into runs of slabs whose ranges each fit a bounce batch (one slab at least)."""

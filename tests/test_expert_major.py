@@ -17,12 +17,12 @@ from mmapstore import FormatError, open_store
 from mmapstore._apply import apply
 from mmapstore._convert import convert
 from mmapstore.cli import main
-from mmapstore.io import ColdReader, ReaderConfig
+from mmapstore.io import ColdReader, ReaderConfig, ScatterRequest, aligned_empty
 from mmapstore.mapping import PAGE_NBYTES
 from mmapstore.planner import geometries_of, plan_full_push, plan_refresh
 from mmapstore.pool import ExpertPool
 from mmapstore.report import verify
-from mmapstore.sinks import DictSink
+from mmapstore.sinks import ArraySink, DictSink
 from mmapstore.synth import synth_checkpoint
 
 FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
@@ -136,6 +136,10 @@ class _CountingReader(ColdReader):
         self.requests += len(requests)
         return super().submit(requests, residency=residency)
 
+    def submit_scatter(self, requests):  # type: ignore[no-untyped-def]
+        self.requests += len(requests)
+        return super().submit_scatter(requests)
+
 
 @pytest.mark.parametrize("read", ["auto", "map", "reader"])
 def test_refreshes_read_each_expert_once_and_deliver_the_stacked_values(sources, tmp_path, read):
@@ -219,3 +223,36 @@ def test_hostile_records_are_refused(sources, tmp_path, change, message):
     _rewrite(result.path, change)
     with pytest.raises(FormatError, match=message):
         open_store(result.path).close()
+
+
+def test_a_scatter_read_fills_each_destination_and_refuses_a_short_file(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, size=5 * PAGE_NBYTES, dtype=np.uint8)
+    path = tmp_path / "file.bin"
+    path.write_bytes(data.tobytes())
+    aligned = [aligned_empty(PAGE_NBYTES), aligned_empty(2 * PAGE_NBYTES)]
+    odd = [np.empty(100, dtype=np.uint8), np.empty(5000, dtype=np.uint8)]
+    with ColdReader() as reader:
+        for destinations, offset in ((aligned, PAGE_NBYTES), (odd, 7)):
+            result = reader.submit_scatter([ScatterRequest(str(path), offset, tuple(destinations))]).wait()
+            assert result.nbytes == sum(d.nbytes for d in destinations) and result.requests == 1
+            np.testing.assert_array_equal(np.concatenate(destinations), data[offset : offset + result.nbytes])
+        with pytest.raises(FormatError, match="shrank"):
+            reader.submit_scatter([ScatterRequest(str(path), 3 * PAGE_NBYTES, tuple(aligned))]).wait()
+
+
+def test_aligned_records_land_in_their_slots_with_one_direct_read_each(tmp_path):
+    src = synth_checkpoint(tmp_path / "src", "mixtral", layers=1, experts=8, hidden=64, ffn=32, dtype="bf16").path
+    major = convert(src, tmp_path / "major", layout="expert-major")
+    with open_store(major.path) as store, _CountingReader() as reader:
+        geometry = geometries_of(store)
+        assert {part.stride for part in geometry.parts} == {3 * PAGE_NBYTES}  # three 4 KiB slabs, no padding
+        pools = [ExpertPool(8, 4)]
+        plan = plan_refresh(geometry, pools, [np.array([7, 5, 7, 5, 1])], 0)
+        assert plan is not None
+        sink = ArraySink.for_geometries(geometry, 4, read="reader", reader=reader)
+        result = apply(plan, sink, store.byte_source(), pools=pools)
+        assert reader.requests == plan.table.rows // 3 <= 3  # a request per run of promoted experts
+        assert result.nbytes_from("direct") + result.nbytes_from("buffered") == plan.nbytes
+        for proj, stack in store.layer(0).stacks:
+            for slot, expert in zip(plan.update_slot.tolist(), plan.update_new.tolist(), strict=True):
+                np.testing.assert_array_equal(sink.arrays[f"blk.0.ffn_{proj}_exps.weight"][slot], stack.native(expert))

@@ -21,7 +21,16 @@ import numpy.typing as npt
 
 from .._apply import apply
 from .._convert import convert
-from ..io import ColdReader, FileRange, ReaderConfig, ReadHandle, ReadRequest, aligned_empty, probe_reader_config
+from ..io import (
+    ColdReader,
+    FileRange,
+    ReaderConfig,
+    ReadHandle,
+    ReadRequest,
+    ScatterRequest,
+    aligned_empty,
+    probe_reader_config,
+)
 from ..planner import RefreshPlan, geometries_of, plan_refresh
 from ..pool import ExpertPool
 from ..sinks import ArraySink
@@ -48,6 +57,10 @@ class _CountingReader(ColdReader):
     def submit(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadHandle:
         self.requests += len(requests)
         return super().submit(requests, residency=residency)
+
+    def submit_scatter(self, requests: Sequence[ScatterRequest]) -> ReadHandle:
+        self.requests += len(requests)
+        return super().submit_scatter(requests)
 
 
 def _refresh(store: ExpertStore) -> RefreshPlan:

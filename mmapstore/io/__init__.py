@@ -23,6 +23,7 @@ from .requests import (
     ReaderConfig,
     ReadRequest,
     ReadResult,
+    ScatterRequest,
     Source,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "ReadRequest",
     "ReadResult",
     "ReaderConfig",
+    "ScatterRequest",
     "Source",
     "advise_cold",
     "aligned_empty",

@@ -91,6 +91,36 @@ def pread_exact(
     return done
 
 
+def preadv_exact(fd: int, views: list[memoryview], offset: int, path: str, *, direct: bool = False) -> int:
+    """Fill ``views`` (in order) with the file bytes from ``offset`` on, one
+    ``preadv`` per call until all landed (a short read resumes where it stopped).
+
+    Raises
+    ------
+    FormatError
+        The file ends before the last byte (never a short read served as data).
+    OSError
+        The read failed (``EINVAL`` and the like where ``O_DIRECT`` is refused).
+    """
+    want = sum(view.nbytes for view in views)
+    done = 0
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        got = os.preadv(fd, pending, offset + done)
+        if got == 0 or (direct and got % ALIGN_NBYTES and done + got < want):
+            raise FormatError(
+                f"{path}: file ends at byte {offset + done + got}, but bytes [{offset}, {offset + want}) were "
+                "planned: it shrank or was replaced since; refusing to serve a short read"
+            )
+        done += got
+        while pending and got >= pending[0].nbytes:
+            got -= pending[0].nbytes
+            pending.pop(0)
+        if got:
+            pending[0] = pending[0][got:]
+    return done
+
+
 class FileHandles:
     """Opens each file once per mode and closes them all together.
 

@@ -37,8 +37,16 @@ import numpy.typing as npt
 
 from ..errors import FormatError, OptionError, ReadCancelledError
 from ..mapping import MappedFile
-from .files import DIRECT_REFUSED_ERRNOS, FileHandles, Handles, address_of, aligned_empty, pread_exact
-from .requests import ALIGN_NBYTES, SOURCES, ReaderConfig, ReadRequest, ReadResult, Source
+from .files import (
+    DIRECT_REFUSED_ERRNOS,
+    FileHandles,
+    Handles,
+    address_of,
+    aligned_empty,
+    pread_exact,
+    preadv_exact,
+)
+from .requests import ALIGN_NBYTES, SOURCES, ReaderConfig, ReadRequest, ReadResult, ScatterRequest, Source
 from .residency import split_by_residency
 
 __all__ = ["ColdReader", "ReadHandle", "StagedClaim", "StagingLookup"]
@@ -229,6 +237,36 @@ class ColdReader:
                 handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
                 position = boundary
 
+    def submit_scatter(self, requests: Sequence[ScatterRequest]) -> ReadHandle:
+        """Start reading every scatter request, each with one ``preadv`` into
+        all its destinations (``O_DIRECT`` when the range and every destination
+        are block-aligned, else buffered); returns at once.  Every byte is
+        read (resident pages too); a request that overlaps a prefetch's staged
+        bytes is served per destination, as :meth:`submit` would.
+
+        Raises
+        ------
+        OptionError
+            A destination is read-only or not contiguous (before anything starts).
+        """
+        views = [[_as_bytes(destination, request.path) for destination in request.destinations] for request in requests]
+        for request in requests:
+            if request.offset < 0:
+                raise OptionError(f"{request.path}: negative offset {request.offset}")
+        cancelled = threading.Event()
+        handle = ReadHandle(sum(view.nbytes for group in views for view in group), len(requests), cancelled)
+        for request, group in zip(requests, views, strict=True):
+            nbytes = sum(view.nbytes for view in group)
+            if self.staging is not None and self.staging.claim_spans(request.path, request.offset, nbytes):
+                position = request.offset
+                for view in group:
+                    single = ReadRequest(request.path, position, view, request.mapped, request.identity)
+                    self._submit_span(handle, cancelled, 0, single, view, position, position + view.nbytes, False)
+                    position += view.nbytes
+                continue
+            handle._futures.append(self._executor.submit(self._scatter, cancelled, request, group))
+        return handle
+
     def read(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadResult:
         """:meth:`submit` and :meth:`ReadHandle.wait`; a failure cancels what is left."""
         handle = self.submit(requests, residency=residency)
@@ -280,6 +318,44 @@ class ColdReader:
         mapped.check_size()  # a truncated mapping is SIGBUS: refuse first
         np.copyto(np.frombuffer(view, dtype=np.uint8), mapped.view(offset, np.dtype(np.uint8), (view.nbytes,)))
         return ((("resident", view.nbytes),), 0)
+
+    def _scatter(self, cancelled: threading.Event, request: ScatterRequest, views: list[memoryview]) -> _Tally:
+        self._check(cancelled)
+        mapped = request.mapped
+        identity = request.identity if request.identity is not None or mapped is None else mapped.identity
+        handles = self._files.get(request.path, identity, mapped.fd if mapped is not None else -1)
+        nbytes = sum(view.nbytes for view in views)
+        aligned = request.offset % ALIGN_NBYTES == 0 and all(
+            view.nbytes % ALIGN_NBYTES == 0 and address_of(view) % ALIGN_NBYTES == 0 for view in views
+        )
+        if handles.direct_fd >= 0 and aligned:
+            try:
+                preadv_exact(handles.direct_fd, views, request.offset, request.path, direct=True)
+                return ((("direct", nbytes),), nbytes)
+            except OSError as exc:
+                if exc.errno not in DIRECT_REFUSED_ERRNOS:
+                    raise FormatError(
+                        f"{request.path}: direct read at {request.offset} failed: {exc.strerror}"
+                    ) from None
+                reason = exc.strerror or errno.errorcode[exc.errno]
+                handles = self._files.refuse_direct(request.path, reason, identity)
+        if handles.direct_fd >= 0:
+            # Misaligned pieces: each destination by the single-range path (head and tail bounced).
+            tally: Counter[Source] = Counter()
+            device = 0
+            position = request.offset
+            for view in views:
+                single = ReadRequest(request.path, position, view, mapped, request.identity)
+                sources, read = self._read(cancelled, single, position, view)
+                tally.update(dict(sources))
+                device += read
+                position += view.nbytes
+            return tuple(tally.items()), device
+        try:
+            preadv_exact(handles.buffered_fd, views, request.offset, request.path)
+        except OSError as exc:
+            raise FormatError(f"{request.path}: read at {request.offset} failed: {exc.strerror}") from None
+        return ((("buffered", nbytes),), nbytes)
 
     def _read(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
         self._check(cancelled)

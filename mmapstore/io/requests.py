@@ -22,6 +22,7 @@ __all__ = [
     "ReadRequest",
     "ReadResult",
     "ReaderConfig",
+    "ScatterRequest",
     "Source",
 ]
 
@@ -133,6 +134,27 @@ class ReadRequest:
     @property
     def nbytes(self) -> int:
         return int(self.destination.nbytes)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScatterRequest:
+    """Fill ``destinations``, in order, with the file bytes from ``offset`` on:
+    one contiguous range landing in several buffers (every part of an
+    expert-major record into its own pool slot) with one ``preadv``.
+
+    ``path``, ``mapped`` and ``identity`` as in :class:`ReadRequest`; each
+    destination as a :class:`ReadRequest`'s.
+    """
+
+    path: str
+    offset: int
+    destinations: tuple[memoryview | npt.NDArray[Any], ...]
+    mapped: MappedFile | None = None
+    identity: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(destination.nbytes) for destination in self.destinations)
 
 
 @dataclass(frozen=True, slots=True)
