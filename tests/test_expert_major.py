@@ -13,7 +13,7 @@ import pytest
 from test_convert_pipeline import _parts
 from test_quantized import FP8_CONFIG, fp8_checkpoint, save
 
-from mmapstore import FormatError, open_store
+from mmapstore import ConvertError, FormatError, open_store
 from mmapstore._apply import apply
 from mmapstore._convert import convert
 from mmapstore.cli import main
@@ -256,3 +256,16 @@ def test_aligned_records_land_in_their_slots_with_one_direct_read_each(tmp_path)
         for proj, stack in store.layer(0).stacks:
             for slot, expert in zip(plan.update_slot.tolist(), plan.update_new.tolist(), strict=True):
                 np.testing.assert_array_equal(sink.arrays[f"blk.0.ffn_{proj}_exps.weight"][slot], stack.native(expert))
+
+
+def test_a_repeated_conversion_is_skipped_and_an_expert_major_store_converts_back(sources, tmp_path):
+    major = convert(sources["gpt_oss"], tmp_path / "major", layout="expert-major")
+    assert convert(sources["gpt_oss"], tmp_path / "major", layout="expert-major").skipped
+    with pytest.raises(ConvertError, match="exists"):
+        convert(sources["gpt_oss"], tmp_path / "major")  # another layout is another conversion
+    back = convert(major.path, tmp_path / "back")
+    with open_store(sources["gpt_oss"]) as source, open_store(back.path) as store:
+        want, got = _parts(source), _parts(store)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=str(key))
