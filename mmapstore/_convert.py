@@ -39,7 +39,7 @@ from .checksum import ALGORITHMS, DEFAULT_ALGORITHM, new_hasher
 from .convert_pipeline import CopyFrom, Job, SlabReader, run_jobs
 from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
 from .errors import ConvertError, FormatError
-from .formats import FORMAT_NAME, MANIFEST_NAME, TensorSpec, read_checkpoint
+from .formats import MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor, TensorSpec, read_checkpoint
 from .formats.manifest import LAYOUT_VERSIONS
 from .formats.records import split_by_size
 from .formats.slabfile import SlabFileWriter
@@ -209,43 +209,38 @@ def convert(
                 with staged_dir(dst, replace=force) as staging:
                     entries = _write(staging, plan, storage, shard_nbytes, checksum, progress)
                     encodings = {
-                        f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, written).to_json()
+                        f"blk.{index}.ffn_{proj}_exps": _written_encoding(stack, out_dtype, written)
                         for index in chosen
                         for proj, stack in store.layer(index).stacks
                         if out_dtype is None and stack.encoding.encoded
                     }
-                    manifest: dict[str, Any] = {
-                        "format": FORMAT_NAME,
-                        "format_version": LAYOUT_VERSIONS[layout],
-                        "storage": storage,
-                        "layout": layout,
-                        "orientation": written,
-                        "encodings": encodings,
-                        "dtype": (out_dtype.code if out_dtype else "keep"),
-                        "checksum": checksum,
-                        "tool_version": TOOL_VERSION,
-                        "source": {
-                            "path": os.path.abspath(src),
-                            "kind": store.kind,
-                            "layout": store.layout,
-                            "config": store.config,
-                            "fingerprint": fingerprint,
-                        },
-                        "options": options,
-                        "files": sorted({entry["file"] for entry in entries.values()}),
-                        "tensors": entries,
-                    }
+                    records = None
                     if layout == "expert-major":
-                        manifest["records"] = {
-                            unit.spec.name: unit.to_json() for unit in plan if isinstance(unit, _Record)
-                        }
+                        records = {unit.spec.name: unit.to_json() for unit in plan if isinstance(unit, _Record)}
+                    manifest = Manifest(
+                        storage="raw" if storage == "raw" else "safetensors",
+                        tensors=entries,
+                        format_version=LAYOUT_VERSIONS[layout],
+                        layout=layout,
+                        records=records,
+                        orientation="nk" if written == "nk" else "kn",
+                        dtype=(out_dtype.code if out_dtype else "keep"),
+                        encodings=encodings,
+                        checksum=checksum,
+                        tool_version=TOOL_VERSION,
+                        source=ManifestSource(
+                            os.path.abspath(src), store.kind, store.layout, store.config, fingerprint
+                        ),
+                        options=options,
+                        files=tuple(sorted({entry.file for entry in entries.values()})),
+                    )
                     with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-                        json.dump(manifest, handle, indent=1, sort_keys=True)
+                        json.dump(manifest.to_json(), handle, indent=1, sort_keys=True)
                         handle.write("\n")
             except OSError as exc:  # disk full, read-only or vanished destination
                 raise ConvertError(f"{dst}: cannot write the conversion: {exc.strerror or exc}") from None
-    files = tuple(os.path.join(dst, name) for name in sorted({entry["file"] for entry in entries.values()}))
-    return ConvertResult(dst, files, len(entries), sum(entry["nbytes"] for entry in entries.values()), False)
+    files = tuple(os.path.join(dst, name) for name in sorted({entry.file for entry in entries.values()}))
+    return ConvertResult(dst, files, len(entries), sum(entry.nbytes or 0 for entry in entries.values()), False)
 
 
 def _refuse_overlap(src: str, dst: str, files: tuple[str, ...]) -> None:
@@ -289,11 +284,11 @@ def _existing_conversion(
         checkpoint = read_checkpoint(dst)
     except FormatError:
         return None  # damaged or not a store: not "this conversion"
-    manifest = checkpoint.manifest or {}
-    source = manifest.get("source")
-    if not isinstance(source, dict):
+    manifest = checkpoint.manifest
+    if manifest is None or manifest.source is None:
         return None
-    same = source.get("path") == src and source.get("fingerprint") == fingerprint and manifest.get("options") == options
+    source = manifest.source
+    same = source.path == src and source.fingerprint == fingerprint and manifest.options == options
     if not same or len(checkpoint.tensors) != len(plan):
         return None
     for spec in (item.spec for item in plan):
@@ -311,7 +306,7 @@ def _write(
     shard_nbytes: int,
     checksum: str,
     progress: Callable[[int], None] | None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ManifestTensor]:
     """Write every shard of ``plan`` into ``staging``; return the manifest's tensor entries."""
     shards = split_by_size(list(plan), lambda unit: unit.spec.nbytes, shard_nbytes)
     suffix = "safetensors" if storage == "safetensors" else "bin"
@@ -332,17 +327,17 @@ def _write(
     finally:
         for writer in writers:
             writer.abort()  # a no-op for the writers run_jobs closed
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, ManifestTensor] = {}
     for item, file_name, writer in placed:
         spec = item.spec
-        entries[spec.name] = {
-            "file": file_name,
-            "dtype": spec.dtype.code,
-            "shape": list(spec.shape),
-            "offset": writer.offsets[spec.name],
-            "nbytes": spec.nbytes,
-            checksum: digests[spec.name],
-        }
+        entries[spec.name] = ManifestTensor(
+            file_name,
+            spec.dtype.code,
+            spec.shape,
+            writer.offsets[spec.name],
+            spec.nbytes,
+            ((checksum, digests[spec.name]),),
+        )
     return entries
 
 

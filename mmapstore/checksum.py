@@ -18,10 +18,9 @@ cryptographic hash, the ``[blake3]`` extra) and sha256 remain available.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from typing import Protocol
 
-__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "HEX_DIGITS", "Hasher", "digests_of", "new_hasher"]
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "HEX_DIGITS", "Hasher", "new_hasher"]
 
 DEFAULT_ALGORITHM = "xxh3_128"
 ALGORITHMS = ("xxh3_128", "blake3", "sha256")
@@ -64,9 +63,3 @@ def new_hasher(algorithm: str) -> Hasher:
         hasher = blake3.blake3()
         return hasher
     raise ValueError(f"unknown checksum algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
-
-
-def digests_of(entry: Mapping[str, object]) -> list[tuple[str, object]]:
-    """The ``(algorithm, digest)`` pairs a manifest entry names, in
-    :data:`ALGORITHMS` order (digests unchecked: see the manifest reader)."""
-    return [(algorithm, entry[algorithm]) for algorithm in ALGORITHMS if algorithm in entry]

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .checksum import ALGORITHMS, Hasher, digests_of, new_hasher
+from .checksum import ALGORITHMS, Hasher, new_hasher
 from .errors import FormatError
 from .formats import MANIFEST_NAME, FileIdentity, TensorRecord
 from .formats.checkpoint import read_header_in
 from .formats.files import Directory, open_regular
-from .formats.manifest import check_manifest, check_overlaps, raw_record
+from .formats.manifest import Manifest, check_overlaps, raw_record
 from .preadcopy import pread_into
 from .store import open_store
 
@@ -110,19 +110,17 @@ def verify(path: str) -> VerifyReport:
 
 def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
     manifest_path = os.path.join(directory.path, MANIFEST_NAME)
-    manifest = directory.load_json(MANIFEST_NAME, what="manifest")
-    check_manifest(manifest, path=manifest_path)
-    entries: dict[str, dict[str, Any]] = manifest["tensors"]
+    manifest = Manifest.from_json(directory.load_json(MANIFEST_NAME, what="manifest"), path=manifest_path)
     raw_files: dict[str, tuple[str, FileIdentity]] = {}
     headers: dict[str, dict[str, TensorRecord] | FormatError] = {}
     records: dict[str, TensorRecord] = {}
-    for name, entry in entries.items():
-        file_name = entry.get("file")
+    for name, entry in manifest.tensors.items():
+        file_name = entry.file
         try:
-            if manifest["storage"] == "raw":
+            if manifest.storage == "raw":
                 records[name] = raw_record(directory, name, entry, raw_files, path=manifest_path)
                 continue
-            key = file_name if isinstance(file_name, str) else repr(file_name)
+            key = file_name
             if key not in headers:
                 try:
                     header = read_header_in(directory, file_name, what=f"tensor {name!r}", source=manifest_path)
@@ -137,14 +135,13 @@ def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
                 raise FormatError(f"{manifest_path}: tensor {name!r} is missing from {file_name!r}")
             records[name] = record
         except FormatError as exc:
-            where = os.path.join(directory.path, file_name) if isinstance(file_name, str) else repr(file_name)
-            report.problems.append(Problem(where, name, str(exc)))
-    if manifest["storage"] == "raw":
+            report.problems.append(Problem(os.path.join(directory.path, file_name), name, str(exc)))
+    if manifest.storage == "raw":
         try:
             check_overlaps(records, path=manifest_path)
         except FormatError as exc:
             report.problems.append(Problem(manifest_path, None, str(exc)))
-    algorithm = manifest.get("checksum")
+    algorithm = manifest.checksum
     if algorithm is not None and algorithm not in ALGORITHMS:
         report.problems.append(
             Problem(
@@ -156,7 +153,7 @@ def _verify_slab_store(directory: Directory, report: VerifyReport) -> None:
     try:
         for name, record in records.items():
             report.checked_tensors += 1
-            expected = [(str(found), str(digest)) for found, digest in digests_of(entries[name])]
+            expected = list(manifest.tensors[name].checksums)
             if not expected and algorithm in ALGORITHMS:
                 report.problems.append(Problem(record.path, name, f"the manifest gives no {algorithm} checksum"))
                 continue

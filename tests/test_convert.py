@@ -193,3 +193,35 @@ print(slab, total, base, peak)
     bound = 8 * slab * 2  # a few slabs (f32 staging is twice the bf16 source)
     assert total > 4 * bound  # the checkpoint is several times the bound
     assert peak - base < bound, (peak - base, bound)
+
+
+def test_manifest_round_trips_through_its_json(tmp_path):
+    from mmapstore.formats import MANIFEST_NAME, Manifest
+
+    src = synth_checkpoint(tmp_path / "src", "qwen3_moe", layers=1, experts=4, hidden=8, ffn=4).path
+    dst = convert(src, tmp_path / "store", storage="raw").path
+    written = json.loads(Path(dst, MANIFEST_NAME).read_text())
+    manifest = Manifest.from_json(written, path=MANIFEST_NAME)
+    assert manifest.to_json() == written
+    assert manifest.storage == "raw" and manifest.source is not None and manifest.source.path == os.path.abspath(src)
+    assert all(entry.checksums and entry.checksums[0][0] == "xxh3_128" for entry in manifest.tensors.values())
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"source": ["not", "an", "object"]}, "'source' must be an object"),
+        ({"source": {"path": 7, "kind": "sharded", "layout": "stacked", "fingerprint": []}}, "source 'path'"),
+        ({"options": "fast"}, "'options' must be an object"),
+        ({"files": [1, 2]}, "'files'"),
+        ({"encodings": {"blk.0.ffn_up_exps": {"kind": "zip", "dtype": "F8_E4M3"}}}, "kind 'zip'"),
+        ({"layout": 3}, "'layout' must be one of"),
+    ],
+)
+def test_malformed_manifest_fields_are_format_errors(tmp_path, change, match):
+    from mmapstore import FormatError
+    from mmapstore.formats import Manifest
+
+    obj = {"format": "mmapstore.slab_store", "format_version": 1, "storage": "raw", "tensors": {}, **change}
+    with pytest.raises(FormatError, match=match):
+        Manifest.from_json(obj, path="mmapstore.json")

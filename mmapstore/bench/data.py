@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..dtypes import dtype_from_code
-from ..formats import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SafetensorsWriter, TensorSpec
+from ..formats import MANIFEST_NAME, Manifest, ManifestTensor, SafetensorsWriter, TensorSpec
 from ..mapping import PAGE_NBYTES, MappedFile
 
 __all__ = [
@@ -97,17 +97,10 @@ def write_slab_store(path: str, layers: int, experts: int, k: int, n: int, *, sp
             for _spec in specs:
                 for _ in range(experts):
                     writer.append(chunk)
-    tensors = {spec.name: {"file": DATA_FILE, "dtype": "BF16", "shape": list(spec.shape)} for spec in specs}
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "storage": "safetensors",
-        "layout": "slab",
-        "orientation": "kn",
-        "tensors": tensors,
-    }
+    tensors = {spec.name: ManifestTensor(DATA_FILE, "BF16", spec.shape) for spec in specs}
+    manifest = Manifest(storage="safetensors", tensors=tensors, layout="slab", orientation="kn")
     with open(os.path.join(path, MANIFEST_NAME), "w") as handle:
-        json.dump(manifest, handle)
+        json.dump(manifest.to_json(), handle)
     return [file_path]
 
 

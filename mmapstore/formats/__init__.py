@@ -2,7 +2,7 @@
 
 from .checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
 from .files import FileIdentity
-from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor
 from .records import TensorRecord
 from .safetensors import SafetensorsHeader, SafetensorsWriter, TensorSpec, read_safetensors_header
 
@@ -13,6 +13,9 @@ __all__ = [
     "MANIFEST_NAME",
     "Checkpoint",
     "FileIdentity",
+    "Manifest",
+    "ManifestSource",
+    "ManifestTensor",
     "SafetensorsHeader",
     "SafetensorsWriter",
     "TensorRecord",

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import FormatError
 from .files import Directory, FileIdentity, open_regular
 from .gguf import is_gguf, read_gguf_files
-from .manifest import MANIFEST_NAME, check_manifest, raw_records
+from .manifest import MANIFEST_NAME, Manifest, raw_records
 from .records import MAX_TENSORS, TensorRecord
 from .safetensors import PAD_PREFIX, SafetensorsHeader, read_header_fd
 
@@ -45,7 +45,7 @@ class Checkpoint:
     tensors: dict[str, TensorRecord]
     files: tuple[str, ...]
     config: dict[str, Any] | None = None
-    manifest: dict[str, Any] | None = field(default=None)
+    manifest: Manifest | None = field(default=None)
     metadata: dict[str, Any] | None = field(default=None)  # GGUF key-value metadata
     identities: dict[str, FileIdentity] = field(default_factory=dict)
 
@@ -186,46 +186,34 @@ def _sharded(directory: Directory) -> Checkpoint:
 def _slab_store(directory: Directory) -> Checkpoint:
     root = directory.path
     manifest_path = os.path.join(root, MANIFEST_NAME)
-    manifest = directory.load_json(MANIFEST_NAME, what="manifest")
-    check_manifest(manifest, path=manifest_path)
-    entries: dict[str, dict[str, Any]] = manifest["tensors"]
-    if manifest["storage"] == "raw":
+    manifest = Manifest.from_json(directory.load_json(MANIFEST_NAME, what="manifest"), path=manifest_path)
+    config = manifest.source.config if manifest.source is not None else None
+    if manifest.storage == "raw":
         tensors, identities = raw_records(directory, manifest, path=manifest_path)
         files = tuple(sorted(identities))
-        return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest, identities=identities)
+        return Checkpoint(root, "slab_store", tensors, files, config, manifest, identities=identities)
     tensors = {}
     headers: dict[str, dict[str, TensorRecord]] = {}
     identities = {}
-    for name, entry in entries.items():
-        file_name = entry.get("file")
-        if not isinstance(file_name, str) or file_name not in headers:
-            header = read_header_in(directory, file_name, what=f"tensor {name!r}", source=manifest_path)
-            assert isinstance(file_name, str)
-            headers[file_name] = {record.name: record for record in header.tensors}
+    for name, entry in manifest.tensors.items():
+        if entry.file not in headers:
+            header = read_header_in(directory, entry.file, what=f"tensor {name!r}", source=manifest_path)
+            headers[entry.file] = {record.name: record for record in header.tensors}
             if header.identity is not None:
                 identities[header.path] = header.identity
-        record = headers[file_name].get(name)
+        record = headers[entry.file].get(name)
         if record is None:
-            raise FormatError(f"{manifest_path}: tensor {name!r} is listed in {file_name!r}, which does not hold it")
-        if "dtype" in entry and entry["dtype"] != record.dtype.code:
+            raise FormatError(f"{manifest_path}: tensor {name!r} is listed in {entry.file!r}, which does not hold it")
+        if entry.dtype is not None and entry.dtype != record.dtype.code:
             raise FormatError(
-                f"{manifest_path}: tensor {name!r}: manifest says dtype {entry['dtype']!r:.20}, "
+                f"{manifest_path}: tensor {name!r}: manifest says dtype {entry.dtype!r:.20}, "
                 f"{record.path} holds {record.dtype.code}"
             )
-        if "shape" in entry and entry["shape"] != list(record.shape):
+        if entry.shape is not None and entry.shape != record.shape:
             raise FormatError(
-                f"{manifest_path}: tensor {name!r}: manifest says shape {entry['shape']!r:.80}, "
+                f"{manifest_path}: tensor {name!r}: manifest says shape {list(entry.shape)!r:.80}, "
                 f"{record.path} holds {list(record.shape)}"
             )
         tensors[name] = record
     files = tuple(sorted(identities))
-    return Checkpoint(root, "slab_store", tensors, files, _source_config(manifest), manifest, identities=identities)
-
-
-def _source_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    source = manifest.get("source")
-    if isinstance(source, dict):
-        config = source.get("config")
-        if isinstance(config, dict):
-            return config
-    return None
+    return Checkpoint(root, "slab_store", tensors, files, config, manifest, identities=identities)

@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from ..errors import FileChangedError, FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
-from ..formats.manifest import expert_major_records, manifest_encodings
+from ..formats.manifest import expert_major_records
 from ..geometry import Encoding, Orientation, PartGeometry, c_strides
 from ..mapping import FileMaps
 from ..source import MappedSource
@@ -48,9 +48,9 @@ class ExpertStore:
         # Expert strides of parts whose experts are not back to back (expert-major stores).
         self._strides: dict[str, int] = {}
         if checkpoint.manifest is not None:
-            orientation = str(checkpoint.manifest.get("orientation", "kn"))
-            slab_encodings = manifest_encodings(checkpoint.manifest, path=checkpoint.path)
-            if checkpoint.manifest.get("layout") == "expert-major":
+            orientation = checkpoint.manifest.orientation
+            slab_encodings = checkpoint.manifest.encodings
+            if checkpoint.manifest.layout == "expert-major":
                 tensors, self._strides = expert_major_records(checkpoint.manifest, tensors, path=checkpoint.path)
         elif checkpoint.kind == "gguf":
             slab_encodings, orientation = {}, "nk"  # ggml ne = {in, out, E}: numpy [E, out, in]
