@@ -1,8 +1,13 @@
 """mmapstore: serve Mixture-of-Experts expert weights from memory-mapped files.
 
-The names a user needs, re-exported here; submodules hold the rest (formats,
-dequantizers, the cold reader in ``mmapstore.io``, device pools in
-``mmapstore.gpu``, the transformers runtime in ``mmapstore.transformers``).
+The names a user needs, re-exported here.  Public subpackages hold the rest:
+readers and writers in ``mmapstore.formats``, dequantizers in
+``mmapstore.dequant``, the cold reader in ``mmapstore.io``, device pools in
+``mmapstore.gpu``, the torch bridge in ``mmapstore.torch``, the transformers
+runtime in ``mmapstore.transformers``, synthetic checkpoints, traces and the
+sink conformance suite in ``mmapstore.testing``, benchmarks in
+``mmapstore.bench`` and the command line in ``mmapstore.cli``.  Modules whose
+name starts with ``_`` are implementation and may change without notice.
 Optional dependencies (torch, transformers, gguf, matplotlib) are imported
 only by the modules that need them.
 """
@@ -18,13 +23,7 @@ from ._convert import (
     ConvertResult,
     convert,
 )
-from ._replay import (
-    ReplayGeometry,
-    SimulationReport,
-    replay,
-)
-from ._version import VERSION
-from .errors import (
+from ._errors import (
     CapturedIdsError,
     ConvertError,
     ExpertIndexError,
@@ -43,11 +42,11 @@ from .errors import (
     UnsupportedEncodingError,
     UnsupportedModelError,
 )
-from .geometry import (
+from ._geometry import (
     Encoding,
     PartGeometry,
 )
-from .planner import (
+from ._planner import (
     DEFAULT_PARAM_NAME,
     LayerGeometry,
     PoolUpdate,
@@ -60,43 +59,54 @@ from .planner import (
     plan_refresh,
     plan_resident,
 )
-from .pool import (
+from ._pool import (
     ExecMode,
     ExpertPool,
     RefreshPolicy,
     capacity_from_budget,
 )
-from .report import (
+from ._replay import (
+    ReplayGeometry,
+    SimulationReport,
+    replay,
+)
+from ._report import (
     VerifyReport,
     verify,
 )
-from .service import (
+from ._service import (
     SlabService,
     StepResult,
 )
-from .sinks import (
+from ._sinks import (
     ArraySink,
     Completion,
     DictSink,
     Sink,
     WriteResult,
 )
-from .source import (
+from ._source import (
     ByteSource,
     MappedSource,
 )
-from .store import (
+from ._store import (
     ExpertStack,
     ExpertStore,
     LayerExperts,
     open_store,
 )
-from .trace import (
+from ._trace import (
     Trace,
     load_trace,
     save_trace,
 )
-from .writes import (
+from ._trace_import import (
+    from_llama_csv,
+    from_step_array,
+    from_vllm,
+)
+from ._version import VERSION
+from ._writes import (
     WriteTable,
 )
 
@@ -154,6 +164,9 @@ __all__ = [
     "apply",
     "capacity_from_budget",
     "convert",
+    "from_llama_csv",
+    "from_step_array",
+    "from_vllm",
     "geometries_of",
     "load_trace",
     "open_store",

@@ -6,11 +6,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SinkError
-from .planner import RefreshPlan
-from .pool import ExpertPool
-from .sinks import Completion, Sink
-from .source import PREFETCH_MODES, ByteSource, Prefetch
+from ._errors import SinkError
+from ._planner import RefreshPlan
+from ._pool import ExpertPool
+from ._sinks import Completion, Sink
+from ._source import PREFETCH_MODES, ByteSource, Prefetch
 
 __all__ = ["PREFETCH_MODES", "ApplyResult", "Pending", "apply", "start"]
 
@@ -20,7 +20,7 @@ class ApplyResult:
     """Bytes delivered, seconds from prefetch to the last copy, table rows,
     copy threads the sink used; delivered bytes per source and bytes asked
     of the device, as the sink reported them (see
-    :class:`~mmapstore.sinks.WriteResult`)."""
+    :class:`~mmapstore._sinks.WriteResult`)."""
 
     nbytes: int
     seconds: float

@@ -12,13 +12,13 @@ through unchanged and are copied file to file by the kernel.
 transposing on the way (packed, ggml and MXFP4 encodings have no element
 view to transpose and are refused there unless dequantized).
 
-Conversion streams slab by slab through :mod:`mmapstore.convert_pipeline`
+Conversion streams slab by slab through :mod:`mmapstore._convert_pipeline`
 (read, transform, hash and write overlapped on two threads): peak memory is
 a few slabs whatever the checkpoint size.  Source bytes are never read
 through the mapping, so a source file truncated under a running conversion
-is a :class:`~mmapstore.errors.FormatError`, not a SIGBUS.  The output is
+is a :class:`~mmapstore._errors.FormatError`, not a SIGBUS.  The output is
 built in a staging directory beside the destination under a lock and renamed
-into place (see :mod:`mmapstore.publish`).  A destination that is the
+into place (see :mod:`mmapstore._publish`).  A destination that is the
 source, or holds it, is refused.
 """
 
@@ -35,18 +35,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .checksum import ALGORITHMS, DEFAULT_ALGORITHM, new_hasher
-from .convert_pipeline import CopyFrom, Job, SlabReader, run_jobs
-from .dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
-from .errors import ConvertError, FormatError
+from ._checksum import ALGORITHMS, DEFAULT_ALGORITHM, new_hasher
+from ._convert_pipeline import CopyFrom, Job, SlabReader, run_jobs
+from ._dtypes import DType, can_cast, dtype_from_code, parse_user_dtype
+from ._errors import ConvertError, FormatError
+from ._geometry import Encoding, PartGeometry, c_strides
+from ._mapping import PAGE_NBYTES
+from ._publish import clean_partials, locked, staged_dir
+from ._store import ExpertStack, ExpertStore, open_store
 from .formats import MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor, TensorSpec, read_checkpoint
 from .formats.manifest import LAYOUT_VERSIONS
 from .formats.records import split_by_size
 from .formats.slabfile import SlabFileWriter
-from .geometry import Encoding, PartGeometry, c_strides
-from .mapping import PAGE_NBYTES
-from .publish import clean_partials, locked, staged_dir
-from .store import ExpertStack, ExpertStore, open_store
 
 __all__ = ["LAYOUTS", "ORIENTATIONS", "ConvertResult", "convert", "source_fingerprint"]
 
@@ -132,7 +132,7 @@ def convert(
         manifest says where each part lies in it, and stack views over it
         stay zero-copy, strided by the record size).
     checksum
-        The per-tensor checksum, one of :data:`~mmapstore.checksum.ALGORITHMS`.
+        The per-tensor checksum, one of :data:`~mmapstore._checksum.ALGORITHMS`.
     progress
         Called with byte counts as they reach the disk (their sum is the
         total given to ``on_plan``).

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError
-from .policies import Policy, TidePolicy
-from .trace import Phase, Trace
+from ._errors import CapturedIdsError
+from ._policies import Policy, TidePolicy
+from ._trace import Phase, Trace
 
 __all__ = ["CostModel", "ReplayGeometry", "ReplayInput", "SimulationReport", "prepare", "refresh_schedule", "replay"]
 

@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from .errors import MmapStoreError
+from ._errors import MmapStoreError
 
 __all__ = ["escape", "main", "parse_size", "torch_device"]
 
@@ -53,7 +53,7 @@ non_negative_int = _int_at_least(0)
 
 def user_dtype(text: str) -> str:
     """A dtype name the library knows (``bf16``, ``f32``, ``F16``...)."""
-    from .dtypes import parse_user_dtype
+    from ._dtypes import parse_user_dtype
 
     try:
         parse_user_dtype(text)
@@ -64,7 +64,7 @@ def user_dtype(text: str) -> str:
 
 def torch_device(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked on use)."""
-    from .simulate import DEVICE_PATTERN
+    from ._simulate import DEVICE_PATTERN
 
     if not DEVICE_PATTERN.match(text):
         raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)")
@@ -134,7 +134,7 @@ def _print_json(value: Any) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import synth_checkpoint
+    from ._synth import synth_checkpoint
 
     with _progress(lambda: 0, "synth", args.quiet or args.sparse) as progress:
         result = synth_checkpoint(
@@ -208,7 +208,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import describe
+    from ._report import describe
 
     info = describe(args.path)
     if args.json:
@@ -237,7 +237,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .report import verify
+    from ._report import verify
 
     report = verify(args.path)
     if args.json:
@@ -264,19 +264,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.trace is not None:
-        from .trace_cli import run_simulate_trace
+        from ._trace_cli import run_simulate_trace
 
         if args.device is not None:
             print("mmapstore simulate: error: --device moves real slabs; --trace replays without them", file=sys.stderr)
             return 2
 
         return run_simulate_trace(args)
-    from .simulate import simulate
+    from ._simulate import simulate
 
     with tempfile.TemporaryDirectory(prefix="mmapstore-demo-") as scratch:
         path = args.path
         if path is None:
-            from .synth import synth_checkpoint
+            from ._synth import synth_checkpoint
 
             path = synth_checkpoint(
                 os.path.join(scratch, "mixtral"), "mixtral", layers=2, experts=8, hidden=256, ffn=128
@@ -318,7 +318,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .trace_cli import cmd_trace
+    from ._trace_cli import cmd_trace
 
     if args.synth and args.top_k is None:
         args.top_k = 8
@@ -329,7 +329,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .trace_cli import run_tune
+    from ._trace_cli import run_tune
 
     if args.max_interval < 1:
         print("mmapstore tune: error: --max-interval must be positive", file=sys.stderr)
@@ -357,8 +357,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .families import FAMILIES
-    from .trace_cli import SYNTH_KINDS, add_trace_arguments
+    from ._families import FAMILIES
+    from ._trace_cli import SYNTH_KINDS, add_trace_arguments
 
     parser = _Parser(prog="mmapstore", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="mmapstore 0.1.0")

@@ -21,7 +21,7 @@ writing.  A tensor of an expert whose store has been closed stays valid (the
 mapping goes with the last view or tensor over it).
 
 torch is imported on first use; without it every call raises
-:class:`~mmapstore.errors.TorchUnavailableError`, which names the extra.
+:class:`~mmapstore._errors.TorchUnavailableError`, which names the extra.
 """
 
 from __future__ import annotations
@@ -32,20 +32,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DTYPE_CODES, DType
-from .errors import FormatError, TorchUnavailableError
+from ._dtypes import DTYPE_CODES, DType
+from ._errors import FormatError, TorchUnavailableError
 
 if TYPE_CHECKING:
     import torch
 
-    from .store import ExpertStack
+    from ._store import ExpertStack
 
 __all__ = ["TORCH_DTYPE_NAMES", "TORCH_EXTRA", "as_tensor", "expert_tensor", "require_torch", "torch_dtype"]
 
 TORCH_EXTRA = "pip install 'mmapstore[torch]'"
 
 # File dtype code -> attribute of the torch module.  Every code of
-# mmapstore.dtypes has an entry (a test keeps them in step).
+# mmapstore._dtypes has an entry (a test keeps them in step).
 TORCH_DTYPE_NAMES: dict[str, str] = {
     "F64": "float64",
     "F32": "float32",

@@ -33,17 +33,17 @@ from mmapstore import (
     open_store,
 )
 from mmapstore._convert import convert
+from mmapstore._mapping import MADV_POPULATE_READ, PAGE_NBYTES, MappedFile
+from mmapstore._planner import geometries_of, plan_refresh, plan_resident
+from mmapstore._pool import ExpertPool, RefreshPolicy, count_hits
+from mmapstore._preadcopy import pread_into
+from mmapstore._publish import clean_partials, locked, staged_dir
+from mmapstore._report import describe, verify
+from mmapstore._store.layouts import MAX_EXPERTS
+from mmapstore._synth import synth_checkpoint
 from mmapstore.cli import main
 from mmapstore.formats import read_checkpoint
 from mmapstore.formats.records import MAX_MANIFEST_NBYTES
-from mmapstore.mapping import MADV_POPULATE_READ, PAGE_NBYTES, MappedFile
-from mmapstore.planner import geometries_of, plan_refresh, plan_resident
-from mmapstore.pool import ExpertPool, RefreshPolicy, count_hits
-from mmapstore.preadcopy import pread_into
-from mmapstore.publish import clean_partials, locked, staged_dir
-from mmapstore.report import describe, verify
-from mmapstore.store.layouts import MAX_EXPERTS
-from mmapstore.synth import synth_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -691,7 +691,7 @@ def test_synth_refuses_empty_models(tmp_path, option):
 def test_writer_writes_zero_size_tensors(tmp_path):
     import safetensors.numpy
 
-    from mmapstore.dtypes import dtype_from_code
+    from mmapstore._dtypes import dtype_from_code
     from mmapstore.formats import SafetensorsWriter, TensorSpec
 
     f32 = dtype_from_code("F32")
@@ -719,7 +719,7 @@ def test_sigbus_is_not_how_a_shrunk_refresh_ends(medium_store, tmp_path):
     """apply() checks sizes before copying; a file truncated between plan and apply is refused."""
     _, store_path = medium_store
     copy = shutil.copytree(store_path, tmp_path / "copy")
-    from mmapstore.service import SlabService
+    from mmapstore._service import SlabService
 
     with open_store(copy) as store:
         service = SlabService(store, 2, RefreshPolicy.every_forward())

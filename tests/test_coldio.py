@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from mmapstore.errors import FormatError, OptionError, ReadCancelledError
+from mmapstore._errors import FormatError, OptionError, ReadCancelledError
+from mmapstore._mapping import MappedFile
 from mmapstore.io import (
     ALIGN_NBYTES,
     ColdReader,
@@ -28,7 +29,6 @@ from mmapstore.io import (
 )
 from mmapstore.io import files as io_files
 from mmapstore.io import reader as io_reader
-from mmapstore.mapping import MappedFile
 
 FILE_NBYTES = (3 << 20) + 1234
 

@@ -17,8 +17,8 @@ import safetensors.numpy
 
 from mmapstore import ConvertError, open_store
 from mmapstore._convert import convert
-from mmapstore.report import verify
-from mmapstore.synth import synth_checkpoint
+from mmapstore._report import verify
+from mmapstore._synth import synth_checkpoint
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "llama4"]
 DTYPES = {"keep": None, "f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}

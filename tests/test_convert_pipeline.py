@@ -15,15 +15,15 @@ from builders import write_checkpoint
 from test_layouts import random
 from test_quantized import FP8_CONFIG, MX_CONFIG, fp8_checkpoint, mxfp4_checkpoint, save
 
-import mmapstore.convert_pipeline as convert_pipeline
-import mmapstore.preadcopy as preadcopy
+import mmapstore._convert_pipeline as convert_pipeline
+import mmapstore._preadcopy as preadcopy
 from mmapstore import ConvertError, FormatError, open_store
+from mmapstore._checksum import HEX_DIGITS
 from mmapstore._convert import convert
-from mmapstore.checksum import HEX_DIGITS
-from mmapstore.preadcopy import copy_range
-from mmapstore.report import verify
-from mmapstore.synth import synth_checkpoint
-from mmapstore.transpose import transpose_into
+from mmapstore._preadcopy import copy_range
+from mmapstore._report import verify
+from mmapstore._synth import synth_checkpoint
+from mmapstore._transpose import transpose_into
 
 FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
 

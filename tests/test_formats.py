@@ -13,7 +13,7 @@ import safetensors.numpy
 from builders import header_bytes, pack_safetensors, write_bytes
 
 from mmapstore import FormatError, open_store
-from mmapstore.dtypes import DTYPE_CODES, dtype_from_code
+from mmapstore._dtypes import DTYPE_CODES, dtype_from_code
 from mmapstore.formats import SafetensorsWriter, TensorSpec, read_checkpoint, read_safetensors_header
 
 F32 = dtype_from_code("F32")

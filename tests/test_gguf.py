@@ -32,8 +32,8 @@ from gguf_builders import (
     tensor_info,
 )
 
+from mmapstore._errors import FormatError
 from mmapstore.dequant import dequantize_ggml
-from mmapstore.errors import FormatError
 from mmapstore.formats import gguf_cursor
 from mmapstore.formats.gguf import is_gguf, read_gguf_files, read_gguf_header
 from mmapstore.formats.records import MAX_TENSORS

@@ -11,8 +11,8 @@ import pytest
 
 from mmapstore import open_store
 from mmapstore._convert import convert
-from mmapstore.report import verify
-from mmapstore.service import SlabService
+from mmapstore._report import verify
+from mmapstore._service import SlabService
 
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the GGUF files and dequantizes the oracle values")
 Q = gguf.GGMLQuantizationType

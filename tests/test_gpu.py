@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from mmapstore import FormatError  # noqa: E402
+from mmapstore._mapping import PAGE_NBYTES, MappedFile  # noqa: E402
 from mmapstore.dequant import dequantize_fp8_block as numpy_fp8  # noqa: E402
 from mmapstore.dequant import dequantize_mxfp4 as numpy_mxfp4  # noqa: E402
 from mmapstore.gpu import CopyJob, DeviceCopier, PinnedBudget, dequantize_fp8_block, dequantize_mxfp4  # noqa: E402
 from mmapstore.gpu.copier import is_resident  # noqa: E402
-from mmapstore.mapping import PAGE_NBYTES, MappedFile  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]

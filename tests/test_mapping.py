@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmapstore import FormatError, StoreClosedError
-from mmapstore.mapping import (
+from mmapstore._mapping import (
     MADV_DONTNEED,
     MADV_POPULATE_READ,
     MADV_WILLNEED,

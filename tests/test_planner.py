@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mmapstore import CapturedIdsError, FormatError, SinkError, StaleRefreshError
-from mmapstore.dtypes import dtype_from_code
-from mmapstore.geometry import Encoding, PartGeometry
-from mmapstore.planner import (
+from mmapstore._dtypes import dtype_from_code
+from mmapstore._geometry import Encoding, PartGeometry
+from mmapstore._planner import (
     LayerGeometry,
     StackGeometry,
     StoreGeometry,
@@ -16,10 +16,10 @@ from mmapstore.planner import (
     plan_refresh,
     plan_resident,
 )
-from mmapstore.pool import ExecMode, ExpertPool
-from mmapstore.proposals import count_hits_rows, propose_rows
+from mmapstore._pool import ExecMode, ExpertPool
+from mmapstore._proposals import count_hits_rows, propose_rows
+from mmapstore._writes import WriteTable, merge_ranges
 from mmapstore.testing import InMemoryFiles
-from mmapstore.writes import WriteTable, merge_ranges
 
 BF16 = dtype_from_code("BF16")
 F32 = dtype_from_code("F32")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from mmapstore import CapturedIdsError, StaleRefreshError
-from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy, capacity_from_budget, count_hits
+from mmapstore._pool import ExecMode, ExpertPool, RefreshPolicy, capacity_from_budget, count_hits
 
 
 def test_hits_are_a_bincount_over_any_shape():

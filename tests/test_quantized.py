@@ -15,9 +15,9 @@ from builders import write_bytes, write_checkpoint
 import mmapstore
 from mmapstore import FormatError, SinkError, open_store
 from mmapstore._convert import convert
-from mmapstore.report import verify
-from mmapstore.service import SlabService
-from mmapstore.sinks import ArraySink
+from mmapstore._report import verify
+from mmapstore._service import SlabService
+from mmapstore._sinks import ArraySink
 
 E, H, I = 3, 160, 200  # not multiples of 128: partial scale blocks on both axes
 FP8_CONFIG = {

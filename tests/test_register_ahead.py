@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from mmapstore import CapturedIdsError, open_store
-from mmapstore.planner import geometries_of, plan_candidates
-from mmapstore.pool import ExpertPool, RefreshPolicy
-from mmapstore.service import SlabService
-from mmapstore.sinks import ArraySink
-from mmapstore.synth import synth_checkpoint
-from mmapstore.writes import WriteTable
+from mmapstore._planner import geometries_of, plan_candidates
+from mmapstore._pool import ExpertPool, RefreshPolicy
+from mmapstore._service import SlabService
+from mmapstore._sinks import ArraySink
+from mmapstore._synth import synth_checkpoint
+from mmapstore._writes import WriteTable
 
 
 @pytest.fixture

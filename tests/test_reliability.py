@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 import mmapstore.formats.records as records
 from mmapstore import FormatError, open_store
 from mmapstore._convert import convert
+from mmapstore._planner import geometries_of, plan_full_push
+from mmapstore._pool import RefreshPolicy
+from mmapstore._report import verify
+from mmapstore._service import SlabService
+from mmapstore._synth import routing_trace, synth_checkpoint
 from mmapstore.formats import read_safetensors_header
-from mmapstore.planner import geometries_of, plan_full_push
-from mmapstore.pool import RefreshPolicy
-from mmapstore.report import verify
-from mmapstore.service import SlabService
-from mmapstore.synth import routing_trace, synth_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ_QUICK, FUZZ_LONG = 400, 100_000
@@ -486,7 +486,7 @@ KILL_AT_EVENT = """
 import os, shutil, signal, sys
 import mmapstore.formats.safetensors as st_format
 import mmapstore.formats.slabfile as slabfile
-import mmapstore.publish as publish
+import mmapstore._publish as publish
 from mmapstore.cli import main
 kill_at, count = int(sys.argv[1]), [0]
 def event():
@@ -646,7 +646,7 @@ def test_stale_lock_from_a_killed_process_never_blocks(source, tmp_path):
             sys.executable,
             "-c",
             (
-                "import sys, time; from mmapstore.publish import locked\n"
+                "import sys, time; from mmapstore._publish import locked\n"
                 f"with locked({dst!r}):\n    print('held', flush=True); time.sleep(60)"
             ),
         ],

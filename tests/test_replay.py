@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from mmapstore import CapturedIdsError, open_store
+from mmapstore._policies import BeladyPolicy, LFUPolicy, LRUPolicy, StaticPolicy, TidePolicy, policy_from_name
+from mmapstore._pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore._replay import CostModel, ReplayGeometry, prepare, replay
-from mmapstore.policies import BeladyPolicy, LFUPolicy, LRUPolicy, StaticPolicy, TidePolicy, policy_from_name
-from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
-from mmapstore.synth import synth_checkpoint
-from mmapstore.trace import Phase, Trace
-from mmapstore.trace_synth import bursty_trace, recency_trace, zipf_trace
+from mmapstore._synth import synth_checkpoint
+from mmapstore._trace import Phase, Trace
+from mmapstore._trace_synth import bursty_trace, recency_trace, zipf_trace
 
 
 def with_prefills(trace: Trace, every: int) -> Trace:

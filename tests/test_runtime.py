@@ -10,11 +10,11 @@ import pytest
 from mmapstore import CapturedIdsError, SinkError, StoreClosedError, open_store
 from mmapstore._apply import apply
 from mmapstore._convert import convert
-from mmapstore.planner import geometries_of, plan_full_push, plan_refresh, plan_resident
-from mmapstore.pool import ExecMode, ExpertPool, RefreshPolicy
-from mmapstore.service import SlabService
-from mmapstore.sinks import ArraySink, DictSink
-from mmapstore.synth import routing_trace, synth_checkpoint
+from mmapstore._planner import geometries_of, plan_full_push, plan_refresh, plan_resident
+from mmapstore._pool import ExecMode, ExpertPool, RefreshPolicy
+from mmapstore._service import SlabService
+from mmapstore._sinks import ArraySink, DictSink
+from mmapstore._synth import routing_trace, synth_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mmapstore import sinks as sinks_module
-from mmapstore.sinks import ArraySink, DictSink, Sink
+from mmapstore import _sinks as sinks_module
+from mmapstore._sinks import ArraySink, DictSink, Sink
 from mmapstore.testing.sinks import Destination, SinkTests
 
 
@@ -87,8 +87,8 @@ def _one_layer():
 
 def test_pools_commit_only_after_the_sink_finished():
     from mmapstore._apply import apply, start
-    from mmapstore.planner import plan_refresh
-    from mmapstore.pool import ExpertPool
+    from mmapstore._planner import plan_refresh
+    from mmapstore._pool import ExpertPool
 
     scenario = _one_layer()
     arrays = {name: np.zeros((2, *values.shape[1:]), values.dtype) for name, values in scenario.values.items()}
@@ -113,7 +113,7 @@ def test_pools_commit_only_after_the_sink_finished():
 
 
 def test_copy_slab_tiles_transposed_views_for_every_dtype_pair():
-    from mmapstore.kernels import TILE, copy_slab
+    from mmapstore._kernels import TILE, copy_slab
 
     rng = np.random.default_rng(0)
     shape = (3, TILE + 5, 2 * TILE + 3)  # ragged edge tiles
@@ -138,8 +138,8 @@ def test_copy_slab_tiles_transposed_views_for_every_dtype_pair():
 def test_prefetch_hints_only_pages_that_are_not_resident(tmp_path):
     import os
 
-    from mmapstore.mapping import PAGE_NBYTES, MappedFile
-    from mmapstore.source import nonresident_spans
+    from mmapstore._mapping import PAGE_NBYTES, MappedFile
+    from mmapstore._source import nonresident_spans
 
     path = tmp_path / "data.bin"
     pages = 1024

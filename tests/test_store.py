@@ -12,8 +12,8 @@ from builders import pack_safetensors, write_bytes, write_family
 
 import mmapstore
 from mmapstore import ExpertIndexError, LayerNotFoundError, StoreClosedError, TensorNotFoundError, open_store
-from mmapstore.mapping import resident_nbytes
-from mmapstore.planner import geometries_of, plan_full_push
+from mmapstore._mapping import resident_nbytes
+from mmapstore._planner import geometries_of, plan_full_push
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "llada2_moe", "gpt_oss", "llama4"]
 ALL_DTYPES = [
@@ -173,7 +173,7 @@ def test_lookup_errors_are_typed(tmp_path):
 
 
 def test_sparse_file_of_tens_of_gb_opens_instantly_without_disk(tmp_path):
-    from mmapstore.dtypes import dtype_from_code
+    from mmapstore._dtypes import dtype_from_code
     from mmapstore.formats import SafetensorsWriter, TensorSpec
 
     bf16 = dtype_from_code("BF16")

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 import mmapstore.torch as mtorch  # noqa: E402
 from mmapstore import FormatError  # noqa: E402
-from mmapstore.dtypes import DTYPE_CODES  # noqa: E402
-from mmapstore.errors import MmapStoreError, TorchUnavailableError  # noqa: E402
-from mmapstore.mapping import MappedFile  # noqa: E402
+from mmapstore._dtypes import DTYPE_CODES  # noqa: E402
+from mmapstore._errors import MmapStoreError, TorchUnavailableError  # noqa: E402
+from mmapstore._mapping import MappedFile  # noqa: E402
 
 
 def mapped_array(tmp_path, array: np.ndarray) -> tuple[MappedFile, np.ndarray]:
@@ -79,7 +79,7 @@ def test_negative_strides_are_refused(tmp_path):
 
 def test_expert_tensor_of_a_store(tmp_path):
     from mmapstore import open_store
-    from mmapstore.synth import synth_checkpoint
+    from mmapstore._synth import synth_checkpoint
 
     synth_checkpoint(tmp_path / "ckpt", family="mixtral", layers=1, experts=4, hidden=32, ffn=16)
     with open_store(tmp_path / "ckpt") as store:

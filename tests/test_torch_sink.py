@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from mmapstore import SinkError, StoreClosedError, open_store  # noqa: E402
+from mmapstore._service import SlabService  # noqa: E402
+from mmapstore._sinks import Sink  # noqa: E402
+from mmapstore._synth import synth_checkpoint  # noqa: E402
 from mmapstore.gpu.sink import TorchSink  # noqa: E402
-from mmapstore.service import SlabService  # noqa: E402
-from mmapstore.sinks import Sink  # noqa: E402
-from mmapstore.synth import synth_checkpoint  # noqa: E402
 from mmapstore.testing.sinks import Destination, SinkTests  # noqa: E402
 from mmapstore.torch import torch_dtype  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_coalesced_runs_read_their_own_bytes(tmp_path, device):
 
 
 def test_torch_sink_registers_ahead_only_on_cuda(store):
-    from mmapstore.planner import plan_full_push
+    from mmapstore._planner import plan_full_push
 
     sink = TorchSink("cpu")
     service = SlabService(store, capacity=3, sink=sink)
@@ -146,8 +146,8 @@ def test_torch_sink_registers_ahead_only_on_cuda(store):
 
 @cuda
 def test_register_ahead_serves_the_next_refresh_from_registered_windows(store):
-    from mmapstore.mapping import PAGE_NBYTES
-    from mmapstore.pool import RefreshPolicy
+    from mmapstore._mapping import PAGE_NBYTES
+    from mmapstore._pool import RefreshPolicy
 
     # Page-sized windows: each expert's slab has its own, so the windows of
     # experts 6 and 7 exist only if they were registered for them.

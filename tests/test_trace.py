@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mmapstore import CapturedIdsError, FormatError
-from mmapstore.trace import Phase, Trace, load_trace, save_trace
-from mmapstore.trace_import import from_llama_csv, from_step_array, from_vllm
-from mmapstore.trace_synth import (
+from mmapstore._trace import Phase, Trace, load_trace, save_trace
+from mmapstore._trace_import import from_llama_csv, from_step_array, from_vllm
+from mmapstore._trace_synth import (
     adjacent_cosine,
     block_diffusion_trace,
     bursty_trace,

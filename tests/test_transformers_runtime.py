@@ -17,10 +17,10 @@ if not hasattr(transformers, "integrations") or not hasattr(
     pytest.skip("transformers without the experts interface (needs 5.x)", allow_module_level=True)
 
 from mmapstore import FormatError, MmapStoreError  # noqa: E402
+from mmapstore._errors import RuntimeConfigError, UnsupportedModelError  # noqa: E402
+from mmapstore._store.store import ExpertStore  # noqa: E402
+from mmapstore._trace import Phase, load_trace  # noqa: E402
 from mmapstore.cli import main  # noqa: E402
-from mmapstore.errors import RuntimeConfigError, UnsupportedModelError  # noqa: E402
-from mmapstore.store.store import ExpertStore  # noqa: E402
-from mmapstore.trace import Phase, load_trace  # noqa: E402
 from mmapstore.transformers import BACKEND_NAME, load_model  # noqa: E402
 from mmapstore.transformers.backend import mmapstore_experts_forward  # noqa: E402
 from mmapstore.transformers.layer import OnMiss  # noqa: E402

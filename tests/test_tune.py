@@ -8,12 +8,12 @@ import statistics
 import numpy as np
 import pytest
 
+from mmapstore._policies import TidePolicy
 from mmapstore._replay import CostModel, ReplayGeometry, prepare, replay
+from mmapstore._trace import load_trace, save_trace
+from mmapstore._trace_synth import block_diffusion_trace, recency_trace, uniform_trace, zipf_trace
+from mmapstore._tune import compare_policies, fit, measure_cpu_cost, recommend
 from mmapstore.cli import main
-from mmapstore.policies import TidePolicy
-from mmapstore.trace import load_trace, save_trace
-from mmapstore.trace_synth import block_diffusion_trace, recency_trace, uniform_trace, zipf_trace
-from mmapstore.tune import compare_policies, fit, measure_cpu_cost, recommend
 
 MIB = 1 << 20
 
@@ -55,7 +55,7 @@ def test_budget_is_respected_and_spent():
 
 def test_fit_on_a_constant_trace():
     ids = np.tile(np.array([[[1, 2]]]), (10, 1, 1))
-    from mmapstore.trace import Trace
+    from mmapstore._trace import Trace
 
     data = prepare(Trace.build(ids, np.arange(11)), ReplayGeometry.uniform(1, 8, 10))
     result = fit(data, [2, 4], max_interval=5)

@@ -23,13 +23,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .._apply import apply
+from .._planner import geometries_of, plan_refresh
+from .._pool import ExpertPool
+from .._sinks import ArraySink, DictSink
+from .._source import MappedSource
+from .._store import open_store
+from .._writes import WriteTable
 from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_reader_config
-from ..planner import geometries_of, plan_refresh
-from ..pool import ExpertPool
-from ..sinks import ArraySink, DictSink
-from ..source import MappedSource
-from ..store import open_store
-from ..writes import WriteTable
 from .coldtools import (
     cgroup_peak,
     drop_file,

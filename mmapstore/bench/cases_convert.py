@@ -34,8 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..store import open_store
-from ..synth import synth_checkpoint
+from .._store import open_store
+from .._synth import synth_checkpoint
 from .figures import Figure
 from .registry import Context
 from .registry import case as register

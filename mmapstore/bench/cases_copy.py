@@ -13,13 +13,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .._apply import apply
-from ..mapping import MADV_WILLNEED
-from ..planner import RefreshPlan, geometries_of, plan_refresh
-from ..pool import ExpertPool
-from ..sinks import ArraySink, DictSink
-from ..source import MappedSource, Prefetch
-from ..store import ExpertStore, open_store
-from ..writes import WriteTable
+from .._mapping import MADV_WILLNEED
+from .._planner import RefreshPlan, geometries_of, plan_refresh
+from .._pool import ExpertPool
+from .._sinks import ArraySink, DictSink
+from .._source import MappedSource, Prefetch
+from .._store import ExpertStore, open_store
+from .._writes import WriteTable
 from .data import BF16, EXPERTS, cached_nbytes, data_store, drop_cache, prefaulted, times, warm, write_slab_store
 from .figures import Figure
 from .registry import Context, case

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .._mapping import MADV_DONTNEED, MappedFile
 from ..gpu import CopyJob, DeviceCopier, Source, SourceStats
 from ..gpu.driver import CudaDriver
 from ..gpu.ring import default_threads
-from ..mapping import MADV_DONTNEED, MappedFile
 from ..torch import require_torch
 from .figures import Figure
 from .registry import Context, case

@@ -21,6 +21,11 @@ import numpy.typing as npt
 
 from .._apply import apply
 from .._convert import convert
+from .._planner import RefreshPlan, geometries_of, plan_refresh
+from .._pool import ExpertPool
+from .._sinks import ArraySink
+from .._source import MappedSource
+from .._store import ExpertStore, open_store
 from ..io import (
     ColdReader,
     FileRange,
@@ -31,11 +36,6 @@ from ..io import (
     aligned_empty,
     probe_reader_config,
 )
-from ..planner import RefreshPlan, geometries_of, plan_refresh
-from ..pool import ExpertPool
-from ..sinks import ArraySink
-from ..source import MappedSource
-from ..store import ExpertStore, open_store
 from .coldtools import drop_file, pread_pool, storage_read_nbytes
 from .data import EXPERTS, data_store
 from .figures import Figure

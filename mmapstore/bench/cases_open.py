@@ -6,8 +6,8 @@ import glob
 import os
 import statistics
 
-from ..store import open_store
-from ..synth import synth_checkpoint
+from .._store import open_store
+from .._synth import synth_checkpoint
 from .data import times
 from .figures import Figure
 from .registry import Context, case

@@ -10,12 +10,12 @@ import time
 import numpy as np
 
 from .._apply import apply
-from ..planner import geometries_of, plan_full_push, plan_refresh
-from ..pool import ExpertPool
-from ..proposals import count_hits_rows
-from ..sinks import ArraySink
-from ..store import open_store
-from ..synth import routing_trace
+from .._planner import geometries_of, plan_full_push, plan_refresh
+from .._pool import ExpertPool
+from .._proposals import count_hits_rows
+from .._sinks import ArraySink
+from .._store import open_store
+from .._synth import routing_trace
 from .data import BF16, times, write_slab_store
 from .figures import Figure
 from .registry import Context, case

@@ -4,8 +4,8 @@ It runs inside a memory cgroup and replays a drifting routing trace over a
 slab store larger than the limit, one method per process:
 
 ``auto``
-    :class:`~mmapstore.service.SlabService` sized by
-    :meth:`~mmapstore.service.SlabService.from_budget`, ``read="auto"``,
+    :class:`~mmapstore._service.SlabService` sized by
+    :meth:`~mmapstore._service.SlabService.from_budget`, ``read="auto"``,
     ``cache="drop"``: the default sink path with the cold reader.
 ``map``
     The same service and capacity with ``read="map"`` (copies from the
@@ -28,12 +28,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._planner import geometries_of, plan_refresh
+from .._pool import ExpertPool, RefreshPolicy
+from .._service import SlabService
+from .._store import ExpertStore, open_store
+from .._trace_synth import recency_trace
 from ..io import FileRange, ReaderConfig, aligned_empty, probe_reader_config
-from ..planner import geometries_of, plan_refresh
-from ..pool import ExpertPool, RefreshPolicy
-from ..service import SlabService
-from ..store import ExpertStore, open_store
-from ..trace_synth import recency_trace
 from .coldtools import pread_pool, storage_read_nbytes
 
 __all__ = ["main", "replay"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..mapping import MADV_DONTNEED, MADV_WILLNEED, MappedFile
+from .._mapping import MADV_DONTNEED, MADV_WILLNEED, MappedFile
 
 __all__ = [
     "PIECE_NBYTES",

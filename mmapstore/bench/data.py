@@ -11,9 +11,9 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from ..dtypes import dtype_from_code
+from .._dtypes import dtype_from_code
+from .._mapping import PAGE_NBYTES, MappedFile
 from ..formats import MANIFEST_NAME, Manifest, ManifestTensor, SafetensorsWriter, TensorSpec
-from ..mapping import PAGE_NBYTES, MappedFile
 
 __all__ = [
     "BF16",

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError
-from ..geometry import Encoding, Orientation
+from .._errors import FormatError
+from .._geometry import Encoding, Orientation
 from .blockscaled import dequantize_fp8_block, dequantize_mxfp4
 from .ggml import DEQUANTIZABLE, can_dequantize, dequantize_ggml
 from .packed import dequantize_packed

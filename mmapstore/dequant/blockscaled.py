@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError
+from .._errors import FormatError
 
 __all__ = ["E2M1_VALUES", "dequantize_fp8_block", "dequantize_mxfp4"]
 

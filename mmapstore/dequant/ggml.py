@@ -32,8 +32,8 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from ..dtypes import QK_K, DType
-from ..errors import FormatError, UnsupportedEncodingError
+from .._dtypes import QK_K, DType
+from .._errors import FormatError, UnsupportedEncodingError
 
 __all__ = ["DEQUANTIZABLE", "can_dequantize", "dequantize_ggml"]
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError
-from ..geometry import Encoding
+from .._errors import FormatError
+from .._geometry import Encoding
 from .blockscaled import E2M1_VALUES, dequantize_mxfp4
 
 __all__ = ["dequantize_packed", "unpack_int4"]

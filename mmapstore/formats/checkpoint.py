@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FormatError
+from .._errors import FormatError
 from .files import Directory, FileIdentity, open_regular
 from .gguf import is_gguf, read_gguf_files
 from .manifest import MANIFEST_NAME, Manifest, raw_records

@@ -6,7 +6,7 @@ with ``O_NONBLOCK`` (a FIFO named like a manifest cannot hang the reader) and
 refused unless ``fstat`` says it is a regular file.  A directory is opened
 once (:class:`Directory`) and every file below it is opened relative to that
 descriptor, so a store renamed over the directory while it is being read is
-seen as a change (:class:`~mmapstore.errors.FileChangedError`), never as a
+seen as a change (:class:`~mmapstore._errors.FileChangedError`), never as a
 mixture of two stores.  :class:`FileIdentity` records what was validated, so
 whoever maps the file later can check it is still the same one.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ..errors import FileChangedError, FormatError
+from .._errors import FileChangedError, FormatError
 from .records import MAX_MANIFEST_NBYTES, parse_json_object, read_exact
 
 __all__ = [

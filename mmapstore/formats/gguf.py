@@ -24,8 +24,8 @@ import re
 import struct
 from dataclasses import dataclass, replace
 
-from ..dtypes import GGML_TYPES
-from ..errors import FormatError
+from .._dtypes import GGML_TYPES
+from .._errors import FormatError
 from .files import FileIdentity, open_regular
 from .gguf_cursor import UINT32, HeaderCursor
 from .records import MAX_TENSORS, TensorRecord, shape_nbytes

@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError
+from .._errors import FormatError
 from .records import read_exact
 
 __all__ = ["UINT32", "HeaderCursor"]

@@ -6,7 +6,7 @@ description of the bytes: per tensor a file relative to the store, a dtype, a
 shape and a byte offset.  With ``"storage": "safetensors"`` the shards'
 headers describe the bytes and the manifest adds checksums and provenance.
 Each tensor entry may carry a checksum under the name of its algorithm
-(``xxh3_128``, ``blake3``, ``sha256``: see :mod:`mmapstore.checksum`); the
+(``xxh3_128``, ``blake3``, ``sha256``: see :mod:`mmapstore._checksum`); the
 top-level ``checksum`` names the one the writer used.
 
 ``"layout": "expert-major"`` (format version 2) stores each MoE layer as one
@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..checksum import ALGORITHMS, HEX_DIGITS
-from ..dtypes import dtype_from_code
-from ..errors import FormatError
-from ..geometry import ENCODING_KINDS, Encoding
+from .._checksum import ALGORITHMS, HEX_DIGITS
+from .._dtypes import dtype_from_code
+from .._errors import FormatError
+from .._geometry import ENCODING_KINDS, Encoding
 from .files import Directory, FileIdentity
 from .records import MAX_TENSORS, TensorRecord, shape_nbytes, validate_shape
 
@@ -65,7 +65,7 @@ class ManifestTensor:
     its bytes); a safetensors store may repeat ``dtype`` and ``shape``, which
     must then agree with the shard's header.  ``checksums`` are
     ``(algorithm, lowercase hex digest)`` pairs in
-    :data:`~mmapstore.checksum.ALGORITHMS` order.
+    :data:`~mmapstore._checksum.ALGORITHMS` order.
     """
 
     file: str

@@ -7,8 +7,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from ..dtypes import DType
-from ..errors import FormatError
+from .._dtypes import DType
+from .._errors import FormatError
 
 __all__ = [
     "MAX_DIMS",

@@ -19,8 +19,8 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from ..dtypes import DTYPE_CODES, DType, dtype_from_code, opaque_dtype
-from ..errors import FormatError
+from .._dtypes import DTYPE_CODES, DType, dtype_from_code, opaque_dtype
+from .._errors import FormatError
 from .files import FileIdentity, open_regular
 from .records import (
     MAX_DIMS,

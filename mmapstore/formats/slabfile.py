@@ -20,7 +20,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from ..preadcopy import copy_range
+from .._preadcopy import copy_range
 from .safetensors import PAD_PREFIX, TensorSpec, layout_header
 
 __all__ = ["STORAGES", "SlabFileWriter"]
@@ -111,8 +111,8 @@ class SlabFileWriter:
 
     def copy(self, name: str, source: int, source_offset: int, nbytes: int, *, source_path: str, at: int = -1) -> int:
         """Copy ``nbytes`` of file ``source`` at ``source_offset`` to tensor
-        ``name``'s cursor with :func:`~mmapstore.preadcopy.copy_range` (a
-        source that shrank is a :class:`~mmapstore.errors.FormatError`);
+        ``name``'s cursor with :func:`~mmapstore._preadcopy.copy_range` (a
+        source that shrank is a :class:`~mmapstore._errors.FormatError`);
         return the file offset written (``at`` as in :meth:`write`)."""
         offset = self._claim(name, nbytes, at)
         copy_range(source, source_offset, self.fd, offset, nbytes, path=source_path)

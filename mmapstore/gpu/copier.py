@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..mapping import PAGE_NBYTES, MappedFile
+from .._mapping import PAGE_NBYTES, MappedFile
 from ..torch import as_tensor, require_torch
 from .driver import CudaDriver, PinnedBudget, default_pinned_budget_nbytes
 from .jobs import SOURCES, CopyJob, Fallbacks, Source, SourceStats

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._errors import FormatError
 from ..dequant.blockscaled import E2M1_VALUES
-from ..errors import FormatError
 from ..torch import require_torch
 
 if TYPE_CHECKING:

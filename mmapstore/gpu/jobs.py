@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ..mapping import MappedFile
+from .._mapping import MappedFile
 
 if TYPE_CHECKING:
     import torch

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError
-from ..mapping import MappedFile
+from .._errors import FormatError
+from .._mapping import MappedFile
 from .jobs import Fallbacks
 
 __all__ = ["ALIGN_NBYTES", "MappingReader", "PreadReader", "Reader"]

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MmapStoreError
+from .._errors import MmapStoreError
 from .driver import PinnedBudget
 from .jobs import CopyJob
 from .readers import ALIGN_NBYTES, Reader

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..dtypes import can_cast
-from ..errors import SinkError, StoreClosedError
-from ..geometry import PartGeometry, c_strides
-from ..planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
-from ..sinks import SinkOrientation, WriteResult
+from .._dtypes import can_cast
+from .._errors import SinkError, StoreClosedError
+from .._geometry import PartGeometry, c_strides
+from .._planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
+from .._sinks import SinkOrientation, WriteResult
 from ..torch import as_tensor, require_torch, torch_dtype
 from .copier import DeviceCopier
 from .dequant import dequantize_fp8_block, dequantize_mxfp4
@@ -40,9 +40,9 @@ from .jobs import CopyJob, Source
 if TYPE_CHECKING:
     import torch
 
-    from ..source import ByteSource
-    from ..store import ExpertStore
-    from ..writes import WriteTable
+    from .._source import ByteSource
+    from .._store import ExpertStore
+    from .._writes import WriteTable
 
 __all__ = ["TorchCompletion", "TorchSink"]
 
@@ -499,7 +499,7 @@ def _as_torch_dtype(dtype: Any) -> torch.dtype:
 
 
 def _numpy_of(dtype: torch.dtype) -> np.dtype[Any]:
-    from ..dtypes import DTYPE_CODES
+    from .._dtypes import DTYPE_CODES
     from ..torch import TORCH_DTYPE_NAMES
 
     for code, name in TORCH_DTYPE_NAMES.items():

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..mapping import PAGE_NBYTES, MappedFile
+from .._mapping import PAGE_NBYTES, MappedFile
 from .driver import CudaDriver, PinnedBudget
 from .jobs import Fallbacks, SourceStats
 

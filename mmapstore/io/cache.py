@@ -38,8 +38,8 @@ import os
 from collections.abc import Iterable
 from typing import Literal
 
-from ..errors import FormatError
-from ..mapping import MADV_DONTNEED, MappedFile
+from .._errors import FormatError
+from .._mapping import MADV_DONTNEED, MappedFile
 
 __all__ = [
     "MADV_COLD",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError, OptionError, StoreClosedError
+from .._errors import FormatError, OptionError, StoreClosedError
 from .requests import ALIGN_NBYTES
 
 __all__ = ["DIRECT_REFUSED_ERRNOS", "FileHandles", "Handles", "address_of", "aligned_empty", "pread_exact"]

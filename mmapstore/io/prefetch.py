@@ -23,7 +23,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import MmapStoreError, OptionError
+from .._errors import MmapStoreError, OptionError
 from .files import aligned_empty
 from .reader import ColdReader, ReadHandle, StagedClaim
 from .requests import FileRange, ReaderConfig, ReadRequest

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..errors import OptionError
+from .._errors import OptionError
 from .cache import drop_cached
 from .files import aligned_empty
 from .reader import ColdReader

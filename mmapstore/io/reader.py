@@ -10,7 +10,7 @@ from the file offset's) go through a small aligned bounce buffer.
 Guarantees:
 
 - A read that reaches the end of the file before the end of its range raises
-  :class:`~mmapstore.errors.FormatError` naming the file; a short read is
+  :class:`~mmapstore._errors.FormatError` naming the file; a short read is
   never served as data.  (Pieces copied from the mapping check the file size
   first; a file truncated during that copy is still SIGBUS, as for any
   mapping, which is why cold pieces are read, not faulted.)
@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FormatError, OptionError, ReadCancelledError
-from ..mapping import MappedFile
+from .._errors import FormatError, OptionError, ReadCancelledError
+from .._mapping import MappedFile
 from .files import (
     DIRECT_REFUSED_ERRNOS,
     FileHandles,

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import numpy.typing as npt
 
-from ..errors import OptionError
-from ..mapping import MappedFile
+from .._errors import OptionError
+from .._mapping import MappedFile
 
 __all__ = [
     "ALIGN_NBYTES",

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..mapping import PAGE_NBYTES, MappedFile
+from .._mapping import PAGE_NBYTES, MappedFile
 
 __all__ = ["Piece", "split_by_residency"]
 

@@ -3,7 +3,7 @@
 :class:`InMemoryFiles` lays numpy arrays out as bytes, the way checkpoints
 do (stacked ``[E, ...]`` tensors, one tensor per expert scattered between
 others, fused gate/up halves), and returns the
-:class:`~mmapstore.geometry.PartGeometry` of each; :meth:`InMemoryFiles.source`
+:class:`~mmapstore._geometry.PartGeometry` of each; :meth:`InMemoryFiles.source`
 gives an :class:`ArraySource` that serves write tables from those bytes.
 """
 
@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..dtypes import DType, code_of, dtype_from_code
-from ..errors import FormatError, SinkError
-from ..geometry import Orientation, PartGeometry, c_strides
-from ..mapping import FileMaps, MappedFile
-from ..source import MappedSource, Prefetch
-from ..writes import WriteTable
+from .._dtypes import DType, code_of, dtype_from_code
+from .._errors import FormatError, SinkError
+from .._geometry import Orientation, PartGeometry, c_strides
+from .._mapping import FileMaps, MappedFile
+from .._source import MappedSource, Prefetch
+from .._writes import WriteTable
 
 __all__ = ["ArraySource", "FileSource", "InMemoryFiles"]
 
@@ -151,7 +151,7 @@ class InMemoryFiles:
 
 
 class ArraySource:
-    """A :class:`~mmapstore.source.ByteSource` over in-memory byte arrays
+    """A :class:`~mmapstore._source.ByteSource` over in-memory byte arrays
     (``name -> uint8 array``); ``mapping`` is None (no file behind it)."""
 
     def __init__(self, buffers: Mapping[str, npt.NDArray[np.uint8]]) -> None:
@@ -215,7 +215,7 @@ class ArraySource:
 
 
 class FileSource(MappedSource):
-    """A :class:`~mmapstore.source.MappedSource` that owns its mappings: :meth:`close` them."""
+    """A :class:`~mmapstore._source.MappedSource` that owns its mappings: :meth:`close` them."""
 
     def close(self) -> None:
         self._maps.close()

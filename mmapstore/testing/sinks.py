@@ -31,14 +31,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from ..dtypes import DType, code_of, dtype_from_code
-from ..errors import SinkError
-from ..geometry import Encoding, PartGeometry
-from ..planner import LayerGeometry, StackGeometry, StoreGeometry, param_name, plan_full_push, plan_refresh
-from ..pool import ExpertPool
-from ..sinks import Sink
-from ..source import ByteSource
-from ..writes import WriteTable
+from .._dtypes import DType, code_of, dtype_from_code
+from .._errors import SinkError
+from .._geometry import Encoding, PartGeometry
+from .._planner import LayerGeometry, StackGeometry, StoreGeometry, param_name, plan_full_push, plan_refresh
+from .._pool import ExpertPool
+from .._sinks import Sink
+from .._source import ByteSource
+from .._writes import WriteTable
 from .memory import ArraySource, InMemoryFiles
 
 __all__ = ["Destination", "SinkTests"]

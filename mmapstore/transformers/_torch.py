@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..errors import RuntimeConfigError
+from .._errors import RuntimeConfigError
 
 __all__ = ["as_tensor", "resolve_device", "torch_dtype"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MmapStoreError
+from .._errors import MmapStoreError
 from ._hf import interface_registry
 
 __all__ = ["BACKEND_NAME", "LAYER_ATTRIBUTE", "mmapstore_experts_forward", "register_backend"]

@@ -1,4 +1,4 @@
-"""Trace capture: every MoE layer's Top-K ids at every forward, as a :class:`~mmapstore.trace.Trace`."""
+"""Trace capture: every MoE layer's Top-K ids at every forward, as a :class:`~mmapstore._trace.Trace`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import CapturedIdsError
-from ..trace import Phase, Trace
+from .._errors import CapturedIdsError
+from .._trace import Phase, Trace
 
 __all__ = ["TraceRecorder"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..pool import ExecMode, ExpertPool, count_hits
-from ..store import LayerExperts
+from .._pool import ExecMode, ExpertPool, count_hits
+from .._store import LayerExperts
 from ._hf import grouped_linear
 from ._torch import as_tensor
 from .fetch import FetchChunk, plan_fetch

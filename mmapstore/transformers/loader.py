@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, RuntimeConfigError, UnsupportedModelError
+from .._errors import FormatError, RuntimeConfigError, UnsupportedModelError
+from .._pool import ExpertPool, RefreshPolicy, capacity_from_budget
+from .._store import ExpertStore, LayerExperts, open_store
 from ..gpu.jobs import SOURCES, Source
-from ..pool import ExpertPool, RefreshPolicy, capacity_from_budget
-from ..store import ExpertStore, LayerExperts, open_store
 from . import _hf
 from ._torch import as_tensor, resolve_device
 from .backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend

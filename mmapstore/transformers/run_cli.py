@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RuntimeConfigError
+from .._errors import RuntimeConfigError
 from .loader import load_model
 
 __all__ = ["memory_now", "run_command"]

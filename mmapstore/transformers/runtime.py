@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..store import ExpertStore
-from ..trace import Phase, Trace, save_trace
+from .._store import ExpertStore
+from .._trace import Phase, Trace, save_trace
 from .capture import TraceRecorder
 from .layer import LayerRuntime, StepState
 from .slots import SlotWriter

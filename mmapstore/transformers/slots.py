@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..geometry import c_strides
+from .._geometry import c_strides
 from ._torch import as_tensor, torch_dtype
 
 if TYPE_CHECKING:
+    from .._store import ExpertStack
     from ..gpu.copier import DeviceCopier
     from ..gpu.jobs import CopyJob, Source
-    from ..store import ExpertStack
 
 __all__ = ["SlotWriter"]
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ._policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, StaticPolicy, TidePolicy
 from ._replay import Clock, CostModel, ReplayInput, SimulationReport, refresh_schedule, replay
-from .policies import BeladyPolicy, LFUPolicy, LRUPolicy, Policy, StaticPolicy, TidePolicy
 
 __all__ = [
     "PolicyComparison",
@@ -379,7 +379,7 @@ def probe_io_bandwidth(directory: str | None = None, nbytes: int = 64 << 20) -> 
     ``posix_fadvise(DONTNEED)`` (not possible on tmpfs, where the probe
     measures a warm copy), then mapped and copied once.
     """
-    from .mapping import MappedFile
+    from ._mapping import MappedFile
 
     with tempfile.TemporaryDirectory(prefix="mmapstore-probe-", dir=directory) as scratch:
         path = os.path.join(scratch, "probe.bin")

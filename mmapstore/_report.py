@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .checksum import ALGORITHMS, Hasher, new_hasher
-from .errors import FormatError
+from ._checksum import ALGORITHMS, Hasher, new_hasher
+from ._errors import FormatError
+from ._preadcopy import pread_into
+from ._store import open_store
 from .formats import MANIFEST_NAME, FileIdentity, TensorRecord
 from .formats.checkpoint import read_header_in
 from .formats.files import Directory, open_regular
 from .formats.manifest import Manifest, check_overlaps, raw_record
-from .preadcopy import pread_into
-from .store import open_store
 
 __all__ = ["Problem", "VerifyReport", "describe", "verify"]
 
@@ -81,7 +81,7 @@ class VerifyReport:
 
 def verify(path: str) -> VerifyReport:
     """Check structure and, for slab stores, every tensor's checksum
-    (whichever of :data:`~mmapstore.checksum.ALGORITHMS` the manifest names).
+    (whichever of :data:`~mmapstore._checksum.ALGORITHMS` the manifest names).
 
     The structure is validated by the same code as :func:`open_store` (one
     problem per tensor, so a damaged one does not stop the rest); bytes are

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._replay import CostModel, ReplayInput
-from .tune import PolicyComparison, Recommendation
+from ._tune import PolicyComparison, Recommendation
 
 __all__ = ["plot_comparison", "plot_tuning"]
 
@@ -58,7 +58,7 @@ def plot_tuning(
 ) -> None:
     """Four panels: policies against τ (hit rate, time), Eq. 7 against
     capacity and τ (the model), and the fitted hit decay after a refresh."""
-    from .tune import model_seconds
+    from ._tune import model_seconds
 
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(12, 9))

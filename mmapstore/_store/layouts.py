@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..dtypes import DType
-from ..errors import FormatError
+from .._dtypes import DType
+from .._errors import FormatError
+from .._geometry import Encoding
 from ..formats.records import TensorRecord
-from ..geometry import Encoding
 from .packed import packed_layer, packed_part, packed_slab_layer, packed_weight
 from .schemes import QuantScheme, model_type, quant_scheme, text_config
 

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dtypes import parse_user_dtype
-from .errors import OptionError
-from .planner import param_name
-from .pool import RefreshPolicy
-from .service import SlabService
-from .sinks import ArraySink, Sink, SinkOrientation
-from .store import open_store
-from .synth import routing_trace
+from ._dtypes import parse_user_dtype
+from ._errors import OptionError
+from ._planner import param_name
+from ._pool import RefreshPolicy
+from ._service import SlabService
+from ._sinks import ArraySink, Sink, SinkOrientation
+from ._store import open_store
+from ._synth import routing_trace
 
 if TYPE_CHECKING:
     from .gpu.sink import TorchSink

@@ -1,6 +1,6 @@
 """One source choice per row: copy what is resident, read what is cold.
 
-A numpy sink (:class:`~mmapstore.sinks.DictSink`, :class:`~mmapstore.sinks.ArraySink`)
+A numpy sink (:class:`~mmapstore._sinks.DictSink`, :class:`~mmapstore._sinks.ArraySink`)
 sorts the rows of a write table before copying, according to its read mode:
 
 ``"auto"`` (the default)
@@ -26,14 +26,14 @@ record, and of adjacent records, land in their slots with one scatter
 ``preadv`` (:meth:`~mmapstore.io.ColdReader.submit_scatter`).
 Otherwise its byte range is read into a bounded bounce buffer (two, so that
 the next batch is read while the last one is laid out) and the shared copy
-kernel :func:`~mmapstore.kernels.copy_slab` casts or transposes it from
+kernel :func:`~mmapstore._kernels.copy_slab` casts or transposes it from
 there.  Bounced ranges that overlap or lie less than a block apart are
 read as one: the gate and up halves of one fused slab, and every part of
 an expert in an expert-major store (one read per expert, or per run of
 adjacent experts, up to the bounce size).
 
 A file that ends before a planned byte raises
-:class:`~mmapstore.errors.FormatError` naming it; a short read is never
+:class:`~mmapstore._errors.FormatError` naming it; a short read is never
 served as data.
 """
 
@@ -47,15 +47,15 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .errors import MmapStoreError, SinkError
-from .geometry import PartGeometry, c_strides
+from ._errors import MmapStoreError, SinkError
+from ._geometry import PartGeometry, c_strides
+from ._kernels import copy_slab
+from ._mapping import MappedFile
 from .io import ALIGN_NBYTES, ColdReader, ReadHandle, ReadRequest, ReadResult, ScatterRequest, aligned_empty
-from .kernels import copy_slab
-from .mapping import MappedFile
 
 if TYPE_CHECKING:
-    from .source import ByteSource
-    from .writes import WriteTable
+    from ._source import ByteSource
+    from ._writes import WriteTable
 
 __all__ = [
     "BOUNCE_NBYTES",

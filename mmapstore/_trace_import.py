@@ -1,4 +1,4 @@
-"""Routing traces written by other tools, as :class:`~mmapstore.trace.Trace` values.
+"""Routing traces written by other tools, as :class:`~mmapstore._trace.Trace` values.
 
 - vLLM ``--enable-return-routed-experts``: per request ``[tokens, layers, top_k]``
   (``prompt_routed_experts`` and ``routed_experts``); the prompt is one
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError
-from .trace import Phase, Trace
+from ._errors import FormatError
+from ._trace import Phase, Trace
 
 __all__ = ["from_llama_csv", "from_step_array", "from_vllm"]
 

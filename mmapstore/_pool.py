@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError, OptionError, StaleRefreshError
+from ._errors import CapturedIdsError, OptionError, StaleRefreshError
 
 __all__ = [
     "ExecMode",

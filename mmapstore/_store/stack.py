@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .._errors import ExpertIndexError, StoreClosedError
+from .._geometry import Encoding, Orientation, PartGeometry
+from .._mapping import FileMaps, MappedFile
 from ..dequant import dequantize_slab
-from ..errors import ExpertIndexError, StoreClosedError
-from ..geometry import Encoding, Orientation, PartGeometry
-from ..mapping import FileMaps, MappedFile
 
 __all__ = ["ExpertStack", "LayerExperts", "SourceSpan"]
 
@@ -33,7 +33,7 @@ class ExpertStack:
     expert axis and move together: ``weight`` (the values, or the encoded
     codes or blocks of a quantized stack) and, where the encoding has them,
     ``scale``, ``bias``, ``zero``...  Each part is described by a
-    :class:`~mmapstore.geometry.PartGeometry`; views are made on use, never at open.
+    :class:`~mmapstore._geometry.PartGeometry`; views are made on use, never at open.
 
     :meth:`expert` is the zero-copy, read-only ``[k, n]`` view of the weight
     part: **encoded values** when ``encoding.encoded`` (FP8 codes, MXFP4

@@ -19,8 +19,8 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .errors import SinkError
-from .geometry import Encoding, PartGeometry
+from ._errors import SinkError
+from ._geometry import Encoding, PartGeometry
 
 __all__ = ["ReadRanges", "WriteTable", "merge_ranges"]
 

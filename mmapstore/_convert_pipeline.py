@@ -18,7 +18,7 @@ Both sides release the GIL in their heavy calls (``copy_file_range``,
 At most two read slabs and :data:`AHEAD` copied ones are in flight: peak
 memory is two slabs plus a few MiB, whatever the checkpoint.  Sources are
 never read through a mapping: a source that shrinks is a short
-``copy_file_range`` or ``pread`` and a :class:`~mmapstore.errors.FormatError`.
+``copy_file_range`` or ``pread`` and a :class:`~mmapstore._errors.FormatError`.
 
 Writeback starts as soon as a slab is written (``sync_file_range``), and the
 writer waits for it once the slab is :data:`WRITE_BEHIND_NBYTES` behind, so
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .checksum import Hasher, new_hasher
+from ._checksum import Hasher, new_hasher
+from ._preadcopy import pread_into
+from ._store import ExpertStack
+from ._transpose import transpose_into
 from .dequant import dequantize_slab
 from .formats.slabfile import SlabFileWriter
-from .preadcopy import pread_into
-from .store import ExpertStack
-from .transpose import transpose_into
 
 __all__ = [
     "AHEAD",
@@ -119,7 +119,7 @@ class Job:
 class SlabReader:
     """Reads expert slabs with ``pread`` into buffers reused from slab to slab
     (one per part): a source that shrinks is a short read and a
-    :class:`~mmapstore.errors.FormatError`, never a fault on a mapped page.
+    :class:`~mmapstore._errors.FormatError`, never a fault on a mapped page.
     A returned array is valid until this reader reads the same part again."""
 
     def __init__(self) -> None:

@@ -12,16 +12,16 @@ checked against these shapes when an expert is dequantized.
 
 Every part is checked against the shapes and dtypes its format writes; a part
 the format does not have, or a required one missing, is a
-:class:`~mmapstore.errors.FormatError` naming the tensor.
+:class:`~mmapstore._errors.FormatError` naming the tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import FormatError
+from .._errors import FormatError
+from .._geometry import Encoding, EncodingKind
 from ..formats.records import TensorRecord
-from ..geometry import Encoding, EncodingKind
 from .schemes import PackedKind, QuantScheme
 
 __all__ = ["KN_KINDS", "packed_layer", "packed_part", "packed_slab_layer", "packed_weight"]

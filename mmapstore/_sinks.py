@@ -11,7 +11,7 @@ A sink has two methods, and what ``submit`` returns has two more:
     the destination's, encoded bytes (FP8 codes, MXFP4 nibbles, GGUF
     blocks) are neither cast nor transposed, every slot range lies inside
     the destination, the destination is writable.  Raises
-    :class:`~mmapstore.errors.SinkError` naming the parameter, the source
+    :class:`~mmapstore._errors.SinkError` naming the parameter, the source
     part and what was expected versus found.
 ``submit(table, source) -> Completion``
     Start the copies of every row (``check`` first if this table was not
@@ -26,7 +26,7 @@ A sink has two methods, and what ``submit`` returns has two more:
     Block until every copy landed; report bytes, seconds and rows.  Calling
     it again returns the same result.  Nothing may read the destinations,
     and no pool may be committed, before ``wait`` returns:
-    :func:`mmapstore.apply` and :class:`~mmapstore.service.SlabService`
+    :func:`mmapstore.apply` and :class:`~mmapstore._service.SlabService`
     commit pools only after it.
 
 Sinks that hold their destinations expose them as ``buffers`` (name ->
@@ -38,7 +38,7 @@ The numpy sinks here complete synchronously: ``submit`` makes one source
 choice per row (``read="auto"``: resident rows copied from the mapping, on
 two threads when they are many; cold rows read by a
 :class:`~mmapstore.io.ColdReader` straight into the destination or through a
-bounce buffer; see :mod:`mmapstore.coldrows`), and returns a finished
+bounce buffer; see :mod:`mmapstore._coldrows`), and returns a finished
 completion whose result counts the bytes each source delivered.  Every sink
 passes :class:`mmapstore.testing.SinkTests`.
 """
@@ -55,16 +55,16 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .coldrows import BOUNCE_NBYTES, READ_MODES, ROW_SOURCES, ColdRows, ReadMode, copy_view, split_rows
-from .dtypes import can_cast
-from .errors import SinkError
+from ._coldrows import BOUNCE_NBYTES, READ_MODES, ROW_SOURCES, ColdRows, ReadMode, copy_view, split_rows
+from ._dtypes import can_cast
+from ._errors import SinkError
+from ._planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
+from ._source import ByteSource
+from ._writes import WriteTable
 from .io import ALIGN_NBYTES, ColdReader, aligned_empty
-from .planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
-from .source import ByteSource
-from .writes import WriteTable
 
 if TYPE_CHECKING:
-    from .store import ExpertStore
+    from ._store import ExpertStore
 
 __all__ = [
     "PARALLEL_MIN_NBYTES",
@@ -92,7 +92,7 @@ class WriteResult:
     submit to completion, rows and copy threads used.
 
     ``source_nbytes`` counts the delivered bytes by where they came from
-    (:data:`~mmapstore.coldrows.RowSource` names; empty when a sink does not
+    (:data:`~mmapstore._coldrows.RowSource` names; empty when a sink does not
     say); ``device_nbytes`` the bytes explicit reads asked of the device.
     """
 
@@ -153,7 +153,7 @@ class DictSink:
     read
         ``"auto"`` (resident rows copied from the mapping, cold rows read),
         ``"map"`` (every row copied from the mapping) or ``"reader"`` (every
-        row read; the mapping is never touched): see :mod:`mmapstore.coldrows`.
+        row read; the mapping is never touched): see :mod:`mmapstore._coldrows`.
     reader
         The :class:`~mmapstore.io.ColdReader` for cold rows (shared with a
         prefetcher, say); by default the sink makes one with the default

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ._replay import CostModel, ReplayGeometry, ReplayInput, prepare
+from ._trace import Trace, load_trace, save_trace
 from .cli import escape, parse_size
-from .trace import Trace, load_trace, save_trace
 
 __all__ = ["add_trace_arguments", "cmd_trace", "run_simulate_trace", "run_tune"]
 
@@ -28,7 +28,8 @@ def _print_json(value: Any) -> None:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Write a trace: synthetic (``--synth``) or imported."""
-    from . import trace_import, trace_synth
+    from . import _trace_import as trace_import
+    from . import _trace_synth as trace_synth
 
     if args.synth:
         shape = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, seed=args.seed)
@@ -99,7 +100,7 @@ def _load(args: argparse.Namespace) -> tuple[Trace, ReplayGeometry, ReplayInput,
 
     trace = load_trace(args.trace)
     if args.path is not None:
-        from .store import open_store
+        from ._store import open_store
 
         with open_store(args.path) as store:
             geometry = ReplayGeometry.from_store(store)
@@ -109,7 +110,7 @@ def _load(args: argparse.Namespace) -> tuple[Trace, ReplayGeometry, ReplayInput,
         geometry = ReplayGeometry.uniform(trace.num_layers, experts, parse_size(args.expert_size))
         where = f"{experts} experts x {geometry.expert_nbytes[0] / 2**20:.1f} MiB per layer (no store)"
     data = prepare(trace, geometry)
-    from .tune import measure_cpu_cost, probe_io_bandwidth
+    from ._tune import measure_cpu_cost, probe_io_bandwidth
 
     io = float(parse_size(args.io_bandwidth)) if args.io_bandwidth else probe_io_bandwidth()
     expert_nbytes = max(geometry.expert_nbytes)
@@ -142,12 +143,12 @@ def _table(comparison: Any) -> list[str]:
 
 def run_simulate_trace(args: argparse.Namespace) -> int:
     """``simulate --trace``: every policy over τ at ``--capacity``."""
-    from .tune import compare_policies
+    from ._tune import compare_policies
 
     trace, geometry, data, cost, where = _load(args)
     comparison = compare_policies(data, args.capacity, cost, clock=args.clock)
     if args.plot:
-        from .plots import plot_comparison
+        from ._plots import plot_comparison
 
         plot_comparison(comparison, args.plot)
     if args.json:
@@ -175,14 +176,14 @@ def run_simulate_trace(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     """``tune``: recommend τ and capacity per layer, check by replay, compare policies."""
-    from .tune import compare_policies, recommend
+    from ._tune import compare_policies, recommend
 
     trace, geometry, data, cost, where = _load(args)
     budget = parse_size(args.budget) if args.budget else None
     rec = recommend(data, cost, budget_nbytes=budget, max_interval=args.max_interval, clock=args.clock)
     comparison = compare_policies(data, rec.capacity, cost, clock=args.clock)
     if args.plot:
-        from .plots import plot_tuning
+        from ._plots import plot_tuning
 
         plot_tuning(rec, comparison, data, cost, args.plot)
     winner = comparison.best(comparison.winner)

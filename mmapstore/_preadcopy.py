@@ -3,7 +3,7 @@ when the file may shrink under them.
 
 Touching a mapped page past the end of a truncated file kills the process
 with SIGBUS; ``pread`` past the end returns fewer bytes instead.  :func:`pread_into`
-turns that short read into a :class:`~mmapstore.errors.FormatError` naming
+turns that short read into a :class:`~mmapstore._errors.FormatError` naming
 the file, so ``convert`` and ``verify`` (and any sink that copies through
 it) survive a file that shrinks while they read it.
 """
@@ -16,8 +16,8 @@ import os
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError
-from .mapping import MappedFile
+from ._errors import FormatError
+from ._mapping import MappedFile
 
 __all__ = ["MAX_PREAD_NBYTES", "copy_range", "pread_into"]
 
@@ -37,7 +37,7 @@ def pread_into(
     Parameters
     ----------
     source
-        An open file descriptor, or a :class:`~mmapstore.mapping.MappedFile`
+        An open file descriptor, or a :class:`~mmapstore._mapping.MappedFile`
         (its own descriptor is used; the mapping is never touched).
     offset
         Absolute file offset of the first byte.

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import FormatError
+from .._errors import FormatError
 
 __all__ = ["PackedScheme", "QuantScheme", "model_type", "quant_scheme", "text_config"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .trace import Phase, Trace
+from ._trace import Phase, Trace
 
 __all__ = [
     "adjacent_cosine",

@@ -1,6 +1,6 @@
 """Synthetic Hugging Face-layout MoE checkpoints and routing traces.
 
-Values follow :mod:`mmapstore.synth_values`, so any slab can be recomputed
+Values follow :mod:`mmapstore._synth_values`, so any slab can be recomputed
 from ``(seed, tensor name, element index)`` without reading the file.  With
 ``sparse=True`` the files hold valid headers over holes: checkpoints of
 hundreds of GB that take no disk (they read back as zeros).
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DType, parse_user_dtype
-from .errors import OptionError
-from .families import FamilyShape, family_tensors
+from ._dtypes import DType, parse_user_dtype
+from ._errors import OptionError
+from ._families import FamilyShape, family_tensors
+from ._publish import clean_partials, locked, staged_dir
+from ._synth_values import CHUNK_ELEMENTS, synth_values
 from .formats import INDEX_NAME, SafetensorsWriter, TensorSpec
 from .formats.records import split_by_size
-from .publish import clean_partials, locked, staged_dir
-from .synth_values import CHUNK_ELEMENTS, synth_values
 
 __all__ = ["SynthResult", "routing_trace", "synth_checkpoint"]
 

@@ -4,7 +4,7 @@
 DeepSeek-V3-sized model asks 58 layers the same question, and doing it per
 layer costs 25-90 µs of numpy calls each.  Here every pool of one shape
 (experts, capacity) is a row of a matrix and each rule of
-:mod:`mmapstore.pool` is one array operation over all rows:
+:mod:`mmapstore._pool` is one array operation over all rows:
 
 - target: the top-``capacity`` experts by (hits descending, id ascending),
   among those with hits, found with one ``partition`` of a unique key;
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError
-from .pool import ExpertPool, RefreshResult, count_hits
+from ._errors import CapturedIdsError
+from ._pool import ExpertPool, RefreshResult, count_hits
 
 __all__ = ["Proposals", "count_hits_rows", "propose_rows"]
 

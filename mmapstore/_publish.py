@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from filelock import FileLock, Timeout
 
-from .errors import ConvertError
+from ._errors import ConvertError
 
 __all__ = ["clean_partials", "fsync_tree", "lock_path", "locked", "staged_dir"]
 

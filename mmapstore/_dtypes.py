@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError, OptionError
+from ._errors import FormatError, OptionError
 
 __all__ = [
     "DTYPE_CODES",

@@ -3,7 +3,7 @@
 Pure numpy over geometries: the planner takes a :class:`StoreGeometry`
 (frozen, file-free: :func:`geometries_of` makes one from an open store, tests
 build them by hand), the pools and the ids, and returns a
-:class:`RefreshPlan` whose writes are a :class:`~mmapstore.writes.WriteTable`
+:class:`RefreshPlan` whose writes are a :class:`~mmapstore._writes.WriteTable`
 of parallel arrays.  No view, no I/O, no Python object per write: runs of
 adjacent (slot, expert) pairs coalesce with array operations wherever a
 part's experts are evenly spaced in one file.  Pools change only when the
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError, FormatError
-from .geometry import Encoding, PartGeometry
-from .pool import ExecMode, ExpertPool, RefreshResult
-from .proposals import Proposals, count_hits_rows, propose_rows
-from .writes import WriteTable
+from ._errors import CapturedIdsError, FormatError
+from ._geometry import Encoding, PartGeometry
+from ._pool import ExecMode, ExpertPool, RefreshResult
+from ._proposals import Proposals, count_hits_rows, propose_rows
+from ._writes import WriteTable
 
 if TYPE_CHECKING:
-    from .store import ExpertStore
+    from ._store import ExpertStore
 
 __all__ = [
     "DEFAULT_PARAM_NAME",

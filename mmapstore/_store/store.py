@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import FileChangedError, FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
+from .._errors import FileChangedError, FormatError, LayerNotFoundError, StoreClosedError, TensorNotFoundError
+from .._geometry import Encoding, Orientation, PartGeometry, c_strides
+from .._mapping import FileMaps
+from .._source import MappedSource
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
 from ..formats.manifest import expert_major_records
-from ..geometry import Encoding, Orientation, PartGeometry, c_strides
-from ..mapping import FileMaps
-from ..source import MappedSource
 from .layouts import MAX_EXPERTS, LayerPlan, discover
 from .stack import ExpertStack, LayerExperts
 
@@ -125,7 +125,7 @@ class ExpertStore:
 
     def byte_source(self) -> MappedSource:
         """The source sinks read write tables through: zero-copy views of this
-        store's long-lived mappings (see :mod:`mmapstore.source`)."""
+        store's long-lived mappings (see :mod:`mmapstore._source`)."""
         self.check_open()
         return MappedSource(self._maps, self.files, where=self.path)
 

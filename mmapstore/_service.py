@@ -27,8 +27,21 @@ import numpy as np
 import numpy.typing as npt
 
 from ._apply import ApplyResult, apply
-from .coldrows import BOUNCE_NBYTES, READ_MODES, ReadMode
-from .errors import CapturedIdsError, ExpertIndexError, LayerNotFoundError, OptionError, SinkError
+from ._coldrows import BOUNCE_NBYTES, READ_MODES, ReadMode
+from ._errors import CapturedIdsError, ExpertIndexError, LayerNotFoundError, OptionError, SinkError
+from ._planner import (
+    DEFAULT_PARAM_NAME,
+    PoolUpdate,
+    geometries_of,
+    plan_candidates,
+    plan_full_push,
+    plan_refresh,
+    plan_resident,
+)
+from ._pool import ExecMode, ExpertPool, RefreshPolicy, capacity_from_budget
+from ._sinks import ArraySink, DictSink, Sink, SinkOrientation, pool_nbytes, pool_shapes
+from ._store import ExpertStore
+from ._writes import WriteTable, merge_ranges
 from .io import (
     ALIGN_NBYTES,
     CachePolicy,
@@ -40,19 +53,6 @@ from .io import (
     read_ahead,
     release_landed,
 )
-from .planner import (
-    DEFAULT_PARAM_NAME,
-    PoolUpdate,
-    geometries_of,
-    plan_candidates,
-    plan_full_push,
-    plan_refresh,
-    plan_resident,
-)
-from .pool import ExecMode, ExpertPool, RefreshPolicy, capacity_from_budget
-from .sinks import ArraySink, DictSink, Sink, SinkOrientation, pool_nbytes, pool_shapes
-from .store import ExpertStore
-from .writes import WriteTable, merge_ranges
 
 __all__ = ["CACHE_POLICIES", "ServiceStats", "SlabService", "StepResult"]
 
@@ -104,7 +104,7 @@ class SlabService:
         Fill every slot with its initial expert now (experts ``0..capacity-1``).
     read
         The default sink's read mode: ``"auto"``, ``"map"`` or ``"reader"``
-        (see :mod:`mmapstore.coldrows`).
+        (see :mod:`mmapstore._coldrows`).
     reader
         Queue depth and read size of the service's reader (default
         :class:`~mmapstore.io.ReaderConfig`; :func:`~mmapstore.io.probe_reader_config`
@@ -121,7 +121,7 @@ class SlabService:
         If given, the memory the service's buffers may take: the default
         sink's pools, its bounce buffers, the reader's per-thread buffers and
         the prefetch staging.  More is refused with
-        :class:`~mmapstore.errors.OptionError` before anything is allocated.
+        :class:`~mmapstore._errors.OptionError` before anything is allocated.
         The process's own memory (interpreter, libraries, the page cache) is
         not in it: leave room for that.
 
@@ -294,7 +294,7 @@ class SlabService:
 
         ``captured[i]`` holds the Top-K ids of ``store.layers[i]`` for this
         step.  Bad input raises before anything is written; a file that
-        shrank raises :class:`~mmapstore.errors.FormatError` and commits nothing.
+        shrank raises :class:`~mmapstore._errors.FormatError` and commits nothing.
         """
         current = self._step if step is None else step
         self._step = current + 1

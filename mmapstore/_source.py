@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FormatError, SinkError, StoreClosedError
-from .mapping import MADV_POPULATE_READ, MADV_WILLNEED, PAGE_NBYTES, FileMaps, MappedFile
+from ._errors import FormatError, SinkError, StoreClosedError
+from ._mapping import MADV_POPULATE_READ, MADV_WILLNEED, PAGE_NBYTES, FileMaps, MappedFile
 
 if TYPE_CHECKING:  # a value of the plan layer, read here only through its fields
-    from .writes import ReadRanges, WriteTable
+    from ._writes import ReadRanges, WriteTable
 
 __all__ = [
     "PREFETCH_MODES",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CapturedIdsError, FormatError
+from ._errors import CapturedIdsError, FormatError
 
 __all__ = ["MMAP_THRESHOLD_NBYTES", "Phase", "Trace", "load_trace", "save_trace"]
 
@@ -303,7 +303,7 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool | None = None) -> Tra
 
 def _map_member(path: str, info: zipfile.ZipInfo) -> npt.NDArray[np.generic]:
     """A read-only view of one stored (uncompressed) ``.npy`` member."""
-    from .mapping import MappedFile
+    from ._mapping import MappedFile
 
     if info.compress_type != zipfile.ZIP_STORED:
         raise FormatError(f"{path}: array {info.filename!r} is compressed; save with save_trace to map it")

@@ -12,7 +12,7 @@ Pitfalls, stated once:
 - mmap cannot protect against another process truncating a mapped file:
   touching a page past the new end raises SIGBUS.  :meth:`MappedFile.check_size`
   lets callers check before a bulk copy, and bulk readers that must survive a
-  file shrinking under them read through :func:`mmapstore.preadcopy.pread_into`
+  file shrinking under them read through :func:`mmapstore._preadcopy.pread_into`
   (a short read, never a fault); publish new files by rename instead of
   rewriting them (every writer in mmapstore does).
 - A file is mapped through the descriptor that :func:`open_regular` opened
@@ -34,7 +34,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from .errors import FileChangedError, FormatError, StoreClosedError
+from ._errors import FileChangedError, FormatError, StoreClosedError
 from .formats.files import FileIdentity, open_regular
 from .formats.records import TensorRecord
 
@@ -101,7 +101,7 @@ class MappedFile:
     """One read-only shared mapping of one file.
 
     The descriptor the file was opened with stays open (for
-    :func:`mmapstore.preadcopy.pread_into`) until :meth:`close`.
+    :func:`mmapstore._preadcopy.pread_into`) until :meth:`close`.
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ Sinks (a ``[k, n]`` buffer filled from ``[n, k]`` slabs) and ``convert``
 numpy copies a transposed view element by element along the destination's
 rows, so every element read touches a new cache line of the source (measured
 ~9x slower than a contiguous copy).  Where each slab's rows are contiguous
-in memory, :func:`~mmapstore.transpose.transpose_into` (the packed-word
+in memory, :func:`~mmapstore._transpose.transpose_into` (the packed-word
 transpose ``convert`` also runs) does it; otherwise square tiles keep both
 the tile's source and destination lines in cache.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .transpose import transpose_into
+from ._transpose import transpose_into
 
 __all__ = ["TILE", "copy_slab"]
 

@@ -25,8 +25,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .dtypes import DType
-from .errors import ExpertIndexError
+from ._dtypes import DType
+from ._errors import ExpertIndexError
 
 __all__ = [
     "ENCODING_KINDS",

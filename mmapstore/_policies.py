@@ -3,7 +3,7 @@
 A policy is a frozen value (its parameters); :meth:`Policy.start` makes the
 mutable state one replay uses.  Every policy refreshes on the same schedule
 (every ``interval`` steps, and at every prefill block, as
-:class:`~mmapstore.pool.ExpertPool` does) and moves experts the same way
+:class:`~mmapstore._pool.ExpertPool` does) and moves experts the same way
 (TIDE's paired promote/demote, coldest first); they differ only in how they
 *score* experts at a refresh:
 
