@@ -10,8 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mmapstore._dtypes import code_of
-from mmapstore._families import FamilyShape, family_tensors
-from mmapstore._synth_values import synth_tensor
+from mmapstore.testing import FamilyShape, family_tensors, synth_tensor
 
 
 def header_bytes(header: Mapping[str, object]) -> bytes:

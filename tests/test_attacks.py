@@ -30,20 +30,22 @@ from mmapstore import (
     FileChangedError,
     FormatError,
     OptionError,
+    convert,
+    geometries_of,
     open_store,
+    plan_refresh,
+    plan_resident,
 )
-from mmapstore._convert import convert
 from mmapstore._mapping import MADV_POPULATE_READ, PAGE_NBYTES, MappedFile
-from mmapstore._planner import geometries_of, plan_refresh, plan_resident
 from mmapstore._pool import ExpertPool, RefreshPolicy, count_hits
 from mmapstore._preadcopy import pread_into
 from mmapstore._publish import clean_partials, locked, staged_dir
 from mmapstore._report import describe, verify
 from mmapstore._store.layouts import MAX_EXPERTS
-from mmapstore._synth import synth_checkpoint
 from mmapstore.cli import main
 from mmapstore.formats import read_checkpoint
 from mmapstore.formats.records import MAX_MANIFEST_NBYTES
+from mmapstore.testing import synth_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = "import sys; from mmapstore.cli import main; sys.exit(main(sys.argv[1:]))"

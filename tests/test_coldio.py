@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from mmapstore._errors import FormatError, OptionError, ReadCancelledError
+from mmapstore import FormatError, OptionError, ReadCancelledError
 from mmapstore._mapping import MappedFile
 from mmapstore.io import (
     ALIGN_NBYTES,

@@ -13,21 +13,31 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mmapstore import FormatError, open_store
+from mmapstore import (
+    ArraySink,
+    ByteSource,
+    DictSink,
+    ExpertIndexError,
+    ExpertPool,
+    FormatError,
+    LayerNotFoundError,
+    OptionError,
+    RefreshPolicy,
+    Sink,
+    SinkError,
+    SlabService,
+    WriteResult,
+    WriteTable,
+    convert,
+    geometries_of,
+    open_store,
+    plan_refresh,
+)
 from mmapstore._coldrows import ROW_SOURCES
-from mmapstore._convert import convert
-from mmapstore._errors import ExpertIndexError, LayerNotFoundError, OptionError, SinkError
 from mmapstore._mapping import MADV_DONTNEED, MappedFile
-from mmapstore._planner import geometries_of, plan_refresh
-from mmapstore._pool import ExpertPool, RefreshPolicy
-from mmapstore._service import SlabService
-from mmapstore._sinks import ArraySink, DictSink, Sink, WriteResult
-from mmapstore._source import ByteSource
-from mmapstore._synth import synth_checkpoint
-from mmapstore._writes import WriteTable
 from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty
 from mmapstore.io import reader as io_reader
-from mmapstore.testing import FileSource
+from mmapstore.testing import FileSource, synth_checkpoint
 from mmapstore.testing.sinks import Destination, Scenario, SinkTests
 
 READ_SOURCES = {"direct", "bounced", "buffered", "prefetched"}

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from mmapstore import ConvertError, open_store
-from mmapstore._convert import convert
-from mmapstore._report import verify
-from mmapstore._synth import synth_checkpoint
+from mmapstore import ConvertError, convert, open_store, verify
+from mmapstore.testing import synth_checkpoint
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "llama4"]
 DTYPES = {"keep": None, "f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -173,7 +171,7 @@ def test_sigkill_mid_convert_leaves_no_destination_and_rerun_succeeds(medium_sou
 def test_peak_memory_is_bounded_by_a_few_slabs(medium_source, tmp_path):
     script = f"""
 from mmapstore import open_store
-from mmapstore._convert import convert
+from mmapstore import convert
 def rss(field="VmRSS"):
     # VmHWM belongs to this process image; ru_maxrss would carry the forking
     # parent's peak across exec.

@@ -17,13 +17,11 @@ from test_quantized import FP8_CONFIG, MX_CONFIG, fp8_checkpoint, mxfp4_checkpoi
 
 import mmapstore._convert_pipeline as convert_pipeline
 import mmapstore._preadcopy as preadcopy
-from mmapstore import ConvertError, FormatError, open_store
+from mmapstore import ConvertError, FormatError, convert, open_store, verify
 from mmapstore._checksum import HEX_DIGITS
-from mmapstore._convert import convert
 from mmapstore._preadcopy import copy_range
-from mmapstore._report import verify
-from mmapstore._synth import synth_checkpoint
 from mmapstore._transpose import transpose_into
+from mmapstore.testing import synth_checkpoint
 
 FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
 

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
+from mmapstore import FormatError, UnsupportedEncodingError
 from mmapstore._dtypes import DTYPE_CODES, GGML_BLOCK_CODES, GGML_TYPES, code_of, dtype_from_code
-from mmapstore._errors import FormatError, UnsupportedEncodingError
 from mmapstore.dequant import DEQUANTIZABLE, can_dequantize, dequantize_ggml
 from mmapstore.dequant import ggml as ggml_module
 from mmapstore.formats import read_safetensors_header

@@ -13,17 +13,24 @@ import pytest
 from test_convert_pipeline import _parts
 from test_quantized import FP8_CONFIG, fp8_checkpoint, save
 
-from mmapstore import ConvertError, FormatError, open_store
-from mmapstore._apply import apply
-from mmapstore._convert import convert
+from mmapstore import (
+    ArraySink,
+    ConvertError,
+    DictSink,
+    ExpertPool,
+    FormatError,
+    apply,
+    convert,
+    geometries_of,
+    open_store,
+    plan_full_push,
+    plan_refresh,
+    verify,
+)
 from mmapstore._mapping import PAGE_NBYTES
-from mmapstore._planner import geometries_of, plan_full_push, plan_refresh
-from mmapstore._pool import ExpertPool
-from mmapstore._report import verify
-from mmapstore._sinks import ArraySink, DictSink
-from mmapstore._synth import synth_checkpoint
 from mmapstore.cli import main
 from mmapstore.io import ColdReader, ReaderConfig, ScatterRequest, aligned_empty
+from mmapstore.testing import synth_checkpoint
 
 FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
 

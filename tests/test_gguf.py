@@ -32,7 +32,7 @@ from gguf_builders import (
     tensor_info,
 )
 
-from mmapstore._errors import FormatError
+from mmapstore import FormatError
 from mmapstore.dequant import dequantize_ggml
 from mmapstore.formats import gguf_cursor
 from mmapstore.formats.gguf import is_gguf, read_gguf_files, read_gguf_header

@@ -9,10 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from mmapstore import open_store
-from mmapstore._convert import convert
-from mmapstore._report import verify
-from mmapstore._service import SlabService
+from mmapstore import SlabService, convert, open_store, verify
 
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the GGUF files and dequantizes the oracle values")
 Q = gguf.GGMLQuantizationType

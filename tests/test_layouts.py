@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from builders import write_checkpoint
 
-from mmapstore import FormatError, open_store
-from mmapstore._convert import convert
+from mmapstore import FormatError, convert, open_store
 
 E, H, I = 4, 16, 8
 

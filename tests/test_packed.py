@@ -13,11 +13,7 @@ import numpy as np
 import pytest
 from builders import write_checkpoint
 
-from mmapstore import FormatError, open_store
-from mmapstore._convert import convert
-from mmapstore._report import verify
-from mmapstore._service import SlabService
-from mmapstore._sinks import ArraySink
+from mmapstore import ArraySink, FormatError, SlabService, convert, open_store, verify
 
 E, H, I = 3, 96, 64  # experts, hidden, expert width: H and I multiples of 32, three and two groups of 32
 PROJS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

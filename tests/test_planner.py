@@ -5,18 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmapstore import CapturedIdsError, FormatError, SinkError, StaleRefreshError
-from mmapstore._dtypes import dtype_from_code
-from mmapstore._geometry import Encoding, PartGeometry
-from mmapstore._planner import (
+from mmapstore import (
+    CapturedIdsError,
+    Encoding,
+    ExecMode,
+    ExpertPool,
+    FormatError,
     LayerGeometry,
+    PartGeometry,
+    SinkError,
     StackGeometry,
+    StaleRefreshError,
     StoreGeometry,
     plan_full_push,
     plan_refresh,
     plan_resident,
 )
-from mmapstore._pool import ExecMode, ExpertPool
+from mmapstore._dtypes import dtype_from_code
 from mmapstore._proposals import count_hits_rows, propose_rows
 from mmapstore._writes import WriteTable, merge_ranges
 from mmapstore.testing import InMemoryFiles

@@ -13,11 +13,7 @@ import pytest
 from builders import write_bytes, write_checkpoint
 
 import mmapstore
-from mmapstore import FormatError, SinkError, open_store
-from mmapstore._convert import convert
-from mmapstore._report import verify
-from mmapstore._service import SlabService
-from mmapstore._sinks import ArraySink
+from mmapstore import ArraySink, FormatError, SinkError, SlabService, convert, open_store, verify
 
 E, H, I = 3, 160, 200  # not multiples of 128: partial scale blocks on both axes
 FP8_CONFIG = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mmapstore._synth import synth_checkpoint
+from mmapstore.testing import synth_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,13 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmapstore import CapturedIdsError, open_store
+from mmapstore import ArraySink, CapturedIdsError, ExpertPool, RefreshPolicy, SlabService, WriteTable, open_store
 from mmapstore._planner import geometries_of, plan_candidates
-from mmapstore._pool import ExpertPool, RefreshPolicy
-from mmapstore._service import SlabService
-from mmapstore._sinks import ArraySink
-from mmapstore._synth import synth_checkpoint
-from mmapstore._writes import WriteTable
+from mmapstore.testing import synth_checkpoint
 
 
 @pytest.fixture

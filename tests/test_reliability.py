@@ -24,14 +24,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmapstore.formats.records as records
-from mmapstore import FormatError, open_store
-from mmapstore._convert import convert
-from mmapstore._planner import geometries_of, plan_full_push
-from mmapstore._pool import RefreshPolicy
-from mmapstore._report import verify
-from mmapstore._service import SlabService
-from mmapstore._synth import routing_trace, synth_checkpoint
+from mmapstore import (
+    FormatError,
+    RefreshPolicy,
+    SlabService,
+    convert,
+    geometries_of,
+    open_store,
+    plan_full_push,
+    verify,
+)
 from mmapstore.formats import read_safetensors_header
+from mmapstore.testing import routing_trace, synth_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ_QUICK, FUZZ_LONG = 400, 100_000

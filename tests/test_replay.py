@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmapstore import CapturedIdsError, open_store
+from mmapstore import CapturedIdsError, ExecMode, ExpertPool, RefreshPolicy, open_store
 from mmapstore._policies import BeladyPolicy, LFUPolicy, LRUPolicy, StaticPolicy, TidePolicy, policy_from_name
-from mmapstore._pool import ExecMode, ExpertPool, RefreshPolicy
 from mmapstore._replay import CostModel, ReplayGeometry, prepare, replay
-from mmapstore._synth import synth_checkpoint
 from mmapstore._trace import Phase, Trace
-from mmapstore._trace_synth import bursty_trace, recency_trace, zipf_trace
+from mmapstore.testing import bursty_trace, recency_trace, synth_checkpoint, zipf_trace
 
 
 def with_prefills(trace: Trace, every: int) -> Trace:

@@ -7,14 +7,25 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mmapstore import CapturedIdsError, SinkError, StoreClosedError, open_store
-from mmapstore._apply import apply
-from mmapstore._convert import convert
-from mmapstore._planner import geometries_of, plan_full_push, plan_refresh, plan_resident
-from mmapstore._pool import ExecMode, ExpertPool, RefreshPolicy
-from mmapstore._service import SlabService
-from mmapstore._sinks import ArraySink, DictSink
-from mmapstore._synth import routing_trace, synth_checkpoint
+from mmapstore import (
+    ArraySink,
+    CapturedIdsError,
+    DictSink,
+    ExecMode,
+    ExpertPool,
+    RefreshPolicy,
+    SinkError,
+    SlabService,
+    StoreClosedError,
+    apply,
+    convert,
+    geometries_of,
+    open_store,
+    plan_full_push,
+    plan_refresh,
+    plan_resident,
+)
+from mmapstore.testing import routing_trace, synth_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 pytest.importorskip("torch", reason="mmapstore.transformers needs torch (the dev extra installs it)")
 pytest.importorskip("transformers", reason="mmapstore.transformers needs transformers 5")
 
-from mmapstore._pool import ExpertPool
+from mmapstore import ExpertPool
 from mmapstore.transformers.fetch import plan_fetch
 
 

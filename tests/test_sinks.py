@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from mmapstore import ArraySink, DictSink, Sink
 from mmapstore import _sinks as sinks_module
-from mmapstore._sinks import ArraySink, DictSink, Sink
 from mmapstore.testing.sinks import Destination, SinkTests
 
 

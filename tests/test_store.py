@@ -11,9 +11,16 @@ import pytest
 from builders import pack_safetensors, write_bytes, write_family
 
 import mmapstore
-from mmapstore import ExpertIndexError, LayerNotFoundError, StoreClosedError, TensorNotFoundError, open_store
+from mmapstore import (
+    ExpertIndexError,
+    LayerNotFoundError,
+    StoreClosedError,
+    TensorNotFoundError,
+    geometries_of,
+    open_store,
+    plan_full_push,
+)
 from mmapstore._mapping import resident_nbytes
-from mmapstore._planner import geometries_of, plan_full_push
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "llada2_moe", "gpt_oss", "llama4"]
 ALL_DTYPES = [

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmapstore import CapturedIdsError, FormatError
+from mmapstore import CapturedIdsError, FormatError, from_llama_csv, from_step_array, from_vllm
 from mmapstore._trace import Phase, Trace, load_trace, save_trace
-from mmapstore._trace_import import from_llama_csv, from_step_array, from_vllm
 from mmapstore._trace_synth import (
     adjacent_cosine,
     block_diffusion_trace,

@@ -8,12 +8,12 @@ import statistics
 import numpy as np
 import pytest
 
+from mmapstore import load_trace, save_trace
 from mmapstore._policies import TidePolicy
 from mmapstore._replay import CostModel, ReplayGeometry, prepare, replay
-from mmapstore._trace import load_trace, save_trace
-from mmapstore._trace_synth import block_diffusion_trace, recency_trace, uniform_trace, zipf_trace
 from mmapstore._tune import compare_policies, fit, measure_cpu_cost, recommend
 from mmapstore.cli import main
+from mmapstore.testing import block_diffusion_trace, recency_trace, uniform_trace, zipf_trace
 
 MIB = 1 << 20
 
