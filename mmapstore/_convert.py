@@ -44,9 +44,9 @@ from ._mapping import PAGE_NBYTES
 from ._publish import clean_partials, locked, staged_dir
 from ._store import ExpertStack, ExpertStore, open_store
 from .formats import MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor, TensorSpec, read_checkpoint
-from .formats.manifest import LAYOUT_VERSIONS
-from .formats.records import split_by_size
-from .formats.slabfile import SlabFileWriter
+from .formats._manifest import LAYOUT_VERSIONS
+from .formats._records import split_by_size
+from .formats._slabfile import SlabFileWriter
 
 __all__ = ["LAYOUTS", "ORIENTATIONS", "ConvertResult", "convert", "source_fingerprint"]
 

@@ -46,7 +46,7 @@ from ._preadcopy import pread_into
 from ._store import ExpertStack
 from ._transpose import transpose_into
 from .dequant import dequantize_slab
-from .formats.slabfile import SlabFileWriter
+from .formats._slabfile import SlabFileWriter
 
 __all__ = [
     "AHEAD",

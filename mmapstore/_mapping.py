@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import FileChangedError, FormatError, StoreClosedError
-from .formats.files import FileIdentity, open_regular
-from .formats.records import TensorRecord
+from .formats._files import FileIdentity, open_regular
+from .formats._records import TensorRecord
 
 __all__ = [
     "MADV_DONTNEED",

@@ -14,9 +14,9 @@ from ._errors import FormatError
 from ._preadcopy import pread_into
 from ._store import open_store
 from .formats import MANIFEST_NAME, FileIdentity, TensorRecord
-from .formats.checkpoint import read_header_in
-from .formats.files import Directory, open_regular
-from .formats.manifest import Manifest, check_overlaps, raw_record
+from .formats._checkpoint import read_header_in
+from .formats._files import Directory, open_regular
+from .formats._manifest import Manifest, check_overlaps, raw_record
 
 __all__ = ["Problem", "VerifyReport", "describe", "verify"]
 

@@ -17,7 +17,7 @@ from ._store import open_store
 from ._synth import routing_trace
 
 if TYPE_CHECKING:
-    from .gpu.sink import TorchSink
+    from .gpu._sink import TorchSink
 
 __all__ = ["DEVICE_PATTERN", "simulate"]
 
@@ -42,7 +42,7 @@ def simulate(
     with the store's slab, bit for bit (in the sink's dtype and orientation).
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``) puts the pools in torch tensors
-    on that device (:class:`~mmapstore.gpu.sink.TorchSink`); None keeps numpy
+    on that device (:class:`~mmapstore.gpu._sink.TorchSink`); None keeps numpy
     buffers.
 
     Raises
@@ -111,7 +111,7 @@ def simulate(
 
 
 def _torch_sink(device: str, dtype: str | None, orientation: SinkOrientation) -> TorchSink:
-    from .gpu.sink import TorchSink
+    from .gpu._sink import TorchSink
 
     return TorchSink(device, dtype=None if dtype is None else parse_user_dtype(dtype).numpy, orientation=orientation)
 
@@ -136,7 +136,7 @@ def _slot_matches(sink: Sink, name: str, slot: int, source: np.ndarray[Any, Any]
         return bool(np.array_equal(buffer[slot], source.astype(buffer.dtype)))
     import torch
 
-    from .gpu.sink import TorchSink
+    from .gpu._sink import TorchSink
     from .torch import as_tensor
 
     assert isinstance(sink, TorchSink)

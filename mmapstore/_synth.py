@@ -22,7 +22,7 @@ from ._families import FamilyShape, family_tensors
 from ._publish import clean_partials, locked, staged_dir
 from ._synth_values import CHUNK_ELEMENTS, synth_values
 from .formats import INDEX_NAME, SafetensorsWriter, TensorSpec
-from .formats.records import split_by_size
+from .formats._records import split_by_size
 
 __all__ = ["SynthResult", "routing_trace", "synth_checkpoint"]
 

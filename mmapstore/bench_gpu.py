@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 from .bench.cases_gpu import GIB, MIB, measure
 from .bench.figures import render
-from .gpu.ring import default_threads
+from .gpu._ring import default_threads
 from .torch import require_torch
 
 __all__ = ["main"]

@@ -344,7 +344,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .transformers.run_cli import run_command
+    from .transformers._run_cli import run_command
 
     return run_command(args)
 

@@ -166,7 +166,7 @@ def expert_tensor(stack: ExpertStack, expert: int, part: str = "weight", *, nati
     tensor for ``[out, in]`` files) unless ``native`` is set, like
     :meth:`ExpertStack.expert`; encoded weights (FP8 codes, MXFP4 and GGUF
     bytes) are their codes, not values: dequantize them with
-    :mod:`mmapstore.gpu.dequant` (any device) or ``stack.dequantize``.
+    :mod:`mmapstore.gpu._dequant` (any device) or ``stack.dequantize``.
     """
     if part == "weight" and not native:
         return as_tensor(stack.expert(expert))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from builders import header_bytes, pack_safetensors, write_bytes
 
-import mmapstore.formats.safetensors as st_format
+import mmapstore.formats._safetensors as st_format
 from mmapstore import (
     CapturedIdsError,
     ConvertError,
@@ -44,7 +44,7 @@ from mmapstore._report import describe, verify
 from mmapstore._store.layouts import MAX_EXPERTS
 from mmapstore.cli import main
 from mmapstore.formats import read_checkpoint
-from mmapstore.formats.records import MAX_MANIFEST_NBYTES
+from mmapstore.formats._records import MAX_MANIFEST_NBYTES
 from mmapstore.testing import synth_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,8 +27,8 @@ from mmapstore.io import (
     probe_reader_config,
     release_landed,
 )
-from mmapstore.io import files as io_files
-from mmapstore.io import reader as io_reader
+from mmapstore.io import _files as io_files
+from mmapstore.io import _reader as io_reader
 
 FILE_NBYTES = (3 << 20) + 1234
 

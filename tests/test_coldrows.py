@@ -36,7 +36,7 @@ from mmapstore import (
 from mmapstore._coldrows import ROW_SOURCES
 from mmapstore._mapping import MADV_DONTNEED, MappedFile
 from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty
-from mmapstore.io import reader as io_reader
+from mmapstore.io import _reader as io_reader
 from mmapstore.testing import FileSource, synth_checkpoint
 from mmapstore.testing.sinks import Destination, Scenario, SinkTests
 

@@ -10,9 +10,9 @@ import pytest
 from mmapstore import FormatError, UnsupportedEncodingError
 from mmapstore._dtypes import DTYPE_CODES, GGML_BLOCK_CODES, GGML_TYPES, code_of, dtype_from_code
 from mmapstore.dequant import DEQUANTIZABLE, can_dequantize, dequantize_ggml
-from mmapstore.dequant import ggml as ggml_module
+from mmapstore.dequant import _ggml as ggml_module
 from mmapstore.formats import read_safetensors_header
-from mmapstore.formats.records import shape_nbytes
+from mmapstore.formats._records import shape_nbytes
 
 gguf = pytest.importorskip("gguf", reason="gguf-py's tables and dequantizers are the oracle")
 Q = gguf.GGMLQuantizationType

@@ -34,9 +34,9 @@ from gguf_builders import (
 
 from mmapstore import FormatError
 from mmapstore.dequant import dequantize_ggml
-from mmapstore.formats import gguf_cursor
-from mmapstore.formats.gguf import is_gguf, read_gguf_files, read_gguf_header
-from mmapstore.formats.records import MAX_TENSORS
+from mmapstore.formats import _gguf_cursor as gguf_cursor
+from mmapstore.formats import is_gguf, read_gguf_files, read_gguf_header
+from mmapstore.formats._records import MAX_TENSORS
 
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the reference files and dequantizes the oracle values")
 Q = gguf.GGMLQuantizationType

@@ -17,8 +17,14 @@ from mmapstore import FormatError  # noqa: E402
 from mmapstore._mapping import PAGE_NBYTES, MappedFile  # noqa: E402
 from mmapstore.dequant import dequantize_fp8_block as numpy_fp8  # noqa: E402
 from mmapstore.dequant import dequantize_mxfp4 as numpy_mxfp4  # noqa: E402
-from mmapstore.gpu import CopyJob, DeviceCopier, PinnedBudget, dequantize_fp8_block, dequantize_mxfp4  # noqa: E402
-from mmapstore.gpu.copier import is_resident  # noqa: E402
+from mmapstore.gpu import (  # noqa: E402
+    CopyJob,
+    DeviceCopier,
+    PinnedBudget,
+    dequantize_fp8_block,
+    dequantize_mxfp4,
+    is_resident,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
@@ -139,7 +145,7 @@ def test_budget_too_small_falls_back_counted_and_logged_once(data_file, caplog):
 
 @cuda
 def test_windows_are_unregistered_at_close_and_pages_become_evictable(data_file):
-    from mmapstore.gpu.driver import CudaDriver
+    from mmapstore.gpu._driver import CudaDriver
 
     mapped, data = data_file
     copier = DeviceCopier(torch.device("cuda"), source="registered", window_nbytes=2 << 20)

@@ -23,7 +23,7 @@ from builders import pack_safetensors, write_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mmapstore.formats.records as records
+import mmapstore.formats._records as records
 from mmapstore import (
     FormatError,
     RefreshPolicy,
@@ -399,7 +399,7 @@ def test_limits_refuse_huge_claims_without_allocating(tmp_path, monkeypatch):
     with pytest.raises(FormatError, match="needs|multiplying past"):
         open_store(path)
     monkeypatch.setattr(records, "MAX_TENSORS", 3)
-    import mmapstore.formats.safetensors as st_format
+    import mmapstore.formats._safetensors as st_format
 
     monkeypatch.setattr(st_format, "MAX_TENSORS", 3)
     tensors = {f"t{i}": np.zeros(1, np.uint8) for i in range(4)}
@@ -488,8 +488,8 @@ def _convert_process(src: str, dst: str) -> subprocess.Popen[bytes]:
 # and removal.  N = 0 counts the events of a whole run (printed on stderr).
 KILL_AT_EVENT = """
 import os, shutil, signal, sys
-import mmapstore.formats.safetensors as st_format
-import mmapstore.formats.slabfile as slabfile
+import mmapstore.formats._safetensors as st_format
+import mmapstore.formats._slabfile as slabfile
 import mmapstore._publish as publish
 from mmapstore.cli import main
 kill_at, count = int(sys.argv[1]), [0]

@@ -11,7 +11,7 @@ pytest.importorskip("torch", reason="mmapstore.transformers needs torch (the dev
 pytest.importorskip("transformers", reason="mmapstore.transformers needs transformers 5")
 
 from mmapstore import ExpertPool
-from mmapstore.transformers.fetch import plan_fetch
+from mmapstore.transformers._fetch import plan_fetch
 
 
 def run_plan(pool: ExpertPool, hits: np.ndarray) -> tuple[int, list[np.ndarray]]:

@@ -14,7 +14,7 @@ from mmapstore import SinkError, StoreClosedError, open_store  # noqa: E402
 from mmapstore._service import SlabService  # noqa: E402
 from mmapstore._sinks import Sink  # noqa: E402
 from mmapstore._synth import synth_checkpoint  # noqa: E402
-from mmapstore.gpu.sink import TorchSink  # noqa: E402
+from mmapstore.gpu import TorchSink  # noqa: E402
 from mmapstore.testing.sinks import Destination, SinkTests  # noqa: E402
 from mmapstore.torch import torch_dtype  # noqa: E402
 

@@ -22,10 +22,10 @@ from mmapstore._store.store import ExpertStore  # noqa: E402
 from mmapstore._trace import Phase, load_trace  # noqa: E402
 from mmapstore.cli import main  # noqa: E402
 from mmapstore.transformers import BACKEND_NAME, load_model  # noqa: E402
-from mmapstore.transformers.backend import mmapstore_experts_forward  # noqa: E402
-from mmapstore.transformers.layer import OnMiss  # noqa: E402
-from mmapstore.transformers.loader import _on_miss  # noqa: E402
-from mmapstore.transformers.slots import SlotWriter  # noqa: E402
+from mmapstore.transformers._backend import mmapstore_experts_forward  # noqa: E402
+from mmapstore.transformers._layer import OnMiss  # noqa: E402
+from mmapstore.transformers._loader import _on_miss  # noqa: E402
+from mmapstore.transformers._slots import SlotWriter  # noqa: E402
 
 EXPERTS = 8
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)

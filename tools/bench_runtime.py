@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mmapstore.transformers import load_model
-from mmapstore.transformers.run_cli import _Timer, memory_now
+from mmapstore.transformers._run_cli import _Timer, memory_now
 
 
 def log(out: str, record: dict[str, Any]) -> None:

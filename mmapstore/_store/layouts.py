@@ -27,7 +27,7 @@ from typing import Any
 from .._dtypes import DType
 from .._errors import FormatError
 from .._geometry import Encoding
-from ..formats.records import TensorRecord
+from ..formats._records import TensorRecord
 from .packed import packed_layer, packed_part, packed_slab_layer, packed_weight
 from .schemes import QuantScheme, model_type, quant_scheme, text_config
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from .._errors import FormatError
 from .._geometry import Encoding, EncodingKind
-from ..formats.records import TensorRecord
+from ..formats._records import TensorRecord
 from .schemes import PackedKind, QuantScheme
 
 __all__ = ["KN_KINDS", "packed_layer", "packed_part", "packed_slab_layer", "packed_weight"]

@@ -17,7 +17,7 @@ from .._geometry import Encoding, Orientation, PartGeometry, c_strides
 from .._mapping import FileMaps
 from .._source import MappedSource
 from ..formats import Checkpoint, TensorRecord, read_checkpoint
-from ..formats.manifest import expert_major_records
+from ..formats._manifest import expert_major_records
 from .layouts import MAX_EXPERTS, LayerPlan, discover
 from .stack import ExpertStack, LayerExperts
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from .._mapping import MADV_DONTNEED, MappedFile
 from ..gpu import CopyJob, DeviceCopier, Source, SourceStats
-from ..gpu.driver import CudaDriver
-from ..gpu.ring import default_threads
+from ..gpu._driver import CudaDriver
+from ..gpu._ring import default_threads
 from ..torch import require_torch
 from .figures import Figure
 from .registry import Context, case

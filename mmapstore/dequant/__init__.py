@@ -15,9 +15,9 @@ import numpy.typing as npt
 
 from .._errors import FormatError
 from .._geometry import Encoding, Orientation
-from .blockscaled import dequantize_fp8_block, dequantize_mxfp4
-from .ggml import DEQUANTIZABLE, can_dequantize, dequantize_ggml
-from .packed import dequantize_packed
+from ._blockscaled import dequantize_fp8_block, dequantize_mxfp4
+from ._ggml import DEQUANTIZABLE, can_dequantize, dequantize_ggml
+from ._packed import dequantize_packed
 
 __all__ = [
     "DEQUANTIZABLE",

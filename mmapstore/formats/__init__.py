@@ -1,10 +1,11 @@
 """File formats: parse and fully validate headers into frozen records; write them."""
 
-from .checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
-from .files import FileIdentity
-from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor
-from .records import TensorRecord
-from .safetensors import SafetensorsHeader, SafetensorsWriter, TensorSpec, read_safetensors_header
+from ._checkpoint import INDEX_NAME, Checkpoint, read_checkpoint
+from ._files import FileIdentity
+from ._gguf import GGUFHeader, is_gguf, read_gguf_files, read_gguf_header
+from ._manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ManifestSource, ManifestTensor
+from ._records import TensorRecord
+from ._safetensors import SafetensorsHeader, SafetensorsWriter, TensorSpec, read_safetensors_header
 
 __all__ = [
     "FORMAT_NAME",
@@ -13,6 +14,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Checkpoint",
     "FileIdentity",
+    "GGUFHeader",
     "Manifest",
     "ManifestSource",
     "ManifestTensor",
@@ -20,6 +22,9 @@ __all__ = [
     "SafetensorsWriter",
     "TensorRecord",
     "TensorSpec",
+    "is_gguf",
     "read_checkpoint",
+    "read_gguf_files",
+    "read_gguf_header",
     "read_safetensors_header",
 ]

@@ -12,7 +12,7 @@ from .._families import FAMILIES, FamilyShape, family_tensors
 from .._synth import SynthResult, routing_trace, synth_checkpoint
 from .._synth_values import synth_tensor, synth_values
 from .._trace_synth import block_diffusion_trace, bursty_trace, recency_trace, uniform_trace, zipf_trace
-from .memory import ArraySource, FileSource, InMemoryFiles
+from ._memory import ArraySource, FileSource, InMemoryFiles
 
 __all__ = [
     "FAMILIES",

@@ -39,7 +39,7 @@ from .._pool import ExpertPool
 from .._sinks import Sink
 from .._source import ByteSource
 from .._writes import WriteTable
-from .memory import ArraySource, InMemoryFiles
+from ._memory import ArraySource, InMemoryFiles
 
 __all__ = ["Destination", "SinkTests"]
 

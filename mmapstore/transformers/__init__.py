@@ -22,8 +22,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'mmapstore[transformers]'"
     ) from exc
 
-from .backend import BACKEND_NAME, register_backend
-from .loader import load_model
-from .runtime import OffloadedModel, RunStats
+from ._backend import BACKEND_NAME, register_backend
+from ._loader import load_model
+from ._runtime import OffloadedModel, RunStats
 
 __all__ = ["BACKEND_NAME", "OffloadedModel", "RunStats", "load_model", "register_backend"]

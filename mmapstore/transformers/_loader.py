@@ -22,14 +22,14 @@ import torch
 from .._errors import FormatError, RuntimeConfigError, UnsupportedModelError
 from .._pool import ExpertPool, RefreshPolicy, capacity_from_budget
 from .._store import ExpertStore, LayerExperts, open_store
-from ..gpu.jobs import SOURCES, Source
+from ..gpu._jobs import SOURCES, Source
 from . import _hf
+from ._backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
+from ._capture import TraceRecorder
+from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
+from ._runtime import OffloadedModel
+from ._slots import SlotWriter
 from ._torch import as_tensor, resolve_device
-from .backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
-from .capture import TraceRecorder
-from .layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
-from .runtime import OffloadedModel
-from .slots import SlotWriter
 
 __all__ = ["load_model"]
 
@@ -101,7 +101,7 @@ def load_model(
         How expert bytes reach a CUDA device's pools (``"auto"``: DMA from
         registered page-cache windows for resident ranges, ``pread`` through
         a pinned ring for cold ones; ``"direct"``: a pageable torch copy);
-        see :data:`mmapstore.gpu.jobs.Source`.
+        see :data:`mmapstore.gpu._jobs.Source`.
 
     Returns
     -------

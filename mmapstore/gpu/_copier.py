@@ -19,11 +19,11 @@ import numpy as np
 
 from .._mapping import PAGE_NBYTES, MappedFile
 from ..torch import as_tensor, require_torch
-from .driver import CudaDriver, PinnedBudget, default_pinned_budget_nbytes
-from .jobs import SOURCES, CopyJob, Fallbacks, Source, SourceStats
-from .readers import MappingReader, PreadReader
-from .ring import DEFAULT_SLOT_NBYTES, DEFAULT_SLOTS, RingUnavailableError, StagingRing
-from .windows import DEFAULT_WINDOW_NBYTES, RegisteredWindows
+from ._driver import CudaDriver, PinnedBudget, default_pinned_budget_nbytes
+from ._jobs import SOURCES, CopyJob, Fallbacks, Source, SourceStats
+from ._readers import MappingReader, PreadReader
+from ._ring import DEFAULT_SLOT_NBYTES, DEFAULT_SLOTS, RingUnavailableError, StagingRing
+from ._windows import DEFAULT_WINDOW_NBYTES, RegisteredWindows
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ class DeviceCopier:
     device
         The target device (``cpu`` copies directly from the mapping).
     source
-        One of :data:`~mmapstore.gpu.jobs.SOURCES`; ``auto`` by default.
+        One of :data:`~mmapstore.gpu._jobs.SOURCES`; ``auto`` by default.
     pinned_budget_nbytes
         Page-locked memory for windows and the ring together (default: a
         quarter of RAM, within ``RLIMIT_MEMLOCK``).

@@ -1,6 +1,6 @@
 """``ColdReader``: exact byte ranges into caller buffers, many reads in flight.
 
-Each range is split by residency (:mod:`mmapstore.io.residency`): resident
+Each range is split by residency (:mod:`mmapstore.io._residency`): resident
 pieces are copied from the mapping, the rest are read with ``os.preadv``
 (which releases the GIL) on a pool of ``queue_depth`` threads, ``O_DIRECT``
 where the file system accepts it, straight into the destination.  Only the
@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from .._errors import FormatError, OptionError, ReadCancelledError
 from .._mapping import MappedFile
-from .files import (
+from ._files import (
     DIRECT_REFUSED_ERRNOS,
     FileHandles,
     Handles,
@@ -46,8 +46,8 @@ from .files import (
     pread_exact,
     preadv_exact,
 )
-from .requests import ALIGN_NBYTES, SOURCES, ReaderConfig, ReadRequest, ReadResult, ScatterRequest, Source
-from .residency import split_by_residency
+from ._requests import ALIGN_NBYTES, SOURCES, ReaderConfig, ReadRequest, ReadResult, ScatterRequest, Source
+from ._residency import split_by_residency
 
 __all__ = ["ColdReader", "ReadHandle", "StagedClaim", "StagingLookup"]
 
@@ -157,10 +157,10 @@ class ColdReader:
     ----------
     config
         Queue depth, chunk size, direct I/O, residency granularity (see
-        :class:`ReaderConfig`; :func:`~mmapstore.io.probe.probe_reader_config`
+        :class:`ReaderConfig`; :func:`~mmapstore.io._probe.probe_reader_config`
         picks them from a short measurement).
     staging
-        Where prefetched bytes wait (set by :class:`~mmapstore.io.prefetch.Prefetcher`).
+        Where prefetched bytes wait (set by :class:`~mmapstore.io._prefetch.Prefetcher`).
 
     The reader owns threads and descriptors: :meth:`close` it (or use it as a
     context manager).

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import FormatError, OptionError, StoreClosedError
-from .requests import ALIGN_NBYTES
+from ._requests import ALIGN_NBYTES
 
 __all__ = ["DIRECT_REFUSED_ERRNOS", "FileHandles", "Handles", "address_of", "aligned_empty", "pread_exact"]
 

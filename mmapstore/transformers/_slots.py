@@ -2,9 +2,9 @@
 
 On a CUDA device, a slab whose file bytes are the pool slot's bytes (same
 dtype, same orientation, contiguous on both sides: every plain
-``nn.Linear``-layout checkpoint) becomes a :class:`~mmapstore.gpu.jobs.CopyJob`
-for the :class:`~mmapstore.gpu.copier.DeviceCopier` that also feeds
-:class:`~mmapstore.gpu.sink.TorchSink`: DMA from page-cache windows
+``nn.Linear``-layout checkpoint) becomes a :class:`~mmapstore.gpu._jobs.CopyJob`
+for the :class:`~mmapstore.gpu._copier.DeviceCopier` that also feeds
+:class:`~mmapstore.gpu._sink.TorchSink`: DMA from page-cache windows
 registered with the driver, a pinned staging ring, or parallel ``pread`` for
 cold ranges.  Other slabs (a cast, a transpose, a strided half of a fused
 tensor) and every copy to a CPU pool are a torch ``copy_`` from a tensor over
@@ -29,8 +29,8 @@ from ._torch import as_tensor, torch_dtype
 
 if TYPE_CHECKING:
     from .._store import ExpertStack
-    from ..gpu.copier import DeviceCopier
-    from ..gpu.jobs import CopyJob, Source
+    from ..gpu._copier import DeviceCopier
+    from ..gpu._jobs import CopyJob, Source
 
 __all__ = ["SlotWriter"]
 
@@ -43,7 +43,7 @@ class SlotWriter:
     device
         Where the pools live.
     source
-        How bytes reach a CUDA device (:data:`~mmapstore.gpu.jobs.Source`);
+        How bytes reach a CUDA device (:data:`~mmapstore.gpu._jobs.Source`);
         ``"direct"`` copies every slab with a torch ``copy_`` from the
         mapping (pageable memory).  Ignored on the CPU.
     copier
@@ -56,7 +56,7 @@ class SlotWriter:
         self.source = source
         self._copier: DeviceCopier | None = copier
         if copier is None and device.type == "cuda" and source != "direct":
-            from ..gpu.copier import DeviceCopier
+            from ..gpu._copier import DeviceCopier
 
             self._copier = DeviceCopier(device, source=source)
         self._jobs: list[CopyJob] = []
@@ -85,7 +85,7 @@ class SlotWriter:
             and geometry.extent == geometry.slab_nbytes
         )
         if plain:
-            from ..gpu.jobs import CopyJob
+            from ..gpu._jobs import CopyJob
 
             span = stack.part_span(part, expert)
             self._jobs.append(CopyJob(span.mapped, span.offset, span.nbytes, destination.view(-1).view(torch.uint8)))

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .._errors import FormatError
 from .._mapping import MappedFile
-from .jobs import Fallbacks
+from ._jobs import Fallbacks
 
 __all__ = ["ALIGN_NBYTES", "MappingReader", "PreadReader", "Reader"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._errors import RuntimeConfigError
-from .loader import load_model
+from ._loader import load_model
 
 __all__ = ["memory_now", "run_command"]
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 
 from .._dtypes import GGML_TYPES
 from .._errors import FormatError
-from .files import FileIdentity, open_regular
-from .gguf_cursor import UINT32, HeaderCursor
-from .records import MAX_TENSORS, TensorRecord, shape_nbytes
+from ._files import FileIdentity, open_regular
+from ._gguf_cursor import UINT32, HeaderCursor
+from ._records import MAX_TENSORS, TensorRecord, shape_nbytes
 
 __all__ = ["GGUFHeader", "is_gguf", "read_gguf_files", "read_gguf_header"]
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import MmapStoreError
-from .driver import PinnedBudget
-from .jobs import CopyJob
-from .readers import ALIGN_NBYTES, Reader
+from ._driver import PinnedBudget
+from ._jobs import CopyJob
+from ._readers import ALIGN_NBYTES, Reader
 
 if TYPE_CHECKING:
     import torch

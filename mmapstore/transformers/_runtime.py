@@ -13,9 +13,9 @@ import torch
 
 from .._store import ExpertStore
 from .._trace import Phase, Trace, save_trace
-from .capture import TraceRecorder
-from .layer import LayerRuntime, StepState
-from .slots import SlotWriter
+from ._capture import TraceRecorder
+from ._layer import LayerRuntime, StepState
+from ._slots import SlotWriter
 
 __all__ = ["OffloadedModel", "RunStats"]
 
@@ -154,7 +154,7 @@ class OffloadedModel:
         )
 
     def reset_stats(self) -> None:
-        from .layer import LayerCounters
+        from ._layer import LayerCounters
 
         for layer in self.layers:
             layer.counters = LayerCounters()

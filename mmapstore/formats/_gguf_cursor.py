@@ -14,7 +14,7 @@ import struct
 import numpy as np
 
 from .._errors import FormatError
-from .records import read_exact
+from ._records import read_exact
 
 __all__ = ["UINT32", "HeaderCursor"]
 

@@ -3,15 +3,15 @@
 One pool tensor per parameter (and per part), ``[capacity, *slab]``, in the
 dtype and orientation chosen (native by default, so a refresh is a plain
 byte copy).  ``submit`` enqueues every row on a side stream through a
-:class:`~mmapstore.gpu.copier.DeviceCopier` (registered windows, staging
-rings, pread; see :mod:`mmapstore.gpu.jobs`) and returns a completion backed
+:class:`~mmapstore.gpu._copier.DeviceCopier` (registered windows, staging
+rings, pread; see :mod:`mmapstore.gpu._jobs`) and returns a completion backed
 by a CUDA event; ``wait`` synchronises.  Rows whose bytes are not the pool's
 bytes (a cast, a transpose, a strided half of a fused slab) are copied as
 raw bytes into device scratch and laid out by torch on the device.
 
 ``dequantize`` keeps FP8-block and MXFP4 stacks' codes and scales in hidden
 device pools and exposes a float pool per weight, filled on the device after
-each copy (:mod:`mmapstore.gpu.dequant`).
+each copy (:mod:`mmapstore.gpu._dequant`).
 
 Everything that can be wrong is refused with a typed error before any copy:
 an unavailable device, a pool of the wrong device, shape or dtype, slots out
@@ -33,9 +33,9 @@ from .._geometry import PartGeometry, c_strides
 from .._planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
 from .._sinks import SinkOrientation, WriteResult
 from ..torch import as_tensor, require_torch, torch_dtype
-from .copier import DeviceCopier
-from .dequant import dequantize_fp8_block, dequantize_mxfp4
-from .jobs import CopyJob, Source
+from ._copier import DeviceCopier
+from ._dequant import dequantize_fp8_block, dequantize_mxfp4
+from ._jobs import CopyJob, Source
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +106,7 @@ class TorchSink:
         Serve FP8-block and MXFP4 stacks as float pools (``dtype``, bf16 by
         default) dequantized on the device.
     source, pinned_budget_nbytes, threads, direct, window_nbytes
-        How bytes reach the device (:class:`~mmapstore.gpu.copier.DeviceCopier`).
+        How bytes reach the device (:class:`~mmapstore.gpu._copier.DeviceCopier`).
 
     Raises
     ------

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from .._errors import FormatError
 from .._geometry import Encoding
-from .blockscaled import E2M1_VALUES, dequantize_mxfp4
+from ._blockscaled import E2M1_VALUES, dequantize_mxfp4
 
 __all__ = ["dequantize_packed", "unpack_int4"]
 

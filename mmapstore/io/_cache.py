@@ -21,7 +21,7 @@ it
 a range read with ``O_DIRECT``             nothing: it never entered the cache.  Never
                                            ``WILLNEED`` it first, which reads it twice
 the next layer's experts, to be copied     :func:`read_ahead` (``POSIX_FADV_WILLNEED``),
-from the mapping                           or a :class:`~mmapstore.io.prefetch.Prefetcher`
+from the mapping                           or a :class:`~mmapstore.io._prefetch.Prefetcher`
                                            into staging buffers when they will be read
 =========================================  ===========================================
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import FormatError
-from .files import Directory, FileIdentity, open_regular
-from .gguf import is_gguf, read_gguf_files
-from .manifest import MANIFEST_NAME, Manifest, raw_records
-from .records import MAX_TENSORS, TensorRecord
-from .safetensors import PAD_PREFIX, SafetensorsHeader, read_header_fd
+from ._files import Directory, FileIdentity, open_regular
+from ._gguf import is_gguf, read_gguf_files
+from ._manifest import MANIFEST_NAME, Manifest, raw_records
+from ._records import MAX_TENSORS, TensorRecord
+from ._safetensors import PAD_PREFIX, SafetensorsHeader, read_header_fd
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "Checkpoint", "read_checkpoint", "read_header_in"]
 

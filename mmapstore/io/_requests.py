@@ -1,6 +1,6 @@
 """Values of the cold-read path: what to read, how, and what happened.
 
-Everything here is a frozen value; the reader (:mod:`mmapstore.io.reader`)
+Everything here is a frozen value; the reader (:mod:`mmapstore.io._reader`)
 is the only thing that acts on them.
 """
 
@@ -45,7 +45,7 @@ memory).  ``direct``: ``O_DIRECT`` read straight into the destination.
 unaligned head or tail of a range, or a destination whose alignment differs
 from the file offset's).  ``buffered``: ``pread`` through the page cache
 straight into the destination.  ``prefetched``: copied from a staging buffer
-a :class:`~mmapstore.io.prefetch.Prefetcher` had filled.
+a :class:`~mmapstore.io._prefetch.Prefetcher` had filled.
 """
 
 SOURCES: tuple[Source, ...] = ("resident", "direct", "bounced", "buffered", "prefetched")
@@ -53,14 +53,14 @@ SOURCES: tuple[Source, ...] = ("resident", "direct", "bounced", "buffered", "pre
 
 @dataclass(frozen=True, slots=True)
 class ReaderConfig:
-    """How a :class:`~mmapstore.io.reader.ColdReader` reads.
+    """How a :class:`~mmapstore.io._reader.ColdReader` reads.
 
     Parameters
     ----------
     queue_depth
         Reads in flight at once (threads, each in ``preadv`` with the GIL
         released).  Throughput on SSDs grows with it; see
-        :func:`mmapstore.io.probe.probe_reader_config`.
+        :func:`mmapstore.io._probe.probe_reader_config`.
     chunk_nbytes
         The largest single read; longer ranges are split so their pieces run
         in parallel.  A multiple of :data:`ALIGN_NBYTES`.

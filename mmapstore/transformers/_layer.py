@@ -13,10 +13,10 @@ import torch
 
 from .._pool import ExecMode, ExpertPool, count_hits
 from .._store import LayerExperts
+from ._fetch import FetchChunk, plan_fetch
 from ._hf import grouped_linear
+from ._slots import SlotWriter
 from ._torch import as_tensor
-from .fetch import FetchChunk, plan_fetch
-from .slots import SlotWriter
 
 __all__ = ["ExpertsLayout", "LayerCounters", "LayerRuntime", "OnMiss", "StepState"]
 
@@ -29,7 +29,7 @@ class OnMiss(enum.Enum):
     the expert is copied into the pool first (least recently used resident
     leaves), as LRU expert caches do; a forward that routes to more experts
     than the pool holds runs in chunks of at most ``capacity`` experts
-    (:mod:`~mmapstore.transformers.fetch`), so every pair runs on the device.
+    (:mod:`~mmapstore.transformers._fetch`), so every pair runs on the device.
     """
 
     CPU = "cpu"

@@ -21,8 +21,8 @@ import numpy.typing as npt
 
 from .._dtypes import DTYPE_CODES, DType, dtype_from_code, opaque_dtype
 from .._errors import FormatError
-from .files import FileIdentity, open_regular
-from .records import (
+from ._files import FileIdentity, open_regular
+from ._records import (
     MAX_DIMS,
     MAX_ELEMENTS,
     MAX_HEADER_NBYTES,

@@ -27,8 +27,8 @@ from .._checksum import ALGORITHMS, HEX_DIGITS
 from .._dtypes import dtype_from_code
 from .._errors import FormatError
 from .._geometry import ENCODING_KINDS, Encoding
-from .files import Directory, FileIdentity
-from .records import MAX_TENSORS, TensorRecord, shape_nbytes, validate_shape
+from ._files import Directory, FileIdentity
+from ._records import MAX_TENSORS, TensorRecord, shape_nbytes, validate_shape
 
 Storage = Literal["safetensors", "raw"]
 Orientation = Literal["kn", "nk"]

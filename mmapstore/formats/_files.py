@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from .._errors import FileChangedError, FormatError
-from .records import MAX_MANIFEST_NBYTES, parse_json_object, read_exact
+from ._records import MAX_MANIFEST_NBYTES, parse_json_object, read_exact
 
 __all__ = [
     "OPEN_FLAGS",

@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import MmapStoreError, OptionError
-from .files import aligned_empty
-from .reader import ColdReader, ReadHandle, StagedClaim
-from .requests import FileRange, ReaderConfig, ReadRequest
+from ._files import aligned_empty
+from ._reader import ColdReader, ReadHandle, StagedClaim
+from ._requests import FileRange, ReaderConfig, ReadRequest
 
 __all__ = ["PrefetchTicket", "Prefetcher"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._preadcopy import copy_range
-from .safetensors import PAD_PREFIX, TensorSpec, layout_header
+from ._safetensors import PAD_PREFIX, TensorSpec, layout_header
 
 __all__ = ["STORAGES", "SlabFileWriter"]
 

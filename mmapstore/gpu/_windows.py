@@ -4,7 +4,7 @@ A copy from a registered range runs at the link's speed with no host copy
 (measured on an H200: 1.00x a pinned buffer).  Registering costs about
 45 us per MiB and pins the pages (they cannot be evicted while registered),
 so ranges are registered in large aligned *windows* kept as an LRU under a
-:class:`~mmapstore.gpu.driver.PinnedBudget`: a pool's hot set stays
+:class:`~mmapstore.gpu._driver.PinnedBudget`: a pool's hot set stays
 registered and each refresh pays only for windows it has not touched before.
 
 Rules kept here:
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._mapping import PAGE_NBYTES, MappedFile
-from .driver import CudaDriver, PinnedBudget
-from .jobs import Fallbacks, SourceStats
+from ._driver import CudaDriver, PinnedBudget
+from ._jobs import Fallbacks, SourceStats
 
 if TYPE_CHECKING:
     import torch

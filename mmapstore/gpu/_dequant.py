@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._errors import FormatError
-from ..dequant.blockscaled import E2M1_VALUES
+from ..dequant._blockscaled import E2M1_VALUES
 from ..torch import require_torch
 
 if TYPE_CHECKING:

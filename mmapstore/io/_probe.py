@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .._errors import OptionError
-from .cache import drop_cached
-from .files import aligned_empty
-from .reader import ColdReader
-from .requests import ALIGN_NBYTES, FileRange, ReaderConfig, ReadRequest
+from ._cache import drop_cached
+from ._files import aligned_empty
+from ._reader import ColdReader
+from ._requests import ALIGN_NBYTES, FileRange, ReaderConfig, ReadRequest
 
 __all__ = ["ProbeResult", "probe_reader_config"]
 
