@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -75,6 +75,7 @@ __all__ = [
     "Sink",
     "SinkOrientation",
     "WriteResult",
+    "check_slots",
     "pool_nbytes",
     "pool_shapes",
 ]
@@ -118,6 +119,25 @@ class Sink(Protocol):
     def check(self, table: WriteTable) -> None: ...
 
     def submit(self, table: WriteTable, source: ByteSource) -> Completion: ...
+
+
+def check_slots(table: WriteTable, check_param: Callable[[WriteTable, int], int]) -> None:
+    """Check every destination a table writes (``check_param(table, param)``
+    validates one and returns its slot count), then every row's slot range,
+    all before any copy.  Raises :class:`SinkError` naming the parameter."""
+    capacity = np.zeros(len(table.params), dtype=np.int64)
+    for param in table.used_params().tolist():
+        capacity[param] = check_param(table, param)
+    if table.rows:
+        ends = table.slot + table.count
+        bad = (table.slot < 0) | (table.count < 1) | (ends > capacity[table.param])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            param = int(table.param[row])
+            raise SinkError(
+                f"parameter {table.params[param]!r}: slots [{int(table.slot[row])}, {int(ends[row])}) "
+                f"outside [0, {int(capacity[param])})"
+            )
 
 
 class Completed:
@@ -227,19 +247,7 @@ class DictSink:
 
     def check(self, table: WriteTable) -> None:
         """See the module docstring.  Raises :class:`SinkError`."""
-        capacity = np.zeros(len(table.params), dtype=np.int64)
-        for param in table.used_params().tolist():
-            capacity[param] = self._check_param(table, param)
-        if table.rows:
-            ends = table.slot + table.count
-            bad = (table.slot < 0) | (table.count < 1) | (ends > capacity[table.param])
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                param = int(table.param[row])
-                raise SinkError(
-                    f"parameter {table.params[param]!r}: slots [{int(table.slot[row])}, {int(ends[row])}) "
-                    f"outside [0, {int(capacity[param])})"
-                )
+        check_slots(table, self._check_param)
         self._checked = table
 
     def _check_param(self, table: WriteTable, param: int) -> int:

@@ -31,7 +31,7 @@ from .._dtypes import can_cast
 from .._errors import SinkError, StoreClosedError
 from .._geometry import PartGeometry, c_strides
 from .._planner import DEFAULT_PARAM_NAME, StoreGeometry, geometries_of, param_name
-from .._sinks import SinkOrientation, WriteResult
+from .._sinks import SinkOrientation, WriteResult, check_slots
 from ..torch import as_tensor, require_torch, torch_dtype
 from ._copier import DeviceCopier
 from ._dequant import dequantize_fp8_block, dequantize_mxfp4
@@ -267,19 +267,7 @@ class TorchSink:
         if self._closed:
             raise SinkError("TorchSink is closed")
         self._check_budget(table)
-        capacity = np.zeros(len(table.params), dtype=np.int64)
-        for param in table.used_params().tolist():
-            capacity[param] = self._check_param(table, param)
-        if table.rows:
-            ends = table.slot + table.count
-            bad = (table.slot < 0) | (table.count < 1) | (ends > capacity[table.param])
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                param = int(table.param[row])
-                raise SinkError(
-                    f"parameter {table.params[param]!r}: slots [{int(table.slot[row])}, {int(ends[row])}) "
-                    f"outside [0, {int(capacity[param])})"
-                )
+        check_slots(table, self._check_param)
         self._checked = table
 
     def _check_budget(self, table: WriteTable) -> None:
