@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ._errors import SinkError
 from ._planner import RefreshPlan
 from ._pool import ExpertPool
-from ._sinks import Completion, Sink
+from ._sinks import Completion, Sink, WriteResult
 from ._source import PREFETCH_MODES, ByteSource, Prefetch
 
 __all__ = ["PREFETCH_MODES", "ApplyResult", "Pending", "apply", "start"]
 
 
-@dataclass(frozen=True, slots=True)
-class ApplyResult:
-    """Bytes delivered, seconds from prefetch to the last copy, table rows,
-    copy threads the sink used; delivered bytes per source and bytes asked
-    of the device, as the sink reported them (see
-    :class:`~mmapstore._sinks.WriteResult`)."""
-
-    nbytes: int
-    seconds: float
-    rows: int
-    threads: int = 1
-    source_nbytes: tuple[tuple[str, int], ...] = ()
-    device_nbytes: int = 0
-
-    def nbytes_from(self, source: str) -> int:
-        """Delivered bytes that came from ``source`` (``"resident"``, ``"direct"``...)."""
-        return dict(self.source_nbytes).get(source, 0)
+ApplyResult = WriteResult
+"""What :func:`apply` delivered: the sink's :class:`~mmapstore._sinks.WriteResult`,
+with ``seconds`` counted from the prefetch to the last copy."""
 
 
 class Pending:
@@ -57,9 +43,7 @@ class Pending:
             seconds = time.perf_counter() - self._started
             if self._pools is not None:
                 self.plan.commit(self._pools)
-            self._result = ApplyResult(
-                written.nbytes, seconds, written.rows, written.threads, written.source_nbytes, written.device_nbytes
-            )
+            self._result = dataclasses.replace(written, seconds=seconds)
         return self._result
 
 

@@ -12,6 +12,9 @@ import numpy as np
 from mmapstore._dtypes import code_of
 from mmapstore.testing import FamilyShape, family_tensors, synth_tensor
 
+# The families the converter tests run (stacked per-expert, MLA, fused interleaved, fused concatenated).
+SMALL_FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
+
 
 def header_bytes(header: Mapping[str, object]) -> bytes:
     text = json.dumps(header).encode()

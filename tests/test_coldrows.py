@@ -35,7 +35,7 @@ from mmapstore import (
 )
 from mmapstore._coldrows import ROW_SOURCES
 from mmapstore._mapping import MADV_DONTNEED, MappedFile
-from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty
+from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty, evict
 from mmapstore.io import _reader as io_reader
 from mmapstore.testing import FileSource, synth_checkpoint
 from mmapstore.testing.sinks import Destination, Scenario, SinkTests
@@ -52,12 +52,7 @@ def drop_cache(directory: str | Path, store: Any = None) -> None:
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(path)
 
 
 def warm(directory: str | Path, name: str) -> None:

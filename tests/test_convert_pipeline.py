@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from builders import write_checkpoint
+from builders import SMALL_FAMILIES, write_checkpoint
 from test_layouts import random
 from test_quantized import FP8_CONFIG, MX_CONFIG, fp8_checkpoint, mxfp4_checkpoint, save
 
@@ -21,20 +21,8 @@ from mmapstore import ConvertError, FormatError, convert, open_store, verify
 from mmapstore._checksum import HEX_DIGITS
 from mmapstore._preadcopy import copy_range
 from mmapstore._transpose import transpose_into
-from mmapstore.testing import synth_checkpoint
 
-FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {
-        family: synth_checkpoint(
-            root / family, family, layers=2, experts=4, hidden=40, ffn=24, shard_nbytes=40_000
-        ).path
-        for family in FAMILIES
-    }
+FAMILIES = SMALL_FAMILIES
 
 
 def _parts(store):
@@ -51,10 +39,10 @@ def _parts(store):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", ["keep", "f32"])
-def test_both_orientations_give_identical_values(sources, tmp_path, family, dtype):
-    native = convert(sources[family], tmp_path / "native", dtype=dtype, shard_nbytes=20_000)
-    kn = convert(sources[family], tmp_path / "kn", dtype=dtype, orientation="kn", shard_nbytes=20_000)
-    with open_store(sources[family]) as source, open_store(native.path) as a, open_store(kn.path) as b:
+def test_both_orientations_give_identical_values(small_sources, tmp_path, family, dtype):
+    native = convert(small_sources[family], tmp_path / "native", dtype=dtype, shard_nbytes=20_000)
+    kn = convert(small_sources[family], tmp_path / "kn", dtype=dtype, orientation="kn", shard_nbytes=20_000)
+    with open_store(small_sources[family]) as source, open_store(native.path) as a, open_store(kn.path) as b:
         want = _parts(source)
         for store in (a, b):
             got = _parts(store)
@@ -73,10 +61,10 @@ def test_both_orientations_give_identical_values(sources, tmp_path, family, dtyp
         assert verify(result.path).ok
 
 
-def test_native_slabs_are_the_source_bytes(sources, tmp_path):
+def test_native_slabs_are_the_source_bytes(small_sources, tmp_path):
     """Mixtral's [out, in] slabs pass through unchanged (copied by the kernel)."""
-    result = convert(sources["mixtral"], tmp_path / "out")
-    with open_store(sources["mixtral"]) as source, open_store(result.path) as store:
+    result = convert(small_sources["mixtral"], tmp_path / "out")
+    with open_store(small_sources["mixtral"]) as source, open_store(result.path) as store:
         for a, b in zip(source.layers, store.layers, strict=True):
             for (_, original), (_, converted) in zip(a.stacks, b.stacks, strict=True):
                 assert converted.native_orientation == original.native_orientation == "nk"
@@ -84,10 +72,14 @@ def test_native_slabs_are_the_source_bytes(sources, tmp_path):
                     assert converted.native(expert).tobytes() == original.native(expert).tobytes()
 
 
-def test_the_same_conversion_gives_the_same_bytes(sources, tmp_path):
+def test_the_same_conversion_gives_the_same_bytes(small_sources, tmp_path):
     for orientation in ("native", "kn"):
-        first = convert(sources["gpt_oss"], tmp_path / f"{orientation}1", orientation=orientation, shard_nbytes=20_000)
-        second = convert(sources["gpt_oss"], tmp_path / f"{orientation}2", orientation=orientation, shard_nbytes=20_000)
+        first = convert(
+            small_sources["gpt_oss"], tmp_path / f"{orientation}1", orientation=orientation, shard_nbytes=20_000
+        )
+        second = convert(
+            small_sources["gpt_oss"], tmp_path / f"{orientation}2", orientation=orientation, shard_nbytes=20_000
+        )
         assert [os.path.basename(f) for f in first.files] == [os.path.basename(f) for f in second.files]
         for a, b in zip(first.files, second.files, strict=True):
             assert Path(a).read_bytes() == Path(b).read_bytes()
@@ -156,11 +148,11 @@ def _flip_a_byte(store_path: str, tensor: str, at: int = 5) -> None:
 
 
 @pytest.mark.parametrize("checksum", ["xxh3_128", "blake3", "sha256", "sha256 (no algorithm named)"])
-def test_verify_catches_a_flipped_bit_with_each_checksum(sources, tmp_path, checksum):
+def test_verify_catches_a_flipped_bit_with_each_checksum(small_sources, tmp_path, checksum):
     algorithm = checksum.split()[0]
     if algorithm == "blake3":
         pytest.importorskip("blake3", reason="blake3 checksums need the blake3 package")
-    result = convert(sources["mixtral"], tmp_path / "out", checksum=algorithm, shard_nbytes=20_000)
+    result = convert(small_sources["mixtral"], tmp_path / "out", checksum=algorithm, shard_nbytes=20_000)
     manifest_path = os.path.join(result.path, "mmapstore.json")
     manifest = json.loads(Path(manifest_path).read_text())
     assert manifest["checksum"] == algorithm
@@ -177,8 +169,8 @@ def test_verify_catches_a_flipped_bit_with_each_checksum(sources, tmp_path, chec
     ]
 
 
-def test_a_manifest_naming_an_unknown_checksum_is_a_problem_not_a_pass(sources, tmp_path):
-    result = convert(sources["mixtral"], tmp_path / "out")
+def test_a_manifest_naming_an_unknown_checksum_is_a_problem_not_a_pass(small_sources, tmp_path):
+    result = convert(small_sources["mixtral"], tmp_path / "out")
     manifest_path = os.path.join(result.path, "mmapstore.json")
     manifest = json.loads(Path(manifest_path).read_text())
     manifest["checksum"] = "crc32"
@@ -190,8 +182,8 @@ def test_a_manifest_naming_an_unknown_checksum_is_a_problem_not_a_pass(sources, 
     assert not report.ok and "crc32" in report.problems[0].message
 
 
-def test_malformed_digests_are_format_errors(sources, tmp_path):
-    result = convert(sources["mixtral"], tmp_path / "out")
+def test_malformed_digests_are_format_errors(small_sources, tmp_path):
+    result = convert(small_sources["mixtral"], tmp_path / "out")
     manifest_path = os.path.join(result.path, "mmapstore.json")
     manifest = json.loads(Path(manifest_path).read_text())
     next(iter(manifest["tensors"].values()))["xxh3_128"] = "00" * 32  # a blake3-sized digest under xxh3_128
@@ -202,13 +194,13 @@ def test_malformed_digests_are_format_errors(sources, tmp_path):
 
 
 @pytest.mark.parametrize("window", [0, 4096, 64 << 20])
-def test_progress_counts_exactly_the_planned_bytes(sources, tmp_path, monkeypatch, window):
+def test_progress_counts_exactly_the_planned_bytes(small_sources, tmp_path, monkeypatch, window):
     """Bytes are counted once each, as the disk takes them: within the
     write-behind window, or at each shard's fsync."""
     monkeypatch.setattr(convert_pipeline, "WRITE_BEHIND_NBYTES", window)
     planned, counted = [], []
     result = convert(
-        sources["gpt_oss"],
+        small_sources["gpt_oss"],
         tmp_path / "out",
         dtype="f32",
         shard_nbytes=20_000,
@@ -218,11 +210,11 @@ def test_progress_counts_exactly_the_planned_bytes(sources, tmp_path, monkeypatc
     assert planned == [result.nbytes] and sum(counted) == result.nbytes and len(counted) >= len(result.files) > 1
 
 
-def test_unknown_orientation_or_checksum_is_refused(sources, tmp_path):
+def test_unknown_orientation_or_checksum_is_refused(small_sources, tmp_path):
     with pytest.raises(ConvertError, match="orientation"):
-        convert(sources["mixtral"], tmp_path / "a", orientation="nk")
+        convert(small_sources["mixtral"], tmp_path / "a", orientation="nk")
     with pytest.raises(ConvertError, match="checksum"):
-        convert(sources["mixtral"], tmp_path / "b", checksum="md5")
+        convert(small_sources["mixtral"], tmp_path / "b", checksum="md5")
     assert not os.listdir(tmp_path)
 
 
@@ -267,13 +259,13 @@ def test_copy_range_falls_back_where_the_kernel_cannot_copy(tmp_path, monkeypatc
         os.close(dst_fd)
 
 
-def test_a_conversion_whose_kernel_copy_is_unsupported_still_converts(sources, tmp_path, monkeypatch):
+def test_a_conversion_whose_kernel_copy_is_unsupported_still_converts(small_sources, tmp_path, monkeypatch):
     def unsupported(*args):
         raise OSError(errno.ENOSYS, "no copy_file_range")
 
     monkeypatch.setattr(preadcopy.os, "copy_file_range", unsupported)
-    result = convert(sources["mixtral"], tmp_path / "out")
-    with open_store(sources["mixtral"]) as source, open_store(result.path) as store:
+    result = convert(small_sources["mixtral"], tmp_path / "out")
+    with open_store(small_sources["mixtral"]) as source, open_store(result.path) as store:
         assert _parts(source).keys() == _parts(store).keys()
         for key, value in _parts(source).items():
             np.testing.assert_array_equal(_parts(store)[key], value)
@@ -306,14 +298,14 @@ def test_transpose_into_refuses_what_it_cannot_do():
         transpose_into(np.empty((3, 2), np.float32), np.empty((3, 2), np.float32).T)
 
 
-def test_the_command_line_takes_orientation_and_checksum(sources, tmp_path, capsys):
+def test_the_command_line_takes_orientation_and_checksum(small_sources, tmp_path, capsys):
     from mmapstore.cli import main
 
     dst = tmp_path / "out"
-    argv = ["convert", sources["mixtral"], str(dst), "--orientation", "kn", "--checksum", "sha256", "--quiet"]
+    argv = ["convert", small_sources["mixtral"], str(dst), "--orientation", "kn", "--checksum", "sha256", "--quiet"]
     assert main(argv) == 0
     manifest = json.loads(Path(dst, "mmapstore.json").read_text())
     assert (manifest["orientation"], manifest["checksum"]) == ("kn", "sha256")
     assert main(argv) == 0 and "already holds" in capsys.readouterr().out
-    assert main(["convert", sources["mixtral"], str(dst), "--quiet"]) == 1  # another conversion: needs --force
+    assert main(["convert", small_sources["mixtral"], str(dst), "--quiet"]) == 1  # another conversion: needs --force
     assert main(["verify", str(dst)]) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import SMALL_FAMILIES
 from test_convert_pipeline import _parts
 from test_quantized import FP8_CONFIG, fp8_checkpoint, save
 
@@ -32,18 +33,7 @@ from mmapstore.cli import main
 from mmapstore.io import ColdReader, ReaderConfig, ScatterRequest, aligned_empty
 from mmapstore.testing import synth_checkpoint
 
-FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4"]
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {
-        family: synth_checkpoint(
-            root / family, family, layers=2, experts=4, hidden=40, ffn=24, shard_nbytes=40_000
-        ).path
-        for family in FAMILIES
-    }
+FAMILIES = SMALL_FAMILIES
 
 
 def _records(path: str) -> dict[str, dict[str, object]]:
@@ -56,10 +46,15 @@ def _records(path: str) -> dict[str, dict[str, object]]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", ["keep", "f32"])
 @pytest.mark.parametrize("storage", ["safetensors", "raw"])
-def test_values_are_those_of_the_stacked_layout(sources, tmp_path, family, dtype, storage):
-    stacked = convert(sources[family], tmp_path / "slab", dtype=dtype, storage=storage, shard_nbytes=20_000)
+def test_values_are_those_of_the_stacked_layout(small_sources, tmp_path, family, dtype, storage):
+    stacked = convert(small_sources[family], tmp_path / "slab", dtype=dtype, storage=storage, shard_nbytes=20_000)
     major = convert(
-        sources[family], tmp_path / "major", dtype=dtype, storage=storage, layout="expert-major", shard_nbytes=20_000
+        small_sources[family],
+        tmp_path / "major",
+        dtype=dtype,
+        storage=storage,
+        layout="expert-major",
+        shard_nbytes=20_000,
     )
     with open_store(stacked.path) as a, open_store(major.path) as b:
         want, got = _parts(a), _parts(b)
@@ -82,8 +77,8 @@ def test_values_are_those_of_the_stacked_layout(sources, tmp_path, family, dtype
     assert verify(major.path).ok
 
 
-def test_one_expert_is_one_contiguous_record(sources, tmp_path):
-    result = convert(sources["mixtral"], tmp_path / "major", layout="expert-major")
+def test_one_expert_is_one_contiguous_record(small_sources, tmp_path):
+    result = convert(small_sources["mixtral"], tmp_path / "major", layout="expert-major")
     with open_store(result.path) as store:
         for layer in store.layers:
             spans = sorted(
@@ -116,8 +111,8 @@ def test_fp8_source_keeps_codes_and_scales_in_the_record(tmp_path):
     assert verify(major.path).ok
 
 
-def test_verify_catches_a_flipped_byte_in_a_record(sources, tmp_path):
-    result = convert(sources["deepseek_v3"], tmp_path / "major", layout="expert-major")
+def test_verify_catches_a_flipped_byte_in_a_record(small_sources, tmp_path):
+    result = convert(small_sources["deepseek_v3"], tmp_path / "major", layout="expert-major")
     assert verify(result.path).ok
     with open_store(result.path) as store:
         layer = store.layers[-1]
@@ -149,9 +144,9 @@ class _CountingReader(ColdReader):
 
 
 @pytest.mark.parametrize("read", ["auto", "map", "reader"])
-def test_refreshes_read_each_expert_once_and_deliver_the_stacked_values(sources, tmp_path, read):
-    stacked = convert(sources["gpt_oss"], tmp_path / "slab", dtype="f32")
-    major = convert(sources["gpt_oss"], tmp_path / "major", dtype="f32", layout="expert-major")
+def test_refreshes_read_each_expert_once_and_deliver_the_stacked_values(small_sources, tmp_path, read):
+    stacked = convert(small_sources["gpt_oss"], tmp_path / "slab", dtype="f32")
+    major = convert(small_sources["gpt_oss"], tmp_path / "major", dtype="f32", layout="expert-major")
     captured = [np.array([3, 2, 3, 2]), np.array([0, 1, 3, 3, 3])]
     delivered = []
     for path in (stacked.path, major.path):
@@ -178,8 +173,8 @@ def test_refreshes_read_each_expert_once_and_deliver_the_stacked_values(sources,
         np.testing.assert_array_equal(delivered[1][name], values, err_msg=name)
 
 
-def test_a_full_push_of_an_expert_major_store_is_exact(sources, tmp_path):
-    major = convert(sources["llama4"], tmp_path / "major", layout="expert-major")
+def test_a_full_push_of_an_expert_major_store_is_exact(small_sources, tmp_path):
+    major = convert(small_sources["llama4"], tmp_path / "major", layout="expert-major")
     with open_store(major.path) as store, ColdReader() as reader:
         plan = plan_full_push(geometries_of(store))
         arrays = {
@@ -195,9 +190,9 @@ def test_a_full_push_of_an_expert_major_store_is_exact(sources, tmp_path):
                     np.testing.assert_array_equal(pushed[expert], stack.native(expert))
 
 
-def test_the_command_line_takes_the_layout(sources, tmp_path, capsys):
+def test_the_command_line_takes_the_layout(small_sources, tmp_path, capsys):
     dst = tmp_path / "major"
-    assert main(["convert", sources["mixtral"], str(dst), "--layout", "expert-major", "--quiet"]) == 0
+    assert main(["convert", small_sources["mixtral"], str(dst), "--layout", "expert-major", "--quiet"]) == 0
     assert set(_records(str(dst))) == {"blk.0.ffn_exps.records", "blk.1.ffn_exps.records"}
     assert main(["verify", str(dst)]) == 0
 
@@ -225,8 +220,8 @@ def _part(manifest):  # type: ignore[no-untyped-def]
         (lambda m: m["records"].update({"blk.9.ffn_exps.records": {"parts": {}}}), "no such tensor"),
     ],
 )
-def test_hostile_records_are_refused(sources, tmp_path, change, message):
-    result = convert(sources["mixtral"], tmp_path / "major", layout="expert-major")
+def test_hostile_records_are_refused(small_sources, tmp_path, change, message):
+    result = convert(small_sources["mixtral"], tmp_path / "major", layout="expert-major")
     _rewrite(result.path, change)
     with pytest.raises(FormatError, match=message):
         open_store(result.path).close()
@@ -265,13 +260,13 @@ def test_aligned_records_land_in_their_slots_with_one_direct_read_each(tmp_path)
                 np.testing.assert_array_equal(sink.arrays[f"blk.0.ffn_{proj}_exps.weight"][slot], stack.native(expert))
 
 
-def test_a_repeated_conversion_is_skipped_and_an_expert_major_store_converts_back(sources, tmp_path):
-    major = convert(sources["gpt_oss"], tmp_path / "major", layout="expert-major")
-    assert convert(sources["gpt_oss"], tmp_path / "major", layout="expert-major").skipped
+def test_a_repeated_conversion_is_skipped_and_an_expert_major_store_converts_back(small_sources, tmp_path):
+    major = convert(small_sources["gpt_oss"], tmp_path / "major", layout="expert-major")
+    assert convert(small_sources["gpt_oss"], tmp_path / "major", layout="expert-major").skipped
     with pytest.raises(ConvertError, match="exists"):
-        convert(sources["gpt_oss"], tmp_path / "major")  # another layout is another conversion
+        convert(small_sources["gpt_oss"], tmp_path / "major")  # another layout is another conversion
     back = convert(major.path, tmp_path / "back")
-    with open_store(sources["gpt_oss"]) as source, open_store(back.path) as store:
+    with open_store(small_sources["gpt_oss"]) as source, open_store(back.path) as store:
         want, got = _parts(source), _parts(store)
         assert got.keys() == want.keys()
         for key, value in want.items():

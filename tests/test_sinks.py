@@ -11,6 +11,7 @@ import pytest
 
 from mmapstore import ArraySink, DictSink, Sink
 from mmapstore import _sinks as sinks_module
+from mmapstore.io import evict
 from mmapstore.testing.sinks import Destination, SinkTests
 
 
@@ -144,12 +145,7 @@ def test_prefetch_hints_only_pages_that_are_not_resident(tmp_path):
     path = tmp_path / "data.bin"
     pages = 1024
     path.write_bytes(os.urandom(pages * PAGE_NBYTES))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path)
     with MappedFile(str(path)) as mapped:
         if mapped.resident_nbytes() != 0:
             pytest.skip("this file system keeps the file cached (tmpfs?): nothing to observe")

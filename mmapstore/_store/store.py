@@ -292,27 +292,18 @@ class ExpertStore:
         (the last two logical dims, in ``orientation``), or for packed stacks
         from ``logical`` (discovery's ``(k, n)``: a packed shape is not the logical one)."""
         if logical is not None:
-            return ExpertStack(
-                name,
-                logical[0],
-                logical[1],
-                encoding,
-                parts,
-                tensor_names,
-                maps=self._maps,
-                files=self.files,
-                stacked=len(tensor_names) == 1 and parts["weight"].stride is not None,
-            )
-        if encoding.packed:
+            k, n = logical
+        elif encoding.packed:
             raise FormatError(f"{self.path}: stack {name!r} is {encoding.describe()} but its logical shape is unknown")
-        if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
-            first, second = weight.shape[1], weight.shape[2] * 32
-        elif encoding.kind == "ggml" and not weight.dtype.is_block:  # rows of blocks kept as bytes
-            block = encoding.dtype
-            first, second = weight.shape[-2], weight.shape[-1] // block.block_nbytes * block.block_elems
         else:
-            first, second = weight.shape[-2], weight.shape[-1]
-        k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
+            if encoding.kind == "mxfp4":  # blocks [E, out, in/32, 16]
+                first, second = weight.shape[1], weight.shape[2] * 32
+            elif encoding.kind == "ggml" and not weight.dtype.is_block:  # rows of blocks kept as bytes
+                block = encoding.dtype
+                first, second = weight.shape[-2], weight.shape[-1] // block.block_nbytes * block.block_elems
+            else:
+                first, second = weight.shape[-2], weight.shape[-1]
+            k, n = (first, second) if parts["weight"].orientation == "kn" else (second, first)
         return ExpertStack(
             name,
             k,

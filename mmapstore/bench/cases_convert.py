@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from .._store import open_store
 from .._synth import synth_checkpoint
+from ..io import evict as evict_file
 from .figures import Figure
 from .registry import Context
 from .registry import case as register
@@ -92,12 +93,7 @@ def evict(root: str) -> None:
     """Write back and drop every file under ``root`` from the page cache."""
     for directory, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_file(os.path.join(directory, name))
 
 
 def _trial(case: str, source: str, work: str) -> tuple[float, int]:

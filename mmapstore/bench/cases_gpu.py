@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .._mapping import MADV_DONTNEED, MappedFile
+from .._mapping import MappedFile
 from ..gpu import CopyJob, DeviceCopier, Source, SourceStats
 from ..gpu._driver import CudaDriver
 from ..gpu._ring import default_threads
+from ..io import evict
 from ..torch import require_torch
 from .figures import Figure
 from .registry import Context, case
@@ -95,12 +96,7 @@ def _write_file(path: str, nbytes: int, slab_nbytes: int) -> None:
 def _evict(path: str, mapped: MappedFile) -> None:
     # Pages our own mapping has in its page tables are skipped by
     # POSIX_FADV_DONTNEED: drop those entries first (the pages stay cached).
-    mapped.advise(0, mapped.nbytes, MADV_DONTNEED)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path, mapped)
 
 
 def _warm(path: str) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .._mapping import MADV_DONTNEED, MADV_WILLNEED, MappedFile
+from .._mapping import MADV_WILLNEED, MappedFile
+from ..io import evict
 
 __all__ = [
     "PIECE_NBYTES",
@@ -45,14 +46,7 @@ def storage_read_nbytes() -> int:
 
 def drop_file(path: str, mapped: MappedFile | None = None) -> None:
     """Evict ``path`` from the page cache (unmapping ``mapped``'s pages first)."""
-    if mapped is not None:
-        mapped.advise(0, mapped.nbytes, MADV_DONTNEED)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path, mapped)
 
 
 def pread_pool(

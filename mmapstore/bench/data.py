@@ -14,6 +14,7 @@ import numpy.typing as npt
 from .._dtypes import dtype_from_code
 from .._mapping import PAGE_NBYTES, MappedFile
 from ..formats import MANIFEST_NAME, Manifest, ManifestTensor, SafetensorsWriter, TensorSpec
+from ..io import evict
 
 __all__ = [
     "BF16",
@@ -45,12 +46,7 @@ def times(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | N
 def drop_cache(paths: list[str]) -> None:
     """Evict the files from the page cache (they must be clean and unmapped)."""
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
 
 
 def cached_nbytes(paths: list[str]) -> int:

@@ -10,7 +10,7 @@ page-cache policy helpers and says when to use which;
 
 from __future__ import annotations
 
-from ._cache import CachePolicy, advise_cold, drop_cached, page_out, read_ahead, release_landed
+from ._cache import CachePolicy, advise_cold, drop_cached, evict, page_out, read_ahead, release_landed
 from ._files import aligned_empty
 from ._prefetch import Prefetcher, PrefetchTicket
 from ._probe import ProbeResult, probe_reader_config
@@ -46,6 +46,7 @@ __all__ = [
     "advise_cold",
     "aligned_empty",
     "drop_cached",
+    "evict",
     "page_out",
     "probe_reader_config",
     "read_ahead",

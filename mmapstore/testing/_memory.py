@@ -21,6 +21,7 @@ from .._geometry import Orientation, PartGeometry, c_strides
 from .._mapping import FileMaps, MappedFile
 from .._source import MappedSource, Prefetch
 from .._writes import WriteTable
+from ..io import evict
 
 __all__ = ["ArraySource", "FileSource", "InMemoryFiles"]
 
@@ -198,12 +199,7 @@ class ArraySource:
             with open(path, "wb") as handle:
                 handle.write(self._buffers[name].tobytes())
                 handle.flush()
-                os.fsync(handle.fileno())  # dirty pages cannot be dropped
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(path)
             paths.append(path)
         return FileSource(FileMaps({}), self._files, where=directory, paths=tuple(paths))
 
