@@ -40,7 +40,7 @@ served as data.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -124,7 +124,7 @@ def split_rows(table: WriteTable, source: ByteSource, mode: ReadMode) -> RowSpli
         mapped = mappings[file]
         if mapped is None:
             choice[row] = _MAPPED
-        elif mode == "auto" and mapped.resident_pages(offset, 1).all():
+        elif mode == "auto" and mapped.page_resident(offset):
             pages = mapped.resident_pages(offset, extent)
             choice[row] = _RESIDENT if pages.all() else _PARTIAL
     return RowSplit(rows[choice == _RESIDENT], rows[choice == _MAPPED], rows[choice >= _COLD], rows[choice == _PARTIAL])
@@ -250,43 +250,58 @@ class ColdRows:
 
         With ``residency``, the rows in ``partial`` (some pages resident) are
         read piece by piece, copying resident pieces from the mapping; the
-        others are read whole.
+        others are read whole.  Whole rows read straight into their slots go
+        to the reader as they are made (table order), so the disk is busy
+        while the other rows are still being sorted out.
         """
-        table = self._table
         self._partial = frozenset(partial) if self._residency else frozenset()
-        direct: dict[bool, list[ReadRequest]] = {False: [], True: []}
+        pieces: list[ReadRequest] = []  # partly resident rows
         items: list[_Item] = []
         scattered: list[tuple[int, int, npt.NDArray[np.uint8]]] = []  # file, offset, destination
-        for row in rows:
-            param = int(table.param[row])
-            geometry = table.geometries[param]
-            name = table.params[param]
-            count, slot = int(table.count[row]), int(table.slot[row])
-            destination = self._arrays[name][slot : slot + count]
-            same = (
-                name not in self._transpose
-                and destination.dtype == geometry.dtype.numpy
-                and destination.flags.c_contiguous
-            )
-            if same and _contiguous(geometry):
-                request = self._request(int(table.file[row]), int(table.offset[row]), _bytes_of(destination))
-                direct[row in self._partial].append(request)
-            elif same and _in_records(geometry) and row not in self._partial:
-                assert geometry.stride is not None
-                file, offset = int(table.file[row]), int(table.offset[row])
-                scattered.extend(
-                    (file, offset + index * geometry.stride, _bytes_of(destination[index])) for index in range(count)
+        whole_nbytes = 0
+
+        def whole() -> Iterator[ReadRequest]:
+            """Rows read whole, straight into their slots; collects the others on the way."""
+            nonlocal whole_nbytes
+            table = self._table
+            for row in rows:
+                param = int(table.param[row])
+                geometry = table.geometries[param]
+                name = table.params[param]
+                count, slot = int(table.count[row]), int(table.slot[row])
+                destination = self._arrays[name][slot : slot + count]
+                same = (
+                    name not in self._transpose
+                    and destination.dtype == geometry.dtype.numpy
+                    and destination.flags.c_contiguous
                 )
-            else:
-                items.extend(self._items(row, geometry, count))
+                if same and _contiguous(geometry):
+                    request = self._request(int(table.file[row]), int(table.offset[row]), _bytes_of(destination))
+                    if row in self._partial:
+                        pieces.append(request)
+                    else:
+                        whole_nbytes += request.nbytes
+                        yield request
+                elif same and _in_records(geometry) and row not in self._partial:
+                    assert geometry.stride is not None
+                    file, offset = int(table.file[row]), int(table.offset[row])
+                    scattered.extend(
+                        (file, offset + index * geometry.stride, _bytes_of(destination[index]))
+                        for index in range(count)
+                    )
+                else:
+                    items.extend(self._items(row, geometry, count))
+
+        handle = self._reader.submit(whole(), residency=False)
+        if whole_nbytes:
+            self._direct.append((handle, whole_nbytes))
         if scattered:
             nbytes = sum(destination.nbytes for _, _, destination in scattered)
             self._direct.append((self._reader.submit_scatter(self._scatter_requests(scattered)), nbytes))
-        for residency, singles in direct.items():
-            if singles:
-                singles.sort(key=lambda request: (request.path, request.offset))  # the disk in file order
-                nbytes = sum(request.nbytes for request in singles)
-                self._direct.append((self._reader.submit(singles, residency=residency), nbytes))
+        if pieces:
+            pieces.sort(key=lambda request: (request.path, request.offset))  # the disk in file order
+            nbytes = sum(request.nbytes for request in pieces)
+            self._direct.append((self._reader.submit(pieces, residency=True), nbytes))
         self._batches = self._plan_batches(items)
         self._submit_next()
 

@@ -223,6 +223,19 @@ class MappedFile:
             nbytes = self.nbytes - offset
         return _mincore(self.address + offset, min(nbytes, self.nbytes - offset))
 
+    def page_resident(self, offset: int) -> bool:
+        """Whether the page holding file byte ``offset`` is in memory now (one
+        ``mincore`` call, no array: the cheap first look at a range)."""
+        self._check_open()
+        if not 0 <= offset < self.nbytes or self._mmap is None:
+            return False
+        start = offset - offset % PAGE_NBYTES
+        flag = ctypes.c_ubyte(0)
+        if _libc.mincore(ctypes.c_void_p(self.address + start), PAGE_NBYTES, ctypes.byref(flag)) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"mincore failed on {self.path}: {os.strerror(error)}")
+        return bool(flag.value & 1)
+
     def resident_pages(self, offset: int, nbytes: int) -> npt.NDArray[np.bool_]:
         """Per page covering file bytes ``[offset, offset + nbytes)`` (the first
         page starts at ``offset`` rounded down to a page): in memory now?  One

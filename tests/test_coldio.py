@@ -225,6 +225,47 @@ def test_bad_destination_and_config() -> None:
         reader.submit([ReadRequest("x", 0, readonly)])
 
 
+def test_reads_start_while_a_generator_still_yields(data_file: tuple[str, npt.NDArray[np.uint8]]) -> None:
+    """The first request is on the disk before the generator makes the second."""
+    path, data = data_file
+    first, second = np.zeros(64 << 10, dtype=np.uint8), np.zeros(64 << 10, dtype=np.uint8)
+    landed_before_second = []
+
+    def requests() -> Any:
+        yield ReadRequest(path, 0, first)
+        for _ in range(1000):  # up to 10 s for a thread to land the first
+            if np.array_equal(first, data[: first.nbytes]):
+                break
+            threading.Event().wait(0.01)
+        landed_before_second.append(np.array_equal(first, data[: first.nbytes]))
+        yield ReadRequest(path, 1 << 20, second)
+
+    with ColdReader(SMALL) as reader:
+        result = reader.read(requests(), residency=False)
+    assert landed_before_second == [True]
+    assert np.array_equal(second, data[1 << 20 : (1 << 20) + second.nbytes])
+    assert (result.nbytes, result.requests) == (2 * first.nbytes, 2)
+
+
+def test_a_bad_request_mid_generator_stops_the_reads_before_it(
+    data_file: tuple[str, npt.NDArray[np.uint8]],
+) -> None:
+    path, _ = data_file
+    readonly = np.zeros(4096, dtype=np.uint8)
+    readonly.flags.writeable = False
+    destinations = [np.zeros(256 << 10, dtype=np.uint8) for _ in range(4)]
+    requests = [ReadRequest(path, 0, destination) for destination in destinations]
+    with ColdReader(SMALL) as reader:
+        with pytest.raises(OptionError, match="read-only"):
+            reader.submit([*requests, ReadRequest(path, 0, readonly)], residency=False)
+        # Every thread let go of the destinations before the error came out:
+        # nothing lands in them afterwards.
+        snapshot = [destination.copy() for destination in destinations]
+        threading.Event().wait(0.05)
+        assert all(np.array_equal(a, b) for a, b in zip(snapshot, destinations, strict=True))
+        assert reader.read([ReadRequest(path, 0, destinations[0])], residency=False).nbytes == 256 << 10
+
+
 def _gated(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
     """Make every explicit read wait for ``release`` just before its system call;
     ``started`` is set when the first one waits."""

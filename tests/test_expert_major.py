@@ -135,6 +135,7 @@ class _CountingReader(ColdReader):
         self.requests = 0
 
     def submit(self, requests, *, residency=True):  # type: ignore[no-untyped-def]
+        requests = list(requests)
         self.requests += len(requests)
         return super().submit(requests, residency=residency)
 

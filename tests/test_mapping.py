@@ -17,6 +17,7 @@ from mmapstore._mapping import (
     byte_span,
     resident_nbytes,
 )
+from mmapstore.io import evict
 
 
 @pytest.fixture()
@@ -53,6 +54,18 @@ def test_residency_follows_madvise(data_file):
         # DONTNEED on a read-only file mapping only unmaps: the bytes read back unchanged
         np.testing.assert_array_equal(view.view(np.float32), values)
         mapped.advise(3, 10, MADV_WILLNEED)  # unaligned offsets are rounded to pages
+
+
+def test_page_resident_agrees_with_resident_pages(data_file):
+    path, _ = data_file
+    evict(path)
+    with MappedFile(path) as mapped:
+        assert not mapped.page_resident(5 * PAGE_NBYTES + 7)
+        mapped.advise(5 * PAGE_NBYTES, PAGE_NBYTES, MADV_POPULATE_READ)
+        assert mapped.page_resident(5 * PAGE_NBYTES + 7)
+        assert mapped.page_resident(5 * PAGE_NBYTES) == bool(mapped.resident_pages(5 * PAGE_NBYTES, 1).all())
+        assert not mapped.page_resident(mapped.nbytes)  # past the end: absent
+        assert not mapped.page_resident(-1)
 
 
 def test_truncated_or_shrunk_file_is_refused(data_file, tmp_path):

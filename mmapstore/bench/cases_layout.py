@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -54,9 +54,13 @@ class _CountingReader(ColdReader):
         super().__init__(config)
         self.requests = 0
 
-    def submit(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadHandle:
-        self.requests += len(requests)
-        return super().submit(requests, residency=residency)
+    def submit(self, requests: Iterable[ReadRequest], *, residency: bool = True) -> ReadHandle:
+        return super().submit(self._counted(requests), residency=residency)
+
+    def _counted(self, requests: Iterable[ReadRequest]) -> Iterator[ReadRequest]:
+        for request in requests:
+            self.requests += 1
+            yield request
 
     def submit_scatter(self, requests: Sequence[ScatterRequest]) -> ReadHandle:
         self.requests += len(requests)

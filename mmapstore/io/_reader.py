@@ -22,20 +22,23 @@ Guarantees:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import errno
+import functools
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import FormatError, OptionError, ReadCancelledError
+from .._errors import FormatError, MmapStoreError, OptionError, ReadCancelledError
 from .._mapping import MappedFile
 from ._files import (
     DIRECT_REFUSED_ERRNOS,
@@ -80,15 +83,78 @@ def _as_bytes(destination: memoryview | npt.NDArray[Any], path: str) -> memoryvi
 
 
 class ReadHandle:
-    """A read in progress: :meth:`wait` for its :class:`ReadResult`, or :meth:`cancel` it."""
+    """A read in progress: :meth:`wait` for its :class:`ReadResult`, or :meth:`cancel` it.
 
-    def __init__(self, nbytes: int, requests: int, cancelled: threading.Event) -> None:
+    Its pieces wait in one queue that at most ``queue_depth`` pool threads
+    drain, a piece at a time: one future per thread, not per piece, so a
+    4 MiB piece costs a ``popleft`` and a call on top of its ``preadv``.
+    The first threads start with the first piece, so the disk is busy while
+    the rest of a submission is still being cut into pieces.
+    """
+
+    def __init__(
+        self,
+        nbytes: int,
+        requests: int,
+        cancelled: threading.Event,
+        executor: concurrent.futures.Executor,
+        threads: int,
+    ) -> None:
         self._nbytes = nbytes
         self._requests = requests
         self._cancelled = cancelled
+        self._executor = executor
+        self._threads = threads
+        self._halt = False  # a piece failed: the others stop
+        self._sealed = False  # every piece is queued
+        self._more = threading.Condition()
+        self._pieces: collections.deque[Callable[[], _Tally]] = collections.deque()
+        self._count = 0
         self._futures: list[concurrent.futures.Future[_Tally]] = []
         self._start = time.perf_counter()
         self._result: ReadResult | None = None
+
+    def _add(self, task: Callable[..., _Tally], *args: Any) -> None:
+        """Queue a piece (only the submitting thread calls this)."""
+        with self._more:
+            self._pieces.append(functools.partial(task, *args))
+            self._count += 1
+            self._more.notify()
+        if len(self._futures) < self._threads:
+            self._futures.append(self._executor.submit(self._drain))
+
+    def _seal(self) -> None:
+        """No more pieces: a thread that finds the queue empty stops."""
+        with self._more:
+            self._sealed = True
+            self._more.notify_all()
+
+    def _next(self) -> Callable[[], _Tally] | None:
+        with self._more:
+            while True:
+                if self._halt or self._cancelled.is_set():
+                    return None
+                if self._pieces:
+                    return self._pieces.popleft()
+                if self._sealed:
+                    return None
+                self._more.wait()
+
+    def _drain(self) -> _Tally:
+        tally: Counter[Source] = Counter()
+        device = 0
+        while (piece := self._next()) is not None:
+            try:
+                sources, read = piece()
+            except BaseException:
+                with self._more:
+                    self._halt = True
+                    self._more.notify_all()
+                raise
+            for source, nbytes in sources:
+                tally[source] += nbytes
+            device += read
+        return tuple(tally.items()), device
 
     def done(self) -> bool:
         """Whether every piece has finished (successfully or not)."""
@@ -97,6 +163,8 @@ class ReadHandle:
     def cancel(self) -> None:
         """Stop: pieces not started are dropped, pieces in flight finish; :meth:`wait` then raises."""
         self._cancelled.set()
+        with self._more:
+            self._more.notify_all()
         for future in self._futures:
             future.cancel()
 
@@ -116,6 +184,7 @@ class ReadHandle:
         """
         if self._result is not None:
             return self._result
+        self._seal()
         concurrent.futures.wait(self._futures)
         tally: Counter[str] = Counter()
         device_nbytes = 0
@@ -134,14 +203,16 @@ class ReadHandle:
             device_nbytes += device
         if failure is not None:
             raise failure
-        if self._cancelled.is_set() and sum(tally.values()) < self._nbytes:
+        if self._pieces or sum(tally.values()) < self._nbytes:
+            if not self._cancelled.is_set():  # pragma: no cover - every piece runs unless cancelled
+                raise AssertionError("a read ended with pieces left and no cancellation")
             raise ReadCancelledError(
                 f"read of {self._nbytes} bytes cancelled after {sum(tally.values())} landed; "
                 "its destinations must not be committed"
             )
         seconds = time.perf_counter() - self._start
         by_source = tuple((source, tally[source]) for source in SOURCES if tally[source])
-        self._result = ReadResult(self._nbytes, seconds, by_source, device_nbytes, self._requests, len(self._futures))
+        self._result = ReadResult(self._nbytes, seconds, by_source, device_nbytes, self._requests, self._count)
         return self._result
 
 
@@ -179,35 +250,56 @@ class ColdReader:
 
     # -- public ---------------------------------------------------------------
 
-    def submit(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadHandle:
-        """Start reading every request; returns at once.
+    def submit(self, requests: Iterable[ReadRequest], *, residency: bool = True) -> ReadHandle:
+        """Start reading every request; returns once each is queued.
 
-        ``residency=False`` reads every byte explicitly even where a mapping
-        has it resident (what a benchmark of the disk wants).
+        ``requests`` may be a generator: the first reads start as soon as it
+        yields, while the rest are still being made.  ``residency=False``
+        reads every byte explicitly even where a mapping has it resident
+        (what a benchmark of the disk wants).
 
         Raises
         ------
         OptionError
-            A destination is read-only or not contiguous (before anything starts).
+            A destination is read-only or not contiguous, or an offset is
+            negative; reads of the requests before it are cancelled and
+            waited for first.
         """
-        views = [_as_bytes(request.destination, request.path) for request in requests]
-        for request in requests:
-            if request.offset < 0:
-                raise OptionError(f"{request.path}: negative offset {request.offset}")
-        cancelled = threading.Event()
-        handle = ReadHandle(sum(view.nbytes for view in views), len(requests), cancelled)
-        for index, (request, view) in enumerate(zip(requests, views, strict=True)):
-            staged = self.staging.claim_spans(request.path, request.offset, view.nbytes) if self.staging else []
-            position = request.offset
-            for offset, nbytes, claim in staged:
-                self._submit_span(handle, cancelled, index, request, view, position, offset, residency)
-                part = view[offset - request.offset : offset + nbytes - request.offset]
-                handle._futures.append(self._executor.submit(self._staged, cancelled, request, offset, part, claim))
-                position = offset + nbytes
-            self._submit_span(
-                handle, cancelled, index, request, view, position, request.offset + view.nbytes, residency
-            )
+        handle = self._handle(0, 0)
+        cancelled = handle._cancelled
+        with self._queueing(handle):
+            for index, request in enumerate(requests):
+                view = _as_bytes(request.destination, request.path)
+                if request.offset < 0:
+                    raise OptionError(f"{request.path}: negative offset {request.offset}")
+                handle._nbytes += view.nbytes
+                handle._requests += 1
+                staged = self.staging.claim_spans(request.path, request.offset, view.nbytes) if self.staging else []
+                position = request.offset
+                for offset, nbytes, claim in staged:
+                    self._submit_span(handle, cancelled, index, request, view, position, offset, residency)
+                    part = view[offset - request.offset : offset + nbytes - request.offset]
+                    handle._add(self._staged, cancelled, request, offset, part, claim)
+                    position = offset + nbytes
+                end = request.offset + view.nbytes
+                self._submit_span(handle, cancelled, index, request, view, position, end, residency)
         return handle
+
+    def _handle(self, nbytes: int, requests: int) -> ReadHandle:
+        return ReadHandle(nbytes, requests, threading.Event(), self._executor, self.config.queue_depth)
+
+    @contextlib.contextmanager
+    def _queueing(self, handle: ReadHandle) -> Iterator[None]:
+        """Seal ``handle`` once its pieces are queued; if queueing fails, cancel
+        what started (and wait for it) before the error propagates."""
+        try:
+            yield
+        except BaseException:
+            handle.cancel()
+            with contextlib.suppress(MmapStoreError):
+                handle.wait()
+            raise
+        handle._seal()
 
     def _submit_span(
         self,
@@ -233,8 +325,7 @@ class ColdReader:
                 # start on a chunk multiple), ending on a block boundary.
                 boundary = min(stop, max(position + ALIGN_NBYTES, (position + chunk) // ALIGN_NBYTES * ALIGN_NBYTES))
                 part = view[position - request.offset : boundary - request.offset]
-                task: Callable[..., _Tally] = self._copy if piece.warm else self._read
-                handle._futures.append(self._executor.submit(task, cancelled, request, position, part))
+                handle._add(self._copy if piece.warm else self._read, cancelled, request, position, part)
                 position = boundary
 
     def submit_scatter(self, requests: Sequence[ScatterRequest]) -> ReadHandle:
@@ -253,21 +344,23 @@ class ColdReader:
         for request in requests:
             if request.offset < 0:
                 raise OptionError(f"{request.path}: negative offset {request.offset}")
-        cancelled = threading.Event()
-        handle = ReadHandle(sum(view.nbytes for group in views for view in group), len(requests), cancelled)
-        for request, group in zip(requests, views, strict=True):
-            nbytes = sum(view.nbytes for view in group)
-            if self.staging is not None and self.staging.claim_spans(request.path, request.offset, nbytes):
-                position = request.offset
-                for view in group:
-                    single = ReadRequest(request.path, position, view, request.mapped, request.identity)
-                    self._submit_span(handle, cancelled, 0, single, view, position, position + view.nbytes, False)
-                    position += view.nbytes
-                continue
-            handle._futures.append(self._executor.submit(self._scatter, cancelled, request, group))
+        handle = self._handle(sum(view.nbytes for group in views for view in group), len(requests))
+        cancelled = handle._cancelled
+        with self._queueing(handle):
+            for request, group in zip(requests, views, strict=True):
+                nbytes = sum(view.nbytes for view in group)
+                if self.staging is not None and self.staging.claim_spans(request.path, request.offset, nbytes):
+                    position = request.offset
+                    for view in group:
+                        single = ReadRequest(request.path, position, view, request.mapped, request.identity)
+                        end = position + view.nbytes
+                        self._submit_span(handle, cancelled, 0, single, view, position, end, False)
+                        position = end
+                    continue
+                handle._add(self._scatter, cancelled, request, group)
         return handle
 
-    def read(self, requests: Sequence[ReadRequest], *, residency: bool = True) -> ReadResult:
+    def read(self, requests: Iterable[ReadRequest], *, residency: bool = True) -> ReadResult:
         """:meth:`submit` and :meth:`ReadHandle.wait`; a failure cancels what is left."""
         handle = self.submit(requests, residency=residency)
         try:
