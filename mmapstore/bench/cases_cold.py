@@ -35,6 +35,7 @@ from .coldtools import (
     drop_file,
     fio_gbps,
     join_cgroup,
+    limited_cgroup,
     memory_cgroup,
     pread_pool,
     remove_cgroup,
@@ -183,6 +184,12 @@ def case_beyond_ram(ctx: Context) -> list[Figure]:
     if where is None:
         return [Figure("beyond_ram", "-", "", [], note="no writable memory cgroup here: case not run")]
     base, version = where
+    try:
+        remove_cgroup(limited_cgroup(base, version, f"mmapstore-bench-{os.getpid()}-check", 1 << 30))
+    except OSError as exc:
+        return [
+            Figure("beyond_ram", "-", "", [], note=f"cannot limit memory under {base} ({exc.strerror}): case not run")
+        ]
     layers, (k, n) = 8, SLAB_SHAPE
     slab_nbytes = k * n * 2
     experts = max(8, 3 * ctx.size // (layers * 3 * slab_nbytes))
@@ -202,11 +209,8 @@ def case_beyond_ram(ctx: Context) -> list[Figure]:
     try:
         for method in ("auto", "map", "direct"):
             drop_file(files[0])
-            group = os.path.join(base, f"mmapstore-bench-{os.getpid()}-{method}")
-            os.mkdir(group)
+            group = limited_cgroup(base, version, f"mmapstore-bench-{os.getpid()}-{method}", limit)
             try:
-                with open(os.path.join(group, "memory.max" if version == 2 else "memory.limit_in_bytes"), "w") as f:
-                    f.write(str(limit))
                 command = [sys.executable, "-m", "mmapstore.bench.cold_replay", path, "--steps", str(steps),
                            "--budget", str(limit - reserve), "--method", method, "--depth", str(depth)]  # fmt: skip
                 procs = os.path.join(group, "cgroup.procs")

@@ -24,6 +24,7 @@ __all__ = [
     "drop_file",
     "fio_gbps",
     "join_cgroup",
+    "limited_cgroup",
     "memory_cgroup",
     "pread_pool",
     "remove_cgroup",
@@ -133,9 +134,16 @@ def memory_cgroup() -> tuple[str, int] | None:
     for line in lines:
         _, controllers, where = line.split(":", 2)
         if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            base = "/sys/fs/cgroup" + where
-            with open("/sys/fs/cgroup/cgroup.controllers") as handle:
-                if "memory" in handle.read().split() and os.access(base, os.W_OK):
+            # Our own cgroup first, then the root of the hierarchy (where the
+            # process may move a child, as root).  A child gets memory.max only
+            # where its parent hands the controller down (cgroup.subtree_control).
+            for base in ("/sys/fs/cgroup" + where.rstrip("/"), "/sys/fs/cgroup"):
+                try:
+                    with open(os.path.join(base, "cgroup.subtree_control")) as handle:
+                        delegated = "memory" in handle.read().split()
+                except OSError:
+                    delegated = False
+                if delegated and os.access(base, os.W_OK):
                     return base, 2
         if "memory" in controllers.split(","):
             base = "/sys/fs/cgroup/memory" + where
@@ -168,10 +176,32 @@ def cgroup_peak(group: str, version: int) -> tuple[int, int]:
     return int(read("memory.max_usage_in_bytes") or 0), int(control.get("oom_kill", 0))
 
 
+def limited_cgroup(base: str, version: int, name: str, limit: int) -> str:
+    """Create cgroup ``base/name`` with a memory limit of ``limit`` bytes; returns its path.
+
+    Raises
+    ------
+    OSError
+        It cannot be created or limited here (the group is removed again).
+    """
+    group = os.path.join(base, name)
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "memory.max" if version == 2 else "memory.limit_in_bytes"), "w") as handle:
+            handle.write(str(limit))
+    except OSError:
+        remove_cgroup(group)
+        raise
+    return group
+
+
 def remove_cgroup(group: str) -> None:
+    """Remove a cgroup once its processes are gone (they may take a moment to leave)."""
     for _ in range(50):
         try:
             os.rmdir(group)
+            return
+        except FileNotFoundError:
             return
         except OSError:
             time.sleep(0.1)
