@@ -418,8 +418,9 @@ class ArraySink(DictSink):
         reader: ColdReader | None = None,
         bounce_nbytes: int = BOUNCE_NBYTES,
     ) -> ArraySink:
-        """Zeroed, page-aligned buffers of the given ``(shape, dtype)`` per parameter
-        (aligned so that ``O_DIRECT`` reads land in their slots without a bounce)."""
+        """Zeroed buffers of the given ``(shape, dtype)`` per parameter, aligned
+        so that ``O_DIRECT`` reads land in their slots without a bounce (on a
+        huge page from 2 MiB up: see :func:`~mmapstore.io.aligned_empty`)."""
         arrays: dict[str, npt.NDArray[np.generic]] = {}
         for name, (shape, dtype) in shapes.items():
             count = 1

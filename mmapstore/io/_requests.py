@@ -59,10 +59,11 @@ class ReaderConfig:
     ----------
     queue_depth
         Reads in flight at once (threads, each in ``preadv`` with the GIL
-        released).  Throughput on SSDs grows with it; the default, 16, was
-        the best or within noise of the best depth of 1-32 in every run of
-        ``mmapstore bench --cases cold`` (a virtio disk and an NVMe drive);
-        :func:`mmapstore.io._probe.probe_reader_config` measures it for a disk.
+        released).  Throughput on SSDs grows with it (NVMe drives want tens
+        of reads in flight); on the virtio disks ``mmapstore bench --cases
+        cold`` ran on, 16 was within noise of the best depth of 1-32 in every
+        run.  :func:`mmapstore.io._probe.probe_reader_config` measures it for
+        a disk.
     chunk_nbytes
         The largest single read; longer ranges are split so their pieces run
         in parallel.  A multiple of :data:`ALIGN_NBYTES`.
