@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +50,7 @@ from .io import (
     Prefetcher,
     PrefetchTicket,
     ReaderConfig,
+    probe_files,
     read_ahead,
     release_landed,
 )
@@ -106,9 +107,11 @@ class SlabService:
         The default sink's read mode: ``"auto"``, ``"map"`` or ``"reader"``
         (see :mod:`mmapstore._coldrows`).
     reader
-        Queue depth and read size of the service's reader (default
-        :class:`~mmapstore.io.ReaderConfig`; :func:`~mmapstore.io.probe_reader_config`
-        measures a better one).
+        Queue depth and read size of the service's reader: a
+        :class:`~mmapstore.io.ReaderConfig` (default: ``ReaderConfig()``, 16
+        reads of up to 4 MiB in flight), or ``"probe"`` to measure the store's
+        disk first (:func:`~mmapstore.io.probe_files`: a short ``O_DIRECT``
+        probe, once per disk per process, that leaves the page cache alone).
     cache
         ``"keep"`` (default) leaves the page cache alone; ``"drop"`` drops the
         ranges of every refresh from it once they landed (``MADV_DONTNEED`` on
@@ -146,7 +149,7 @@ class SlabService:
         names: str = DEFAULT_PARAM_NAME,
         load: bool = True,
         read: ReadMode = "auto",
-        reader: ReaderConfig | None = None,
+        reader: ReaderConfig | Literal["probe"] | None = None,
         cache: CachePolicy = "keep",
         prefetch_nbytes: int = 0,
         budget_nbytes: int | None = None,
@@ -168,7 +171,7 @@ class SlabService:
         self.pools = [
             ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
-        config = reader if reader is not None else ReaderConfig()
+        config = _reader_config(store, reader)
         if budget_nbytes is not None:
             pools = [pool.capacity for pool in self.pools]
             need = _buffers_nbytes(
@@ -244,7 +247,7 @@ class SlabService:
         names = options.get("names", DEFAULT_PARAM_NAME)
         per_slot = pool_nbytes(pool_shapes(geometry, 1, dtype=dtype, orientation=orientation, names=names)[0])
         read = options.get("read", "auto")
-        config = options.get("reader") or ReaderConfig()
+        config = _reader_config(store, options.get("reader"))
         overhead = _buffers_nbytes(0, config if read != "map" else None, options.get("prefetch_nbytes", 0))
         most = max(layer.num_experts for layer in geometry.layers)
         capacity = capacity_from_budget(budget_nbytes, overhead.total, per_slot, 1, most)
@@ -442,6 +445,18 @@ class _Need:
             f"pools {self.pools_nbytes}, bounce buffers {self.bounce_nbytes}, "
             f"reader buffers {self.reader_nbytes}, prefetch staging {self.staging_nbytes}"
         )
+
+
+def _reader_config(store: ExpertStore, reader: object) -> ReaderConfig:
+    """The reader config a service's ``reader`` option asks for ("probe": measured once per disk)."""
+    if reader == "probe":
+        source = store.byte_source()
+        return probe_files([source.path(file) for file in range(len(source.files))])
+    if reader is None:
+        return ReaderConfig()
+    if not isinstance(reader, ReaderConfig):
+        raise OptionError(f"reader must be a ReaderConfig, 'probe' or None, got {reader!r}")
+    return reader
 
 
 def _buffers_nbytes(pools_nbytes: int, config: ReaderConfig | None, staging_nbytes: int) -> _Need:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ._coldrows import ReadMode
 from ._dtypes import parse_user_dtype
 from ._errors import OptionError
 from ._planner import param_name
 from ._pool import RefreshPolicy
 from ._service import SlabService
 from ._sinks import ArraySink, Sink, SinkOrientation
-from ._store import open_store
+from ._store import ExpertStore, open_store
 from ._synth import routing_trace
+from .io import CachePolicy, ReaderConfig
 
 if TYPE_CHECKING:
     from .gpu._sink import TorchSink
@@ -37,13 +39,20 @@ def simulate(
     dtype: str | None = None,
     orientation: SinkOrientation = "native",
     device: str | None = None,
+    read: ReadMode = "auto",
+    cache: CachePolicy = "keep",
+    reader: ReaderConfig | Literal["probe"] | None = None,
+    budget_nbytes: int | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` forwards; after each refresh compare every resident slot
     with the store's slab, bit for bit (in the sink's dtype and orientation).
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``) puts the pools in torch tensors
     on that device (:class:`~mmapstore.gpu._sink.TorchSink`); None keeps numpy
-    buffers.
+    buffers.  ``read``, ``cache`` and ``reader`` are :class:`SlabService`'s
+    (numpy pools only); with ``budget_nbytes`` the capacity is the largest
+    whose buffers fit (:meth:`SlabService.from_budget`) and ``capacity`` is
+    ignored.
 
     Raises
     ------
@@ -59,34 +68,17 @@ def simulate(
     with open_store(path) as store:
         experts = store.layers[0].num_experts
         sink = _torch_sink(device, dtype, orientation) if device is not None else None
+        policy = RefreshPolicy.every_n_decode_steps(every)
+        options: dict[str, Any] = {"dtype": dtype, "orientation": orientation}
+        if sink is None:
+            options.update(read=read, cache=cache, reader=reader)
         try:
-            service = SlabService(
-                store,
-                capacity,
-                RefreshPolicy.every_n_decode_steps(every),
-                sink,
-                dtype=dtype,
-                orientation=orientation,
-            )
-            trace = routing_trace(steps, store.num_layers, experts, top_k, tokens, seed=seed, drift_every=every * 2)
-            events = []
-            verified = _matches(service)  # the initial load too
-            for captured in trace:
-                result = service.step(captured)
-                if not result.refreshed:
-                    continue
-                events.append(
-                    {
-                        "step": result.step,
-                        "nbytes": result.nbytes,
-                        "seconds": result.seconds,
-                        "updates": [
-                            {"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert}
-                            for u in result.updates
-                        ],
-                    }
-                )
-                verified = verified and _matches(service)
+            if budget_nbytes is not None:
+                service = SlabService.from_budget(store, budget_nbytes, policy, sink=sink, **options)
+            else:
+                service = SlabService(store, capacity, policy, sink, **options)
+            with service:
+                events, verified = _replay(service, store, steps, every, tokens, top_k, seed)
         finally:
             if sink is not None:
                 sink.close()
@@ -106,8 +98,38 @@ def simulate(
                 "promotions": stats.promotions,
                 "nbytes": stats.nbytes,
                 "seconds": stats.seconds,
+                "source_nbytes": dict(stats.source_nbytes),
+                "device_nbytes": stats.device_nbytes,
             },
         }
+
+
+def _replay(
+    service: SlabService, store: ExpertStore, steps: int, every: int, tokens: int, top_k: int, seed: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """Step the service through a synthetic trace: the refresh events, and
+    whether every resident slot matched the store after each (and the load)."""
+    experts = store.layers[0].num_experts
+    trace = routing_trace(steps, store.num_layers, experts, top_k, tokens, seed=seed, drift_every=every * 2)
+    events = []
+    verified = _matches(service)  # the initial load too
+    for captured in trace:
+        result = service.step(captured)
+        if not result.refreshed:
+            continue
+        events.append(
+            {
+                "step": result.step,
+                "nbytes": result.nbytes,
+                "seconds": result.seconds,
+                "source_nbytes": dict(result.source_nbytes),
+                "updates": [
+                    {"layer": u.layer, "slot": u.slot, "old": u.old_expert, "new": u.new_expert} for u in result.updates
+                ],
+            }
+        )
+        verified = verified and _matches(service)
+    return events, verified
 
 
 def _torch_sink(device: str, dtype: str | None, orientation: SinkOrientation) -> TorchSink:

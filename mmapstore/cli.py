@@ -24,6 +24,21 @@ __all__ = ["escape", "main", "parse_size", "torch_device"]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
 
+def reader_option(text: str) -> object:
+    """``--reader``: ``probe``, or ``QD`` / ``QD,SIZE`` (reads in flight, largest read)
+    as a :class:`~mmapstore.io.ReaderConfig`."""
+    from ._errors import OptionError
+    from .io import ReaderConfig
+
+    if text == "probe":
+        return text
+    depth, _, size = text.partition(",")
+    try:
+        return ReaderConfig(queue_depth=int(depth), chunk_nbytes=parse_size(size) if size else 4 << 20)
+    except (ValueError, OptionError, argparse.ArgumentTypeError) as exc:
+        raise argparse.ArgumentTypeError(f"not probe, QD or QD,SIZE (e.g. 16,4MiB): {text!r} ({exc})") from None
+
+
 def parse_size(text: str) -> int:
     """``"4GiB"``, ``"512M"``, ``"1000"`` -> bytes (powers of 1024 for units)."""
     match = _SIZE.match(text)
@@ -286,6 +301,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         summary = simulate(
             path,
             capacity=args.capacity,
+            read=args.read,
+            cache=args.cache,
+            reader=args.reader,
+            budget_nbytes=args.budget,
             steps=args.steps,
             every=args.every,
             tokens=args.tokens,
@@ -310,9 +329,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             f"{event['nbytes'] / 1e6:.2f} MB [{moves}]"
         )
     stats = summary["stats"]
+    sources = ", ".join(f"{source} {nbytes / 1e6:.2f}" for source, nbytes in stats["source_nbytes"].items())
     print(
         f"total: {stats['refreshes']} refreshes, {stats['promotions']} promotions, "
-        f"{stats['nbytes'] / 1e6:.2f} MB copied; every resident slot matches the store: {summary['verified']}"
+        f"{stats['nbytes'] / 1e6:.2f} MB copied{f' ({sources} MB)' if sources else ''}; "
+        f"every resident slot matches the store: {summary['verified']}"
     )
     return 0 if summary["verified"] else 1
 
@@ -436,6 +457,23 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--device", type=torch_device, default=None, help="pools as torch tensors on cpu, cuda, cuda:N (default: numpy)"
     )
+    simulate.add_argument(
+        "--read", choices=["auto", "map", "reader"], default="auto",
+        help="cold rows: auto (resident rows copied, the rest read with O_DIRECT), map (mmap + WILLNEED), "
+        "reader (every byte read)",
+    )  # fmt: skip
+    simulate.add_argument(
+        "--cache", choices=["keep", "drop"], default="keep",
+        help="drop: refreshed ranges leave the page cache (stores larger than memory)",
+    )  # fmt: skip
+    simulate.add_argument(
+        "--reader", type=reader_option, default=None, metavar="probe|QD[,SIZE]",
+        help="reads in flight and largest read (e.g. 16,4MiB), or probe the disk (default 16,4MiB)",
+    )  # fmt: skip
+    simulate.add_argument(
+        "--budget", type=parse_size, default=None, metavar="SIZE",
+        help="the largest capacity whose pools and buffers fit SIZE (instead of --capacity)",
+    )  # fmt: skip
     simulate.add_argument("--json", action="store_true")
     simulate.add_argument(
         "--trace",

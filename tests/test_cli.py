@@ -100,6 +100,25 @@ def test_simulate_runs_the_built_in_example(capsys):
     assert summary["verified"] and summary["stats"]["refreshes"] == 2
 
 
+def test_simulate_read_cache_reader_and_budget(capsys):
+    code, out, _ = run(capsys, "simulate", "--steps", "4", "--json", "--read", "reader", "--cache", "drop",
+                       "--reader", "2,1MiB")  # fmt: skip
+    summary = json.loads(out)
+    assert code == 0 and summary["verified"]
+    moved = summary["stats"]["source_nbytes"]
+    assert moved and set(moved) <= {"direct", "bounced", "buffered"}  # read="reader": nothing from the mapping
+    assert sum(moved.values()) == summary["stats"]["nbytes"]
+    code, out, _ = run(capsys, "simulate", "--steps", "4", "--json", "--read", "map", "--budget", "3MiB")
+    summary = json.loads(out)
+    assert code == 0 and summary["verified"] and summary["capacity"] == 8  # 8 experts of 384 KiB fit 3 MiB
+    assert set(summary["stats"]["source_nbytes"]) <= {"mapped"}
+    for bad in ("0", "x", "4,lots"):
+        code, _, err = run(capsys, "simulate", "--reader", bad)
+        assert code == 2 and "--reader" in err
+    code, _, err = run(capsys, "simulate", "--budget", "1MiB")
+    assert code != 0 and "no pool slot" in err and "Traceback" not in err
+
+
 def test_python_dash_m_and_sizes():
     result = subprocess.run([sys.executable, "-m", "mmapstore", "--version"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "mmapstore" in result.stdout

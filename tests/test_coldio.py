@@ -24,10 +24,12 @@ from mmapstore.io import (
     ReadRequest,
     aligned_empty,
     drop_cached,
+    probe_files,
     probe_reader_config,
     release_landed,
 )
 from mmapstore.io import _files as io_files
+from mmapstore.io import _probe as io_probe
 from mmapstore.io import _reader as io_reader
 
 FILE_NBYTES = (3 << 20) + 1234
@@ -377,6 +379,29 @@ def test_probe_picks_a_candidate(data_file: tuple[str, npt.NDArray[np.uint8]]) -
     assert (result.config.queue_depth, result.config.chunk_nbytes) in {(d, c) for d, c, _ in result.candidates}
     with pytest.raises(OptionError):
         probe_reader_config([FileRange(path, 0, 4096)], depths=(1, 2), chunks=(64 << 10,))
+
+
+def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
+    data_file: tuple[str, npt.NDArray[np.uint8]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = data_file
+    monkeypatch.setattr(io_probe, "_probed", {})
+    with MappedFile(path) as mapped:
+        int(mapped.view(0, np.dtype(np.uint8), (mapped.nbytes,))[::4096].sum())  # warm every page
+        warm = mapped.resident_nbytes()
+        grid = {"depths": (1, 2), "chunks": (64 << 10,), "sample_nbytes": 256 << 10}
+        config = probe_files([path], **grid)  # type: ignore[arg-type]
+        assert (config.queue_depth, config.chunk_nbytes) in {(1, 64 << 10), (2, 64 << 10)}
+        assert mapped.resident_nbytes() == warm  # a store in use keeps its warm pages
+
+    def measured_again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the second probe of a disk measured it again")
+
+    monkeypatch.setattr(io_probe, "probe_reader_config", measured_again)
+    assert probe_files([path], **grid) == config  # type: ignore[arg-type]
+    # Too few bytes to measure (four of the largest chunk per candidate slice): the base config, unmeasured.
+    base = ReaderConfig(queue_depth=5)
+    assert probe_files([path], base=base, depths=(1, 2), chunks=(1 << 20,)) == base
 
 
 def test_release_landed_drops_pages(data_file: tuple[str, npt.NDArray[np.uint8]]) -> None:

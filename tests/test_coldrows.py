@@ -33,6 +33,7 @@ from mmapstore import (
     open_store,
     plan_refresh,
 )
+from mmapstore import _service as service_module
 from mmapstore._coldrows import ROW_SOURCES
 from mmapstore._mapping import MADV_DONTNEED, MappedFile
 from mmapstore.io import ColdReader, ReaderConfig, ReadRequest, aligned_empty, evict
@@ -408,6 +409,24 @@ def test_budget_counts_pool_buffers(stores: dict[str, str]) -> None:
             assert sum(array.nbytes for array in arrays) == 5 * expert_nbytes
         with pytest.raises(OptionError, match="no pool slot"):
             SlabService.from_budget(store, overhead, reader=config)
+
+
+def test_service_reader_probe_or_config(stores: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    probed = ReaderConfig(queue_depth=3, chunk_nbytes=1 << 20)
+    asked: list[list[str]] = []
+
+    def probe(paths: list[str]) -> ReaderConfig:
+        asked.append(paths)
+        return probed
+
+    monkeypatch.setattr(service_module, "probe_files", probe)
+    with open_store(stores["slab"]) as store:
+        with SlabService(store, 2, reader="probe") as service:
+            reader = service._serving_reader()
+            assert reader is not None and reader.config == probed
+        assert asked and all(os.path.isfile(path) for path in asked[0])
+        with pytest.raises(OptionError, match="reader must be"):
+            SlabService(store, 2, reader=4)  # type: ignore[arg-type]
 
 
 def test_reader_reads_the_mapped_file_after_a_rename(tmp_path: Path) -> None:

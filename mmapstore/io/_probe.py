@@ -11,6 +11,9 @@ the next: the probe is a default, the config stays overridable.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +24,9 @@ from ._files import aligned_empty
 from ._reader import ColdReader
 from ._requests import ALIGN_NBYTES, FileRange, ReaderConfig, ReadRequest
 
-__all__ = ["ProbeResult", "probe_reader_config"]
+_log = logging.getLogger(__name__)
+
+__all__ = ["ProbeResult", "probe_files", "probe_reader_config"]
 
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16)
 DEFAULT_CHUNKS = (1 << 20, 4 << 20)
@@ -43,6 +48,7 @@ def probe_reader_config(
     chunks: Sequence[int] = DEFAULT_CHUNKS,
     sample_nbytes: int = 64 << 20,
     margin: float = 0.05,
+    drop: bool = True,
 ) -> ProbeResult:
     """Measure each candidate on ``sample_nbytes`` of ``ranges`` and return the best.
 
@@ -57,6 +63,10 @@ def probe_reader_config(
         several chunks per thread of the deepest queue.
     base
         Fields other than queue depth and chunk size come from here.
+    drop
+        Drop each slice from the page cache after it is read (so that a
+        buffered read, where ``O_DIRECT`` is refused, leaves nothing behind).
+        False leaves the cache alone: pages that were resident before stay.
 
     Raises
     ------
@@ -83,8 +93,9 @@ def probe_reader_config(
                 start = time.perf_counter()
                 reader.read(requests, residency=False)
                 seconds = time.perf_counter() - start
-                for item in slices:
-                    drop_cached(item.path, [(item.offset, item.nbytes)])
+                if drop:
+                    for item in slices:
+                        drop_cached(item.path, [(item.offset, item.nbytes)])
                 nbytes = sum(item.nbytes for item in slices)
                 best = max(best, nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
         candidates.append((depth, chunk, best))
@@ -118,3 +129,53 @@ def _cut(ranges: Sequence[FileRange], count: int, sample_nbytes: int) -> list[li
     if current < count:
         raise OptionError(f"probe ranges hold too few aligned bytes for {count} candidates of {share} bytes")
     return slices
+
+
+SERVICE_DEPTHS = (1, 4, 16)
+SERVICE_CHUNKS = (1 << 20, 4 << 20)
+_probed: dict[tuple[int, ReaderConfig], ReaderConfig] = {}
+_probed_lock = threading.Lock()
+
+
+def probe_files(
+    paths: Sequence[str],
+    *,
+    base: ReaderConfig | None = None,
+    depths: Sequence[int] = SERVICE_DEPTHS,
+    chunks: Sequence[int] = SERVICE_CHUNKS,
+    sample_nbytes: int = 64 << 20,
+) -> ReaderConfig:
+    """A reader config for these files' device, measured once per device per process.
+
+    :func:`probe_reader_config` over the files (about ``2 * 6 * sample_nbytes``
+    read with the default grid), leaving the page cache as it was.  Files too
+    small to give every candidate four of the largest chunks are not
+    measured: the answer is then ``base`` (the default config).  The answer
+    is kept per device (``st_dev``) and ``base`` for the life of the process,
+    so a second service over the same disk starts at once.
+
+    Raises
+    ------
+    FormatError
+        A file cannot be read (from the reads themselves).
+    """
+    base = base if base is not None else ReaderConfig()
+    if not paths:
+        return base
+    key = (os.stat(paths[0]).st_dev, base)
+    with _probed_lock:
+        known = _probed.get(key)
+        if known is not None:
+            return known
+        ranges = [FileRange(path, 0, os.path.getsize(path)) for path in paths]
+        total = sum(item.nbytes for item in ranges)
+        slices = 2 * len(depths) * len(chunks)
+        if total // slices < 4 * max(chunks):
+            _log.info("%s: %d bytes are too few to probe the disk; reading with %s", paths[0], total, base)
+            return base
+        result = probe_reader_config(
+            ranges, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes, drop=False
+        )
+        _log.info("probed %s: %s", paths[0], result.candidates)
+        _probed[key] = result.config
+        return result.config
