@@ -66,6 +66,7 @@ __all__ = [
     "RowSource",
     "RowSplit",
     "copy_view",
+    "lays_out",
     "split_rows",
 ]
 
@@ -151,6 +152,15 @@ def _contiguous(geometry: PartGeometry) -> bool:
         and tuple(geometry.slab_strides) == c_strides(geometry.slab_shape, geometry.dtype.itemsize)
         and (geometry.stride is None or geometry.stride == geometry.extent)
     )
+
+
+def lays_out(geometry: PartGeometry, destination_dtype: np.dtype[np.generic], transposed: bool) -> bool:
+    """Whether cold rows of this part into a C-contiguous pool of
+    ``destination_dtype`` (``transposed`` or not) may go through a sink's
+    bounce buffers: a cast, a transpose, a strided or partial slab, or a
+    partly resident expert-major record.  False: every cold row of it is read
+    straight into its slots (the bounce buffers are never made for it)."""
+    return transposed or destination_dtype != geometry.dtype.numpy or not _contiguous(geometry)
 
 
 def _in_records(geometry: PartGeometry) -> bool:

@@ -27,12 +27,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ._apply import ApplyResult, apply
-from ._coldrows import BOUNCE_NBYTES, READ_MODES, ReadMode
+from ._coldrows import BOUNCE_NBYTES, READ_MODES, ReadMode, lays_out
 from ._errors import CapturedIdsError, ExpertIndexError, LayerNotFoundError, OptionError, SinkError
 from ._planner import (
     DEFAULT_PARAM_NAME,
     PoolUpdate,
+    StoreGeometry,
     geometries_of,
+    param_name,
     plan_candidates,
     plan_full_push,
     plan_refresh,
@@ -178,6 +180,7 @@ class SlabService:
                 self._pool_nbytes(pools, dtype, orientation) if sink is None else 0,
                 config if sink is None and read != "map" else None,
                 prefetch_nbytes,
+                _lays_out(self.geometry, dtype, orientation, names),
             )
             if need.total > budget_nbytes:
                 raise OptionError(
@@ -248,7 +251,8 @@ class SlabService:
         per_slot = pool_nbytes(pool_shapes(geometry, 1, dtype=dtype, orientation=orientation, names=names)[0])
         read = options.get("read", "auto")
         config = _reader_config(store, options.get("reader"))
-        overhead = _buffers_nbytes(0, config if read != "map" else None, options.get("prefetch_nbytes", 0))
+        bounce = _lays_out(geometry, dtype, orientation, names)
+        overhead = _buffers_nbytes(0, config if read != "map" else None, options.get("prefetch_nbytes", 0), bounce)
         most = max(layer.num_experts for layer in geometry.layers)
         capacity = capacity_from_budget(budget_nbytes, overhead.total, per_slot, 1, most)
         if capacity < 1:
@@ -459,9 +463,25 @@ def _reader_config(store: ExpertStore, reader: object) -> ReaderConfig:
     return reader
 
 
-def _buffers_nbytes(pools_nbytes: int, config: ReaderConfig | None, staging_nbytes: int) -> _Need:
-    """The service's buffers: pools, the default sink's two bounce buffers and
-    the reader's per-thread bounce buffer (only where cold rows are read), staging."""
-    bounce = 2 * (BOUNCE_NBYTES + ALIGN_NBYTES) if config is not None else 0
-    reader = config.queue_depth * (config.chunk_nbytes + 2 * ALIGN_NBYTES) if config is not None else 0
-    return _Need(pools_nbytes, bounce, reader, staging_nbytes)
+def _buffers_nbytes(pools_nbytes: int, config: ReaderConfig | None, staging_nbytes: int, bounce: bool) -> _Need:
+    """The service's buffers: pools, the default sink's two bounce buffers
+    (where some part ``bounce``s: :func:`_lays_out`) and the reader's
+    per-thread bounce buffers (only where cold rows are read), staging."""
+    reading = config is not None
+    sink_bounce = 2 * (BOUNCE_NBYTES + ALIGN_NBYTES) if reading and bounce else 0
+    reader = config.queue_depth * config.bounce_nbytes if config is not None else 0
+    return _Need(pools_nbytes, sink_bounce, reader, staging_nbytes)
+
+
+def _lays_out(geometry: StoreGeometry, dtype: npt.DTypeLike | None, orientation: SinkOrientation, names: str) -> bool:
+    """Whether the default sink's cold rows may need its bounce buffers (a
+    cast, a transpose, fused halves, a strided part): see :func:`lays_out`."""
+    shapes, transposed = pool_shapes(geometry, 1, dtype=dtype, orientation=orientation, names=names)
+    flipped = set(transposed)
+    for layer in geometry.layers:
+        for stack in layer.stacks:
+            for part in stack.parts:
+                name = param_name(names, layer.layer, stack.proj, part.part)
+                if lays_out(part, np.dtype(shapes[name][1]), name in flipped):
+                    return True
+    return False

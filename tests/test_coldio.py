@@ -89,6 +89,20 @@ def test_read_values_exact(
         assert result.device_nbytes == nbytes
 
 
+def test_misaligned_destination_bounces_in_steps_of_at_most_1_mib(
+    data_file: tuple[str, npt.NDArray[np.uint8]],
+) -> None:
+    path, data = data_file
+    config = ReaderConfig(queue_depth=2, chunk_nbytes=4 << 20)
+    assert config.bounce_step == 1 << 20 and config.bounce_nbytes == (1 << 20) + 2 * ALIGN_NBYTES
+    nbytes = FILE_NBYTES - 100
+    destination = _buffer(nbytes, 1)  # off by one byte: every byte bounces
+    with ColdReader(config) as reader:
+        result = reader.read([ReadRequest(path, 100, destination)], residency=False)
+    assert np.array_equal(destination, data[100:])
+    assert dict(result.source_nbytes) in ({"bounced": nbytes}, {"buffered": nbytes})
+
+
 def test_resident_pieces_copied_from_mapping(data_file: tuple[str, npt.NDArray[np.uint8]]) -> None:
     path, data = data_file
     with MappedFile(path) as mapped, ColdReader(SMALL) as reader:

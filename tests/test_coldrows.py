@@ -401,14 +401,22 @@ def test_budget_counts_pool_buffers(stores: dict[str, str]) -> None:
             SlabService(store, 4, budget_nbytes=4 * expert_nbytes)  # the bounce and reader buffers do not fit
         with SlabService(store, 4, read="map", budget_nbytes=4 * expert_nbytes) as fits:
             assert fits.pools[0].capacity == 4
-        config = ReaderConfig(queue_depth=2, chunk_nbytes=1 << 20)
-        overhead = 2 * ((32 << 20) + 4096) + 2 * ((1 << 20) + 2 * 4096)
+        config = ReaderConfig(queue_depth=2, chunk_nbytes=4 << 20)
+        # Native slabs read straight into their slots: no sink bounce buffers,
+        # and each reader thread's bounce buffer is a 1 MiB step plus two blocks.
+        overhead = 2 * ((1 << 20) + 2 * 4096)
         with SlabService.from_budget(store, overhead + 5 * expert_nbytes + 1, reader=config) as service:
             assert [pool.capacity for pool in service.pools] == [5] * store.num_layers
             arrays = service.buffers.values()  # type: ignore[attr-defined]
             assert sum(array.nbytes for array in arrays) == 5 * expert_nbytes
         with pytest.raises(OptionError, match="no pool slot"):
             SlabService.from_budget(store, overhead, reader=config)
+        # Transposed pools lay slabs out through the sink's two bounce buffers: counted.
+        transposed = overhead + 2 * ((32 << 20) + 4096)
+        with pytest.raises(OptionError, match="bounce buffers 67117056"):
+            SlabService(store, 5, orientation="kn", reader=config, budget_nbytes=overhead + 5 * expert_nbytes)
+        with SlabService(store, 5, orientation="kn", reader=config, budget_nbytes=transposed + 5 * expert_nbytes):
+            pass
 
 
 def test_service_reader_probe_or_config(stores: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,7 +463,7 @@ def test_bench_replay_moves_the_same_bytes_by_every_method(tmp_path: Path) -> No
     path = str(tmp_path / "store")
     write_slab_store(path, 2, 8, 64, 32, sparse=False)
     per_slot = 2 * 3 * 64 * 32 * 2
-    overhead = 2 * ((32 << 20) + 4096) + 2 * ((4 << 20) + 2 * 4096)
+    overhead = 2 * ((1 << 20) + 2 * 4096)  # two reader threads bounce 1 MiB steps; native slabs: no sink bounce
     reports = {
         method: replay(path, 6, overhead + 2 * per_slot, method, depth=2) for method in ("auto", "map", "direct")
     }

@@ -470,9 +470,11 @@ class ColdReader:
         return ((("buffered", view.nbytes),), view.nbytes)
 
     def _bounce(self) -> npt.NDArray[np.uint8]:
+        """This thread's aligned bounce buffer (made on first use: reads into
+        aligned destinations never need one)."""
         buffer: npt.NDArray[np.uint8] | None = getattr(self._local, "bounce", None)
         if buffer is None:
-            buffer = aligned_empty(self.config.chunk_nbytes + 2 * ALIGN_NBYTES)
+            buffer = aligned_empty(self.config.bounce_nbytes)
             self._local.bounce = buffer
         return buffer
 
@@ -484,7 +486,7 @@ class ColdReader:
             # The destination is misaligned against the file: bounce all of it,
             # a bounce buffer at a time.
             device = 0
-            step = self.config.chunk_nbytes
+            step = self.config.bounce_step
             for start in range(0, nbytes, step):
                 device += self._bounce_span(handles, offset + start, view[start : start + step])
             return ((("bounced", nbytes),), device)
@@ -508,7 +510,7 @@ class ColdReader:
         return tuple(sources), device
 
     def _bounce_span(self, handles: Handles, offset: int, view: memoryview) -> int:
-        """Read ``view`` (at most a chunk) through the aligned bounce buffer; returns device bytes."""
+        """Read ``view`` (at most a bounce step) through the aligned bounce buffer; returns device bytes."""
         low = offset - offset % ALIGN_NBYTES
         high = -(-(offset + view.nbytes) // ALIGN_NBYTES) * ALIGN_NBYTES
         bounce = self._bounce().data

@@ -32,6 +32,9 @@ __all__ = [
 # never needs a bounce for its body.
 ALIGN_NBYTES = 4096
 
+BOUNCE_STEP_NBYTES = 1 << 20
+"""The most a reader thread bounces at once (see :attr:`ReaderConfig.bounce_step`)."""
+
 DirectMode = Literal["auto", "never"]
 """``"auto"``: ``O_DIRECT`` where the file system accepts it, buffered
 ``pread`` where it refuses (open or first read).  ``"never"``: always buffered."""
@@ -79,6 +82,17 @@ class ReaderConfig:
     chunk_nbytes: int = 4 << 20
     direct: DirectMode = "auto"
     piece_nbytes: int = 1 << 20
+
+    @property
+    def bounce_step(self) -> int:
+        """Bytes a thread bounces at a time when a destination's alignment
+        differs from its file offset's: a chunk, at most 1 MiB."""
+        return min(self.chunk_nbytes, BOUNCE_STEP_NBYTES)
+
+    @property
+    def bounce_nbytes(self) -> int:
+        """Each thread's bounce buffer (made only by a thread that bounces)."""
+        return self.bounce_step + 2 * ALIGN_NBYTES
 
     def __post_init__(self) -> None:
         if self.queue_depth < 1:
