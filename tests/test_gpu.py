@@ -6,6 +6,7 @@ The CPU tests run everywhere torch is installed; the ``cuda`` ones need a GPU
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import numpy as np
@@ -84,16 +85,36 @@ def test_cpu_auto_copies_directly(data_file):
     assert set(copier.stats.nbytes) == {"direct"} and copier.stats.peak_pinned_nbytes == 0
 
 
-def test_pread_refuses_a_file_replaced_under_its_path(data_file, tmp_path):
+def test_pread_reads_the_mapped_file_after_a_rename(data_file, tmp_path):
+    """A re-conversion renamed another file over the path: the ring still
+    reads the file that was mapped and validated, as the CPU sinks do."""
     mapped, data = data_file
     replacement = tmp_path / "new.bin"
-    data.tofile(replacement)
+    (data + 1).tofile(replacement)
     replacement.replace(mapped.path)
     copier = DeviceCopier(torch.device("cpu"), source="pread", slot_nbytes=1 << 20)
-    jobs, _ = jobs_for(mapped, data, "cpu")
-    with pytest.raises(FormatError, match="no longer names the file"):
-        copier.copy(jobs)
+    jobs, expected = jobs_for(mapped, data, "cpu")
+    copier.copy(jobs)
     copier.close()
+    for job, want in zip(jobs, expected, strict=True):
+        np.testing.assert_array_equal(job.destination.numpy(), want)
+
+
+def test_pread_ring_counts_a_refused_o_direct_and_reads_buffered(data_file, monkeypatch):
+    from mmapstore.io import _reader as io_reader
+
+    def refusing(self, handles, offset, view):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(io_reader.ColdReader, "_read_direct", refusing)
+    mapped, data = data_file
+    copier = DeviceCopier(torch.device("cpu"), source="pread", slot_nbytes=1 << 20, direct=True)
+    jobs, expected = jobs_for(mapped, data, "cpu")
+    copier.copy(jobs)
+    copier.close()
+    for job, want in zip(jobs, expected, strict=True):
+        np.testing.assert_array_equal(job.destination.numpy(), want)
+    assert copier.stats.fallbacks.get("O_DIRECT refused", 0) >= 1  # counted (threads may race to it)
 
 
 def test_resident_ranges_after_a_read(data_file):

@@ -360,6 +360,36 @@ class ColdReader:
                 handle._add(self._scatter, cancelled, request, group)
         return handle
 
+    def read_here(self, request: ReadRequest) -> ReadResult:
+        """Read one request on the calling thread, a chunk at a time, every
+        byte explicitly: for callers that fill buffers from threads of their
+        own (the GPU sink's staging ring).  The same rules as :meth:`read`:
+        ``O_DIRECT`` where accepted (unaligned edges bounced), the mapped
+        file even if its path was renamed over, never a short read served.
+
+        Raises
+        ------
+        OptionError
+            The destination is read-only or not contiguous, or the offset negative.
+        FormatError
+            The file ends before the range (or cannot be read).
+        """
+        view = _as_bytes(request.destination, request.path)
+        if request.offset < 0:
+            raise OptionError(f"{request.path}: negative offset {request.offset}")
+        start = time.perf_counter()
+        never = threading.Event()
+        tally: Counter[Source] = Counter()
+        device = 0
+        step = self.config.chunk_nbytes
+        for low in range(0, view.nbytes, step):
+            sources, nbytes = self._read(never, request, request.offset + low, view[low : low + step])
+            tally.update(dict(sources))
+            device += nbytes
+        by_source = tuple((source, tally[source]) for source in SOURCES if tally[source])
+        pieces = -(-view.nbytes // step)
+        return ReadResult(view.nbytes, time.perf_counter() - start, by_source, device, 1, pieces)
+
     def read(self, requests: Iterable[ReadRequest], *, residency: bool = True) -> ReadResult:
         """:meth:`submit` and :meth:`ReadHandle.wait`; a failure cancels what is left."""
         handle = self.submit(requests, residency=residency)
