@@ -109,11 +109,14 @@ class SlabService:
         The default sink's read mode: ``"auto"``, ``"map"`` or ``"reader"``
         (see :mod:`mmapstore._coldrows`).
     reader
-        Queue depth and read size of the service's reader: a
-        :class:`~mmapstore.io.ReaderConfig` (default: ``ReaderConfig()``, 16
-        reads of up to 4 MiB in flight), or ``"probe"`` to measure the store's
-        disk first (:func:`~mmapstore.io.probe_files`: a short ``O_DIRECT``
-        probe, once per disk per process, that leaves the page cache alone).
+        Queue depth and read size of the service's reader.  ``"probe"`` (the
+        default): measured on the store's disk before the first read
+        (:func:`~mmapstore.io.probe_files`: a few hundred MiB read with
+        ``O_DIRECT``, once per disk per process, the page cache left alone;
+        ``ReaderConfig()``, 16 reads of up to 4 MiB in flight, is kept unless
+        another depth or size reads 5% faster, and a store too small to
+        measure gets it unmeasured).  A :class:`~mmapstore.io.ReaderConfig`
+        (or None for ``ReaderConfig()``) skips the probe.
     cache
         ``"keep"`` (default) leaves the page cache alone; ``"drop"`` drops the
         ranges of every refresh from it once they landed (``MADV_DONTNEED`` on
@@ -151,7 +154,7 @@ class SlabService:
         names: str = DEFAULT_PARAM_NAME,
         load: bool = True,
         read: ReadMode = "auto",
-        reader: ReaderConfig | Literal["probe"] | None = None,
+        reader: ReaderConfig | Literal["probe"] | None = "probe",
         cache: CachePolicy = "keep",
         prefetch_nbytes: int = 0,
         budget_nbytes: int | None = None,
@@ -173,7 +176,7 @@ class SlabService:
         self.pools = [
             ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
-        config = _reader_config(store, reader)
+        config = _reader_config(store, reader, measure=(sink is None and read != "map") or prefetch_nbytes > 0)
         if budget_nbytes is not None:
             pools = [pool.capacity for pool in self.pools]
             need = _buffers_nbytes(
@@ -250,7 +253,7 @@ class SlabService:
         names = options.get("names", DEFAULT_PARAM_NAME)
         per_slot = pool_nbytes(pool_shapes(geometry, 1, dtype=dtype, orientation=orientation, names=names)[0])
         read = options.get("read", "auto")
-        config = _reader_config(store, options.get("reader"))
+        config = _reader_config(store, options.get("reader", "probe"), measure=read != "map")
         bounce = _lays_out(geometry, dtype, orientation, names)
         overhead = _buffers_nbytes(0, config if read != "map" else None, options.get("prefetch_nbytes", 0), bounce)
         most = max(layer.num_experts for layer in geometry.layers)
@@ -451,9 +454,12 @@ class _Need:
         )
 
 
-def _reader_config(store: ExpertStore, reader: object) -> ReaderConfig:
-    """The reader config a service's ``reader`` option asks for ("probe": measured once per disk)."""
+def _reader_config(store: ExpertStore, reader: object, *, measure: bool) -> ReaderConfig:
+    """The reader config a service's ``reader`` option asks for: ``"probe"``
+    is measured once per disk where the service reads cold rows (``measure``)."""
     if reader == "probe":
+        if not measure:
+            return ReaderConfig()
         source = store.byte_source()
         return probe_files([source.path(file) for file in range(len(source.files))])
     if reader is None:

@@ -41,7 +41,7 @@ def simulate(
     device: str | None = None,
     read: ReadMode = "auto",
     cache: CachePolicy = "keep",
-    reader: ReaderConfig | Literal["probe"] | None = None,
+    reader: ReaderConfig | Literal["probe"] | None = "probe",
     budget_nbytes: int | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` forwards; after each refresh compare every resident slot

@@ -467,8 +467,9 @@ def _parser() -> argparse.ArgumentParser:
         help="drop: refreshed ranges leave the page cache (stores larger than memory)",
     )  # fmt: skip
     simulate.add_argument(
-        "--reader", type=reader_option, default=None, metavar="probe|QD[,SIZE]",
-        help="reads in flight and largest read (e.g. 16,4MiB), or probe the disk (default 16,4MiB)",
+        "--reader", type=reader_option, default="probe", metavar="probe|QD[,SIZE]",
+        help="reads in flight and largest read (e.g. 16,4MiB); default: probe the disk once (16,4MiB unless "
+        "another reads 5%% faster)",
     )  # fmt: skip
     simulate.add_argument(
         "--budget", type=parse_size, default=None, metavar="SIZE",

@@ -395,6 +395,16 @@ def test_probe_picks_a_candidate(data_file: tuple[str, npt.NDArray[np.uint8]]) -
         probe_reader_config([FileRange(path, 0, 4096)], depths=(1, 2), chunks=(64 << 10,))
 
 
+def test_probe_keeps_the_preferred_config_unless_beaten_by_the_margin() -> None:
+    flat = [(4, 1 << 20, 2.00), (16, 4 << 20, 2.00), (32, 4 << 20, 2.08)]
+    assert io_probe.choose(flat, 0.05, prefer=(16, 4 << 20)) == (16, 4 << 20)  # 4% faster: kept
+    steep = [(4, 1 << 20, 2.00), (16, 4 << 20, 2.00), (32, 4 << 20, 2.20)]
+    assert io_probe.choose(steep, 0.05, prefer=(16, 4 << 20)) == (32, 4 << 20)  # 10% faster: switched
+    assert io_probe.choose(flat, 0.05) == (4, 1 << 20)  # no preference: the shallowest within the margin
+    assert io_probe.choose(steep, 0.05) == (32, 4 << 20)
+    assert io_probe.choose(flat, 0.05, prefer=(8, 1 << 20)) == (4, 1 << 20)  # not measured: as without
+
+
 def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
     data_file: tuple[str, npt.NDArray[np.uint8]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

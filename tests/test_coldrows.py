@@ -429,10 +429,16 @@ def test_service_reader_probe_or_config(stores: dict[str, str], monkeypatch: pyt
 
     monkeypatch.setattr(service_module, "probe_files", probe)
     with open_store(stores["slab"]) as store:
-        with SlabService(store, 2, reader="probe") as service:
+        with SlabService(store, 2) as service:  # the default: probed
             reader = service._serving_reader()
             assert reader is not None and reader.config == probed
-        assert asked and all(os.path.isfile(path) for path in asked[0])
+        assert len(asked) == 1 and all(os.path.isfile(path) for path in asked[0])
+        with SlabService(store, 2, read="map"):  # reads nothing explicitly: nothing to measure
+            pass
+        with SlabService(store, 2, reader=None) as service:  # the fixed default, unmeasured
+            reader = service._serving_reader()
+            assert reader is not None and reader.config == ReaderConfig()
+        assert len(asked) == 1
         with pytest.raises(OptionError, match="reader must be"):
             SlabService(store, 2, reader=4)  # type: ignore[arg-type]
 
