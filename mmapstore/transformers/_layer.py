@@ -12,7 +12,7 @@ import numpy.typing as npt
 import torch
 
 from .._pool import ExecMode, ExpertPool, count_hits
-from .._store import LayerExperts
+from .._store import ExpertStack, LayerExperts
 from ._fetch import FetchChunk, plan_fetch
 from ._hf import grouped_linear
 from ._slots import SlotWriter
@@ -380,7 +380,10 @@ class LayerRuntime:
         return out
 
     def _weights(self, expert: int) -> _Weights:
-        """Expert ``expert``'s ``[k, n]`` weights and biases as tensors over the mapping (cached)."""
+        """Expert ``expert``'s ``[k, n]`` weights and biases as tensors over the
+        mapping (cached), or dequantized copies for quantized experts (not cached)."""
+        if any(stack.encoding.encoded for stack in (self.experts.gate, self.experts.up, self.experts.down)):
+            return self._dequantized_weights(expert)
         cached = self._cpu_weights.get(expert)
         if cached is None:
             gate, up, down = self.experts.gate, self.experts.up, self.experts.down
@@ -399,3 +402,16 @@ class LayerRuntime:
             )
             self._cpu_weights[expert] = cached
         return cached
+
+    def _dequantized_weights(self, expert: int) -> _Weights:
+        """A quantized expert's ``[k, n]`` values (float32 copies, by the store's
+        reference formulas) and its biases over the mapping."""
+        gate, up, down = self.experts.gate, self.experts.up, self.experts.down
+
+        def bias(stack: ExpertStack) -> torch.Tensor | None:
+            return as_tensor(stack.part("bias", expert)) if self.layout.has_bias else None
+
+        def values(stack: ExpertStack) -> torch.Tensor:
+            return torch.from_numpy(stack.dequantize(expert, np.float32))
+
+        return values(gate), values(up), values(down), bias(gate), bias(up), bias(down)

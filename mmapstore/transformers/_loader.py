@@ -112,8 +112,8 @@ def load_model(
     ------
     UnsupportedModelError
         The family's transformers class does not use the experts interface
-        (Llama-4 text in transformers 5), the checkpoint is quantized, or
-        its experts have a shape the runtime does not serve.
+        (Llama-4 text in transformers 5), a weight outside the routed experts
+        is quantized, or the experts have a shape the runtime does not serve.
     RuntimeConfigError
         A device that does not exist, a budget or capacity below one expert
         per layer, an unwritable trace path, or bad arguments.
@@ -227,12 +227,11 @@ def _read_config(path: str, transformers: Any) -> Any:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"{path}: transformers cannot read config.json: {exc}") from None
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        raise UnsupportedModelError(
-            f"{path}: quantized checkpoint (quant_method {method!r}); the runtime serves plain expert weights"
-        )
+    if getattr(config, "quantization_config", None):
+        # Routed experts are dequantized on their way into the pools, and every
+        # other weight must be plain (checked per tensor in _weight_plan): the
+        # model is built as the unquantized architecture.
+        del config.quantization_config
     return config
 
 
@@ -287,11 +286,6 @@ def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> Experts
             problems.append(
                 f"{proj} is [{stack.num_experts}, {stack.k}, {stack.n}], expected "
                 f"[{layout.num_experts}, {k}, {n}] ({stack.tensor_names[0]})"
-            )
-        if stack.encoding.encoded:
-            raise UnsupportedModelError(
-                f"{path}: {stack.tensor_names[0]}: {stack.encoding.describe()} experts are "
-                "not served by the runtime yet (plain weights only)"
             )
         has_bias = "bias" in stack.parts
         if has_bias != layout.has_bias:
@@ -368,11 +362,19 @@ def _weight_plan(path: str, model: Any, store: ExpertStore, layers: Sequence[_Mo
     """
     mapper = _hf.key_mapper(model)
     expert_prefixes = tuple(f"{layer.name}." for layer in layers)
+    meta = model.state_dict()
     plan: dict[str, str] = {}
     for tensor in store.tensors:
         key, converted = mapper(tensor)
         if converted or key is None or key.startswith(expert_prefixes):
             continue  # routed experts (served by the pools), or a tensor the model has no place for
+        stored = store.view(tensor).dtype  # a header lookup: no weight is read
+        wanted = meta[key].dtype if key in meta else None
+        if wanted is not None and wanted.is_floating_point and (stored.itemsize == 1 or stored.kind in "iub"):
+            raise UnsupportedModelError(
+                f"{path}: {tensor} is {stored} (quantized) for the model's {wanted} {key!r}; the runtime "
+                "dequantizes routed experts only, every other weight must be plain"
+            )
         plan[key] = tensor
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = [

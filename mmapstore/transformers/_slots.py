@@ -12,6 +12,12 @@ the mapping.  All copies are enqueued on the current stream, so kernels
 queued before them finish reading a slot before it is overwritten, and
 kernels queued after them see the new expert.
 
+Quantized experts (MXFP4, FP8 block scales, and every other encoding the
+store serves) are dequantized on the way in: on CUDA, MXFP4 and FP8 move
+only their encoded bytes and scales to the device and dequantize there;
+elsewhere the store's reference formulas run on the host.  Pools always
+hold values in the model's dtype.
+
 The runtime does not go through ``TorchSink`` itself: its pools are
 transformers' fused ``gate_up_proj`` tensors, whose gate and up halves are
 strided across slots (interleaved for GPT-OSS), while a sink's pools are one
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .._geometry import c_strides
@@ -73,6 +80,10 @@ class SlotWriter:
         ``"kn"``; 1-D parts ignore it.  The copy is complete on the device
         after :meth:`flush` (in stream order).
         """
+        if part == "weight" and stack.encoding.encoded:
+            values = self._dequantized(stack, expert)  # [k, n]
+            destination.copy_(values if orientation == "kn" else values.T)
+            return destination.numel() * destination.element_size()
         geometry = stack.parts[part]
         flip = len(geometry.slab_shape) == 2 and geometry.orientation != orientation
         plain = (
@@ -93,6 +104,28 @@ class SlotWriter:
             source = as_tensor(stack.part(part, expert))
             destination.copy_(source.T if flip else source)
         return destination.numel() * destination.element_size()
+
+    def _dequantized(self, stack: ExpertStack, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s values as ``[k, n]`` float32 on the pool's device.
+
+        Only the encoded bytes cross to the device where it can dequantize
+        them itself (MXFP4 and FP8 block scales on CUDA: a quarter to a half
+        of the bf16 bytes); every other encoding is dequantized on the host
+        with the store's reference formulas.
+        """
+        encoding = stack.encoding
+        if self.device.type == "cuda" and encoding.kind in ("mxfp4", "fp8_block"):
+            from ..gpu._dequant import dequantize_fp8_block, dequantize_mxfp4
+
+            weight = as_tensor(stack.part("weight", expert)).to(self.device)
+            scale = as_tensor(stack.part("scale", expert)).to(self.device)
+            if encoding.kind == "mxfp4":
+                cols = stack.k if stack.native_orientation == "nk" else stack.n
+                native = dequantize_mxfp4(weight, scale, cols, where=stack.name)
+            else:
+                native = dequantize_fp8_block(weight, scale, encoding.block, where=stack.name)
+            return native if stack.native_orientation == "kn" else native.T
+        return torch.from_numpy(stack.dequantize(expert, np.float32)).to(self.device)
 
     def flush(self) -> None:
         """Enqueue the queued jobs on the current stream."""
