@@ -117,8 +117,12 @@ class SlotWriter:
         if self.device.type == "cuda" and encoding.kind in ("mxfp4", "fp8_block"):
             from ..gpu._dequant import dequantize_fp8_block, dequantize_mxfp4
 
-            weight = as_tensor(stack.part("weight", expert)).to(self.device)
-            scale = as_tensor(stack.part("scale", expert)).to(self.device)
+            # Encoded bytes go through a private host copy: the mapping's pages
+            # may lie in a window the copier registered read-only with the driver.
+            weight, scale = (
+                as_tensor(np.array(stack.part(name, expert), copy=True)).to(self.device)
+                for name in ("weight", "scale")
+            )
             if encoding.kind == "mxfp4":
                 cols = stack.k if stack.native_orientation == "nk" else stack.n
                 native = dequantize_mxfp4(weight, scale, cols, where=stack.name)
