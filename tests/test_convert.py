@@ -214,6 +214,10 @@ def test_manifest_round_trips_through_its_json(tmp_path):
         ({"files": [1, 2]}, "'files'"),
         ({"encodings": {"blk.0.ffn_up_exps": {"kind": "zip", "dtype": "F8_E4M3"}}}, "kind 'zip'"),
         ({"layout": 3}, "'layout' must be one of"),
+        ({"layout": {}}, "'layout' must be one of"),  # unhashable: found by the long directory fuzz
+        ({"layout": ["slab"]}, "'layout' must be one of"),
+        ({"storage": {}}, "'storage' must be one of"),
+        ({"orientation": {}}, "'orientation' must be"),
     ],
 )
 def test_malformed_manifest_fields_are_format_errors(tmp_path, change, match):

@@ -164,7 +164,7 @@ class Manifest:
         if storage not in STORAGES:
             raise FormatError(f"{path}: 'storage' must be one of {STORAGES}, found {storage!r:.80}")
         layout = obj.get("layout", "slab")
-        if layout not in LAYOUT_VERSIONS:
+        if not isinstance(layout, str) or layout not in LAYOUT_VERSIONS:
             raise FormatError(f"{path}: 'layout' must be one of {list(LAYOUT_VERSIONS)}, found {layout!r:.40}")
         if version < LAYOUT_VERSIONS[layout]:
             raise FormatError(
