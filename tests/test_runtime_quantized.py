@@ -182,3 +182,67 @@ def test_mxfp4_experts_dequantized_on_the_gpu_equal_the_stock_model(checkpoints)
                 got = loaded.model(ids).logits
             assert_slots_hold_the_values(loaded, reference)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """``fp8``: a Qwen3-MoE checkpoint whose experts (only) are FP8 with 128x128
+    block scales (``weight_scale_inv``, ``quant_method: fp8``, as DeepSeek and
+    Qwen ship FP8); ``reference``: float32 with the dequantized values."""
+    root = tmp_path_factory.mktemp("fp8")
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+        moe_intermediate_size=16, intermediate_size=24, num_experts=EXPERTS, num_experts_per_tok=2, head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name:
+                parameter.normal_(0.0, 0.2)
+    reference = str(root / "reference")
+    model.save_pretrained(reference)
+    tensors = load_file(os.path.join(reference, "model.safetensors"))
+    for name in [name for name in tensors if ".mlp.experts." in name]:
+        weight = tensors[name]  # [out, in], one 128x128 block
+        scale = weight.abs().max() / 448.0
+        codes = (weight / scale).to(torch.float8_e4m3fn)
+        tensors[name] = codes
+        tensors[name + "_scale_inv"] = scale.reshape(1, 1).to(torch.float32)
+    fp8 = str(root / "fp8")
+    os.makedirs(fp8)
+    save_file(tensors, os.path.join(fp8, "model.safetensors"), metadata={"format": "pt"})
+    for name, value in tensors.items():
+        if name.endswith("_scale_inv"):
+            weight = name[: -len("_scale_inv")]
+            tensors[weight] = tensors[weight].to(torch.float32) * value
+    reference_tensors = {name: value for name, value in tensors.items() if not name.endswith("_scale_inv")}
+    save_file(reference_tensors, os.path.join(reference, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(reference, "config.json")) as handle:
+        saved = json.load(handle)
+    saved["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
+    with open(os.path.join(fp8, "config.json"), "w") as handle:
+        json.dump(saved, handle)
+    return {"fp8": fp8, "reference": reference}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])  # fmt: skip
+def test_fp8_block_experts_equal_the_stock_model_on_their_values(fp8_checkpoints, device):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(fp8_checkpoints["reference"], dtype=torch.float32)
+    reference = reference.to(device).eval()
+    ids = prompt(seed=2).to(device)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    with load_model(fp8_checkpoints["fp8"], capacity=3, on_miss="fetch", device=device, dtype=torch.float32) as loaded:
+        with torch.no_grad():
+            got = loaded.model(ids).logits
+        assert loaded.stats().copied_nbytes > 0
+    if device == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
