@@ -176,7 +176,8 @@ class SlabService:
         self.pools = [
             ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
-        config = _reader_config(store, reader, measure=(sink is None and read != "map") or prefetch_nbytes > 0)
+        serves = sink is None and read != "map"  # the service reads cold rows with a reader of its own
+        config = _reader_config(store, reader, measure=serves or (sink is not None and prefetch_nbytes > 0))
         if budget_nbytes is not None:
             pools = [pool.capacity for pool in self.pools]
             need = _buffers_nbytes(
@@ -240,7 +241,8 @@ class SlabService:
         """The largest capacity (the same in every layer) whose buffers fit
         ``budget_nbytes``, counted as for the constructor's ``budget_nbytes``
         with the same keyword ``options`` (``dtype``, ``orientation``,
-        ``read``, ``reader``, ``prefetch_nbytes``...).  Nothing is allocated.
+        ``read``, ``reader``, ``prefetch_nbytes``...).  Nothing is allocated
+        but the probe's transient read buffers (with ``reader="probe"``).
 
         Raises
         ------
@@ -471,12 +473,14 @@ def _reader_config(store: ExpertStore, reader: object, *, measure: bool) -> Read
 
 def _buffers_nbytes(pools_nbytes: int, config: ReaderConfig | None, staging_nbytes: int, bounce: bool) -> _Need:
     """The service's buffers: pools, the default sink's two bounce buffers
-    (where some part ``bounce``s: :func:`_lays_out`) and the reader's
-    per-thread bounce buffers (only where cold rows are read), staging."""
-    reading = config is not None
-    sink_bounce = 2 * (BOUNCE_NBYTES + ALIGN_NBYTES) if reading and bounce else 0
-    reader = config.queue_depth * config.bounce_nbytes if config is not None else 0
-    return _Need(pools_nbytes, sink_bounce, reader, staging_nbytes)
+    (where some part ``bounce``s: :func:`_lays_out`), the per-thread bounce
+    buffers of its reader and of the prefetcher's (only where cold rows are
+    read), and the prefetch staging."""
+    if config is None:
+        return _Need(pools_nbytes, 0, 0, staging_nbytes)
+    sink_bounce = 2 * (BOUNCE_NBYTES + ALIGN_NBYTES) if bounce else 0
+    readers = 2 if staging_nbytes > 0 else 1  # a prefetcher reads with threads of its own
+    return _Need(pools_nbytes, sink_bounce, readers * config.queue_depth * config.bounce_nbytes, staging_nbytes)
 
 
 def _lays_out(geometry: StoreGeometry, dtype: npt.DTypeLike | None, orientation: SinkOrientation, names: str) -> bool:

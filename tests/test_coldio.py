@@ -282,6 +282,59 @@ def test_a_bad_request_mid_generator_stops_the_reads_before_it(
         assert reader.read([ReadRequest(path, 0, destinations[0])], residency=False).nbytes == 256 << 10
 
 
+def _finishes(fn: Any, seconds: float = 10.0) -> list[Any]:
+    """Run ``fn`` on a thread; ``[result]`` or ``[exception]`` if it ended within ``seconds``, else ``[]``."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome
+
+
+def test_a_generator_may_read_through_the_same_reader(data_file: tuple[str, npt.NDArray[np.uint8]]) -> None:
+    """No pool thread waits for a submission's next piece, so a read started
+    from inside the generator still gets threads (it deadlocked when they waited)."""
+    path, data = data_file
+    with ColdReader(ReaderConfig(queue_depth=2, chunk_nbytes=64 << 10)) as reader:
+        inner = np.zeros(256 << 10, dtype=np.uint8)
+        outer = [np.zeros(64 << 10, dtype=np.uint8) for _ in range(2)]
+
+        def requests() -> Any:
+            yield ReadRequest(path, 0, outer[0])
+            reader.read([ReadRequest(path, 1 << 20, inner)], residency=False)
+            yield ReadRequest(path, 64 << 10, outer[1])
+
+        outcome = _finishes(lambda: reader.read(requests(), residency=False))
+        assert outcome and not isinstance(outcome[0], BaseException), outcome
+        assert np.array_equal(inner, data[1 << 20 : (1 << 20) + inner.nbytes])
+        assert np.array_equal(np.concatenate(outer), data[: 128 << 10])
+
+
+def test_close_with_reads_queued_ends_them_with_a_typed_error(
+    data_file: tuple[str, npt.NDArray[np.uint8]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = data_file
+    started, release = _gated(monkeypatch)
+    reader = ColdReader(ReaderConfig(queue_depth=1, chunk_nbytes=64 << 10))
+    first = reader.submit([ReadRequest(path, 0, np.zeros(64 << 10, dtype=np.uint8))], residency=False)
+    second = reader.submit([ReadRequest(path, 0, np.zeros(1 << 20, dtype=np.uint8))], residency=False)
+    assert started.wait(10)  # the first read holds the only thread; the second is queued
+    closing = threading.Thread(target=reader.close)
+    closing.start()
+    release.set()
+    closing.join(10)
+    assert first.wait().nbytes == 64 << 10
+    outcome = _finishes(second.wait)
+    assert outcome and isinstance(outcome[0], ReadCancelledError), outcome
+
+
 def _gated(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
     """Make every explicit read wait for ``release`` just before its system call;
     ``started`` is set when the first one waits."""
@@ -423,9 +476,20 @@ def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
 
     monkeypatch.setattr(io_probe, "probe_reader_config", measured_again)
     assert probe_files([path], **grid) == config  # type: ignore[arg-type]
-    # Too few bytes to measure (four of the largest chunk per candidate slice): the base config, unmeasured.
+    # Too few bytes for the probe's slices: the base config, unmeasured.
     base = ReaderConfig(queue_depth=5)
     assert probe_files([path], base=base, depths=(1, 2), chunks=(1 << 20,)) == base
+    # A file system that refuses O_DIRECT is not probed (buffered reads would fill the page cache).
+    real_open = os.open
+
+    def refusing_open(name: Any, flags: int, *args: Any) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(io_probe.os, "open", refusing_open)
+    other = ReaderConfig(queue_depth=6)
+    assert probe_files([path], base=other, **grid) == other  # type: ignore[arg-type]
 
 
 def test_release_landed_drops_pages(data_file: tuple[str, npt.NDArray[np.uint8]]) -> None:

@@ -411,6 +411,10 @@ def test_budget_counts_pool_buffers(stores: dict[str, str]) -> None:
             assert sum(array.nbytes for array in arrays) == 5 * expert_nbytes
         with pytest.raises(OptionError, match="no pool slot"):
             SlabService.from_budget(store, overhead, reader=config)
+        # A prefetcher reads with threads of its own: their bounce buffers count too.
+        with pytest.raises(OptionError, match=f"reader buffers {2 * overhead}, prefetch staging {1 << 20}"):
+            SlabService(store, 5, reader=config, prefetch_nbytes=1 << 20,
+                        budget_nbytes=overhead + 5 * expert_nbytes + (1 << 20))  # fmt: skip
         # Transposed pools lay slabs out through the sink's two bounce buffers: counted.
         transposed = overhead + 2 * ((32 << 20) + 4096)
         with pytest.raises(OptionError, match="bounce buffers 67117056"):

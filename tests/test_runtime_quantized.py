@@ -166,6 +166,11 @@ def test_a_quantized_weight_outside_the_experts_is_refused_by_name(checkpoints, 
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UnsupportedModelError, match=r"q_proj\.weight.*quantized"):
         load_model(path, capacity=2, dtype=torch.float32)
+    # A non-expert weight stored in a packed layout of its own (GPTQ's qweight) is missing as a plain weight.
+    tensors[name + "_packed"] = tensors.pop(name).view(torch.uint8)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match=r"q_proj\.weight.*quant_method 'mxfp4'"):
+        load_model(path, capacity=2, dtype=torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,7 @@ Both release the GIL for the bulk of their work (numpy's copy loop,
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import numpy as np
@@ -62,16 +63,22 @@ class PreadReader:
         self.direct = direct
         self.name = "pread"
         self._reader = ColdReader(ReaderConfig(queue_depth=1, direct="auto" if direct else "never"))
+        self._refused: set[str] = set()
+        self._lock = threading.Lock()
 
     def lead(self, offset: int) -> int:
+        # Aligned starts stay right where O_DIRECT is refused: a buffered read takes any offset.
         return offset % ALIGN_NBYTES if self.direct else 0
 
     def read(self, mapped: MappedFile, offset: int, out: npt.NDArray[np.uint8], nbytes: int) -> None:
         request = ReadRequest(mapped.path, offset, out[:nbytes], mapped, mapped.identity)
         result = self._reader.read_here(request)
         if self.direct and any(source == "buffered" for source, _ in result.source_nbytes):
-            self.fallbacks.note("O_DIRECT refused", f"{mapped.path}: the file system refused it; reading buffered")
-            self.direct = False
+            with self._lock:  # once per file, whichever ring thread saw it first
+                first = mapped.path not in self._refused
+                self._refused.add(mapped.path)
+            if first:
+                self.fallbacks.note("O_DIRECT refused", f"{mapped.path}: the file system refused it; reading buffered")
 
     def close(self) -> None:
         self._reader.close()

@@ -50,6 +50,7 @@ def probe_reader_config(
     margin: float = 0.05,
     drop: bool = True,
     prefer: tuple[int, int] | None = None,
+    per_thread: bool = False,
 ) -> ProbeResult:
     """Measure each candidate on ``sample_nbytes`` of ``ranges`` and return the best.
 
@@ -68,6 +69,10 @@ def probe_reader_config(
         A ``(queue_depth, chunk_nbytes)`` of the grid that is kept unless the
         fastest candidate beats it by ``margin``.  Without it, a deeper queue
         or larger read must beat a shallower one by ``margin``.
+    per_thread
+        Give each candidate at least one chunk per thread (``depth * chunk``
+        bytes per timed slice, ``sample_nbytes`` at least), so a deep queue of
+        large reads is measured with every thread reading.
     drop
         Drop each slice from the page cache after it is read (so that a
         buffered read, where ``O_DIRECT`` is refused, leaves nothing behind).
@@ -84,7 +89,12 @@ def probe_reader_config(
         raise OptionError("probe needs at least one queue depth and one chunk size")
     # Two timed slices per candidate (the faster counts: noise only slows a
     # read down), each large enough to keep every thread busy several times.
-    pieces = _cut(ranges, 2 * len(grid), sample_nbytes)
+    if per_thread:
+        shares = [max(sample_nbytes, depth * chunk) for depth, chunk in grid for _ in range(2)]
+    else:
+        total = sum(item.nbytes for item in ranges)
+        shares = [min(sample_nbytes, total // (2 * len(grid)))] * (2 * len(grid))
+    pieces = _cut(ranges, shares)
     candidates: list[tuple[int, int, float]] = []
     for index, (depth, chunk) in enumerate(grid):
         config = replace(base, queue_depth=depth, chunk_nbytes=chunk)
@@ -127,18 +137,18 @@ def choose(
     return chosen[0], chosen[1]
 
 
-def _cut(ranges: Sequence[FileRange], count: int, sample_nbytes: int) -> list[list[FileRange]]:
-    """``count`` disjoint lists of aligned slices of ``ranges``, each up to ``sample_nbytes``."""
+def _cut(ranges: Sequence[FileRange], shares: Sequence[int]) -> list[list[FileRange]]:
+    """Disjoint lists of aligned slices of ``ranges``, list ``i`` holding ``shares[i]`` bytes."""
     total = sum(item.nbytes for item in ranges)
-    share = min(sample_nbytes, total // count) // ALIGN_NBYTES * ALIGN_NBYTES
-    if share <= 0:
-        raise OptionError(f"probe ranges hold {total} bytes, too few for {count} candidates")
-    slices: list[list[FileRange]] = [[] for _ in range(count)]
-    current, need = 0, share
+    shares = [share // ALIGN_NBYTES * ALIGN_NBYTES for share in shares]
+    if min(shares) <= 0 or sum(shares) > total:
+        raise OptionError(f"probe ranges hold {total} bytes, too few for {len(shares)} slices of {max(shares)}")
+    slices: list[list[FileRange]] = [[] for _ in shares]
+    current, need = 0, shares[0]
     for item in ranges:
         offset = -(-item.offset // ALIGN_NBYTES) * ALIGN_NBYTES
         end = item.offset + item.nbytes
-        while offset < end and current < count:
+        while offset < end and current < len(shares):
             take = min(need, (end - offset) // ALIGN_NBYTES * ALIGN_NBYTES)
             if take <= 0:
                 break
@@ -146,14 +156,15 @@ def _cut(ranges: Sequence[FileRange], count: int, sample_nbytes: int) -> list[li
             offset += take
             need -= take
             if need == 0:
-                current, need = current + 1, share
-    if current < count:
-        raise OptionError(f"probe ranges hold too few aligned bytes for {count} candidates of {share} bytes")
+                current += 1
+                need = shares[current] if current < len(shares) else 0
+    if current < len(shares):
+        raise OptionError(f"probe ranges hold too few aligned bytes for {len(shares)} slices")
     return slices
 
 
 SERVICE_DEPTHS = (4, 16, 32)
-SERVICE_CHUNKS = (1 << 20, 4 << 20)
+SERVICE_CHUNKS = (4 << 20,)
 _probed: dict[tuple[int, ReaderConfig], ReaderConfig] = {}
 _probed_lock = threading.Lock()
 
@@ -168,15 +179,19 @@ def probe_files(
 ) -> ReaderConfig:
     """A reader config for these files' device, measured once per device per process.
 
-    :func:`probe_reader_config` over the files (with the default grid, queue
-    depths 4, 16 and 32 and reads of 1 and 4 MiB, about ``12 * sample_nbytes``
-    = 384 MiB read with ``O_DIRECT``: 0.1-0.2 s at 2-3 GB/s), leaving the page
-    cache as it was.  ``base`` (the default config) is kept unless a
-    candidate beats it by 5%, so a disk on which every depth reads alike
-    keeps it.  Files too small to give every candidate four of the largest
-    chunks are not measured: the answer is then ``base``.  The answer is
-    kept per device (``st_dev``) and ``base`` for the life of the process,
-    so a second service over the same disk starts at once.
+    :func:`probe_reader_config` over the files with every thread of every
+    candidate reading (``per_thread``: ``max(sample_nbytes, depth * chunk)``
+    per timed slice, two slices each; with the default grid, queue depths 4,
+    16 and 32 with 4 MiB reads, 448 MiB read with ``O_DIRECT``: 0.15-0.2 s at
+    2-3 GB/s).  ``base`` (the default config) is kept unless a candidate
+    beats it by 5%, so a disk on which every depth reads alike keeps it.
+
+    Nothing is measured, and ``base`` is the answer, where the files are too
+    small for the probe's slices or the file system refuses ``O_DIRECT``
+    (a buffered probe would fill the page cache, and could push a user's
+    warm pages out).  The answer is kept per device (``st_dev``) and ``base``
+    for the life of the process, so a second service over the same disk
+    starts at once.
 
     Raises
     ------
@@ -192,15 +207,35 @@ def probe_files(
         if known is not None:
             return known
         ranges = [FileRange(path, 0, os.path.getsize(path)) for path in paths]
+        need = 2 * sum(max(sample_nbytes, depth * chunk) for depth in depths for chunk in chunks)
         total = sum(item.nbytes for item in ranges)
-        slices = 2 * len(depths) * len(chunks)
-        if total // slices < 4 * max(chunks):
-            _log.info("%s: %d bytes are too few to probe the disk; reading with %s", paths[0], total, base)
+        if total < need or not _direct_ok(paths[0]):
+            _log.info("%s: not probing the disk (%d bytes, %d needed, or O_DIRECT refused); reading with %s",
+                      paths[0], total, need, base)  # fmt: skip
             return base
         result = probe_reader_config(
             ranges, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes, drop=False,
-            prefer=(base.queue_depth, base.chunk_nbytes),
+            prefer=(base.queue_depth, base.chunk_nbytes), per_thread=True,
         )  # fmt: skip
         _log.info("probed %s: %s", paths[0], result.candidates)
         _probed[key] = result.config
         return result.config
+
+
+def _direct_ok(path: str) -> bool:
+    """Whether one aligned ``O_DIRECT`` read of ``path`` succeeds."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return False
+    try:
+        buffer = aligned_empty(ALIGN_NBYTES)
+        os.preadv(fd, [buffer.data], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

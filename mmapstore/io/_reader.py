@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import FormatError, MmapStoreError, OptionError, ReadCancelledError
+from .._errors import FormatError, OptionError, ReadCancelledError
 from .._mapping import MappedFile
 from ._files import (
     DIRECT_REFUSED_ERRNOS,
@@ -86,10 +86,12 @@ class ReadHandle:
     """A read in progress: :meth:`wait` for its :class:`ReadResult`, or :meth:`cancel` it.
 
     Its pieces wait in one queue that at most ``queue_depth`` pool threads
-    drain, a piece at a time: one future per thread, not per piece, so a
-    4 MiB piece costs a ``popleft`` and a call on top of its ``preadv``.
-    The first threads start with the first piece, so the disk is busy while
-    the rest of a submission is still being cut into pieces.
+    drain, a piece at a time: one future per running thread, not per piece,
+    so a 4 MiB piece costs a ``popleft`` and a call on top of its ``preadv``.
+    A thread starts with the first piece, so the disk is busy while the rest
+    of a submission is still being cut into pieces; a thread that finds the
+    queue empty ends (it never waits for more), and the next piece starts
+    another, so a slow submission holds no pool thread idle.
     """
 
     def __init__(
@@ -106,54 +108,47 @@ class ReadHandle:
         self._executor = executor
         self._threads = threads
         self._halt = False  # a piece failed: the others stop
-        self._sealed = False  # every piece is queued
-        self._more = threading.Condition()
+        self._lock = threading.Lock()
         self._pieces: collections.deque[Callable[[], _Tally]] = collections.deque()
+        self._running = 0  # threads draining the queue now
         self._count = 0
         self._futures: list[concurrent.futures.Future[_Tally]] = []
         self._start = time.perf_counter()
         self._result: ReadResult | None = None
 
     def _add(self, task: Callable[..., _Tally], *args: Any) -> None:
-        """Queue a piece (only the submitting thread calls this)."""
-        with self._more:
+        """Queue a piece, starting a thread for it if fewer than ``threads`` run
+        (only the submitting thread calls this)."""
+        with self._lock:
             self._pieces.append(functools.partial(task, *args))
             self._count += 1
-            self._more.notify()
-        if len(self._futures) < self._threads:
+            start = self._running < self._threads
+            if start:
+                self._running += 1
+        if start:
             self._futures.append(self._executor.submit(self._drain))
 
-    def _seal(self) -> None:
-        """No more pieces: a thread that finds the queue empty stops."""
-        with self._more:
-            self._sealed = True
-            self._more.notify_all()
-
     def _next(self) -> Callable[[], _Tally] | None:
-        with self._more:
-            while True:
-                if self._halt or self._cancelled.is_set():
-                    return None
-                if self._pieces:
-                    return self._pieces.popleft()
-                if self._sealed:
-                    return None
-                self._more.wait()
+        with self._lock:
+            if self._pieces and not self._halt and not self._cancelled.is_set():
+                return self._pieces.popleft()
+            self._running -= 1
+            return None
 
     def _drain(self) -> _Tally:
         tally: Counter[Source] = Counter()
         device = 0
-        while (piece := self._next()) is not None:
-            try:
+        try:
+            while (piece := self._next()) is not None:
                 sources, read = piece()
-            except BaseException:
-                with self._more:
-                    self._halt = True
-                    self._more.notify_all()
-                raise
-            for source, nbytes in sources:
-                tally[source] += nbytes
-            device += read
+                for source, nbytes in sources:
+                    tally[source] += nbytes
+                device += read
+        except BaseException:
+            with self._lock:
+                self._halt = True
+                self._running -= 1
+            raise
         return tuple(tally.items()), device
 
     def done(self) -> bool:
@@ -163,8 +158,6 @@ class ReadHandle:
     def cancel(self) -> None:
         """Stop: pieces not started are dropped, pieces in flight finish; :meth:`wait` then raises."""
         self._cancelled.set()
-        with self._more:
-            self._more.notify_all()
         for future in self._futures:
             future.cancel()
 
@@ -184,15 +177,16 @@ class ReadHandle:
         """
         if self._result is not None:
             return self._result
-        self._seal()
-        concurrent.futures.wait(self._futures)
         tally: Counter[str] = Counter()
         device_nbytes = 0
         failure: BaseException | None = None
         for future in self._futures:
-            if future.cancelled():
+            # Each future, one by one: concurrent.futures.wait() never returns
+            # for a future that an executor's shutdown cancelled.
+            try:
+                error = future.exception()
+            except concurrent.futures.CancelledError:
                 continue
-            error = future.exception()
             if error is not None:
                 if failure is None and not isinstance(error, ReadCancelledError):
                     failure = error
@@ -204,10 +198,9 @@ class ReadHandle:
         if failure is not None:
             raise failure
         if self._pieces or sum(tally.values()) < self._nbytes:
-            if not self._cancelled.is_set():  # pragma: no cover - every piece runs unless cancelled
-                raise AssertionError("a read ended with pieces left and no cancellation")
+            why = "cancelled" if self._cancelled.is_set() else "stopped by the reader's close()"
             raise ReadCancelledError(
-                f"read of {self._nbytes} bytes cancelled after {sum(tally.values())} landed; "
+                f"read of {self._nbytes} bytes {why} after {sum(tally.values())} landed; "
                 "its destinations must not be committed"
             )
         seconds = time.perf_counter() - self._start
@@ -290,16 +283,15 @@ class ColdReader:
 
     @contextlib.contextmanager
     def _queueing(self, handle: ReadHandle) -> Iterator[None]:
-        """Seal ``handle`` once its pieces are queued; if queueing fails, cancel
-        what started (and wait for it) before the error propagates."""
+        """If queueing ``handle``'s pieces fails, cancel what started (and wait
+        for it) before the error propagates."""
         try:
             yield
         except BaseException:
             handle.cancel()
-            with contextlib.suppress(MmapStoreError):
+            with contextlib.suppress(Exception):  # the error that stopped queueing is the one to raise
                 handle.wait()
             raise
-        handle._seal()
 
     def _submit_span(
         self,
@@ -500,8 +492,9 @@ class ColdReader:
         return ((("buffered", view.nbytes),), view.nbytes)
 
     def _bounce(self) -> npt.NDArray[np.uint8]:
-        """This thread's aligned bounce buffer (made on first use: reads into
-        aligned destinations never need one)."""
+        """This thread's aligned bounce buffer, made on first use: by a read
+        with an unaligned head or tail, or a destination aligned differently
+        from its file offset."""
         buffer: npt.NDArray[np.uint8] | None = getattr(self._local, "bounce", None)
         if buffer is None:
             buffer = aligned_empty(self.config.bounce_nbytes)

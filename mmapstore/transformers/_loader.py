@@ -133,7 +133,7 @@ def load_model(
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
-    config = _read_config(path, transformers)
+    config, quantized = _read_config(path, transformers)
     compute_dtype = _dtype(dtype, config)
     model = _meta_model(path, config, compute_dtype, transformers)
 
@@ -142,7 +142,7 @@ def load_model(
     try:
         layers = _match_layers(path, model, store, config)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
-        plan = _weight_plan(path, model, store, layers)
+        plan = _weight_plan(path, model, store, layers, quantized)
         # -- nothing was read but headers up to here; from here weights move --
         non_expert_nbytes = _load_non_experts(model, store, plan, target)
         writer = SlotWriter(target, source)
@@ -220,19 +220,23 @@ def _check_trace_path(path: str) -> str:
     return path
 
 
-def _read_config(path: str, transformers: Any) -> Any:
+def _read_config(path: str, transformers: Any) -> tuple[Any, str | None]:
+    """The model config, and the checkpoint's ``quant_method`` if it is quantized."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FormatError(f"{path}: no config.json; the runtime needs a Hugging Face checkpoint directory")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"{path}: transformers cannot read config.json: {exc}") from None
-    if getattr(config, "quantization_config", None):
+    quantization = getattr(config, "quantization_config", None)
+    method = None
+    if quantization:
+        method = str(quantization.get("quant_method") if isinstance(quantization, dict) else quantization)
         # Routed experts are dequantized on their way into the pools, and every
         # other weight must be plain (checked per tensor in _weight_plan): the
         # model is built as the unquantized architecture.
         del config.quantization_config
-    return config
+    return config, method
 
 
 def _dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
@@ -351,7 +355,9 @@ def _capacities(
     return [min(value, count) for value, count in zip(wanted, experts, strict=True)]
 
 
-def _weight_plan(path: str, model: Any, store: ExpertStore, layers: Sequence[_MoeLayer]) -> dict[str, str]:
+def _weight_plan(
+    path: str, model: Any, store: ExpertStore, layers: Sequence[_MoeLayer], quantized: str | None = None
+) -> dict[str, str]:
     """``model key -> checkpoint tensor`` for every non-expert parameter and buffer.
 
     Raises
@@ -381,10 +387,13 @@ def _weight_plan(path: str, model: Any, store: ExpertStore, layers: Sequence[_Mo
         key for key in model.state_dict() if key not in plan and key not in tied and not key.startswith(expert_prefixes)
     ]
     if missing:
-        raise FormatError(
-            f"{path}: no checkpoint tensor for model weights {missing[:8]}"
-            f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}"
-        )
+        names = f"{missing[:8]}{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}"
+        if quantized is not None:
+            raise UnsupportedModelError(
+                f"{path}: no plain checkpoint tensor for model weights {names}: the checkpoint is quantized "
+                f"(quant_method {quantized!r}) beyond its routed experts, and the runtime dequantizes those only"
+            )
+        raise FormatError(f"{path}: no checkpoint tensor for model weights {names}")
     return plan
 
 

@@ -120,8 +120,7 @@ class SlotWriter:
             # Encoded bytes go through a private host copy: the mapping's pages
             # may lie in a window the copier registered read-only with the driver.
             weight, scale = (
-                as_tensor(np.array(stack.part(name, expert), copy=True)).to(self.device)
-                for name in ("weight", "scale")
+                as_tensor(np.array(stack.part(name, expert), copy=True)).to(self.device) for name in ("weight", "scale")
             )
             if encoding.kind == "mxfp4":
                 cols = stack.k if stack.native_orientation == "nk" else stack.n
