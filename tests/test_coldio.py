@@ -28,7 +28,6 @@ from mmapstore.io import (
     probe_reader_config,
     release_landed,
 )
-from mmapstore.io import _files as io_files
 from mmapstore.io import _probe as io_probe
 from mmapstore.io import _reader as io_reader
 
@@ -148,10 +147,8 @@ def test_many_requests_and_typed_destinations(data_file: tuple[str, npt.NDArray[
     assert result.requests == 4
 
 
-def test_direct_refused_at_open_falls_back(
-    data_file: tuple[str, npt.NDArray[np.uint8]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path, data = data_file
+def refuse_direct_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``os.open`` refuse ``O_DIRECT`` with ``EINVAL``, as FUSE and some network file systems do."""
     real_open = os.open
 
     def refusing_open(name: Any, flags: int, *args: Any) -> int:
@@ -159,7 +156,14 @@ def test_direct_refused_at_open_falls_back(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(name, flags, *args)
 
-    monkeypatch.setattr(io_files.os, "open", refusing_open)
+    monkeypatch.setattr(os, "open", refusing_open)
+
+
+def test_direct_refused_at_open_falls_back(
+    data_file: tuple[str, npt.NDArray[np.uint8]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = data_file
+    refuse_direct_opens(monkeypatch)
     destination = aligned_empty(1 << 20)
     with ColdReader(SMALL) as reader:
         result = reader.read([ReadRequest(path, 0, destination)], residency=False)
@@ -480,14 +484,7 @@ def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
     base = ReaderConfig(queue_depth=5)
     assert probe_files([path], base=base, depths=(1, 2), chunks=(1 << 20,)) == base
     # A file system that refuses O_DIRECT is not probed (buffered reads would fill the page cache).
-    real_open = os.open
-
-    def refusing_open(name: Any, flags: int, *args: Any) -> int:
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(name, flags, *args)
-
-    monkeypatch.setattr(io_probe.os, "open", refusing_open)
+    refuse_direct_opens(monkeypatch)
     other = ReaderConfig(queue_depth=6)
     assert probe_files([path], base=other, **grid) == other  # type: ignore[arg-type]
 
