@@ -14,9 +14,10 @@ kernels queued after them see the new expert.
 
 Quantized experts (MXFP4, FP8 block scales, and every other encoding the
 store serves) are dequantized on the way in: on CUDA, MXFP4 and FP8 move
-only their encoded bytes and scales to the device and dequantize there;
-elsewhere the store's reference formulas run on the host.  Pools always
-hold values in the model's dtype.
+only their encoded bytes and scales to the device, by the same copier, and
+are dequantized there after the copies (in stream order); elsewhere the
+store's reference formulas run on the host.  Pools always hold values in
+the model's dtype.
 
 The runtime does not go through ``TorchSink`` itself: its pools are
 transformers' fused ``gate_up_proj`` tensors, whose gate and up halves are
@@ -67,6 +68,10 @@ class SlotWriter:
 
             self._copier = DeviceCopier(device, source=source)
         self._jobs: list[CopyJob] = []
+        # Encoded slabs whose bytes are queued in _jobs: dequantized into their
+        # destinations after the copies, in stream order.
+        self._staged: list[tuple[torch.Tensor, ExpertStack, dict[str, torch.Tensor], str]] = []
+        self._spans: dict[tuple[str, int, int], torch.Tensor] = {}  # staged file ranges of this flush
 
     @property
     def copier(self) -> DeviceCopier | None:
@@ -81,8 +86,9 @@ class SlotWriter:
         after :meth:`flush` (in stream order).
         """
         if part == "weight" and stack.encoding.encoded:
-            values = self._dequantized(stack, expert)  # [k, n]
-            destination.copy_(values if orientation == "kn" else values.T)
+            if not self._stage(destination, stack, expert, orientation):
+                values = torch.from_numpy(stack.dequantize(expert, np.float32)).to(self.device)  # [k, n]
+                destination.copy_(values if orientation == "kn" else values.T)
             return destination.numel() * destination.element_size()
         geometry = stack.parts[part]
         flip = len(geometry.slab_shape) == 2 and geometry.orientation != orientation
@@ -105,40 +111,74 @@ class SlotWriter:
             destination.copy_(source.T if flip else source)
         return destination.numel() * destination.element_size()
 
-    def _dequantized(self, stack: ExpertStack, expert: int) -> torch.Tensor:
-        """Expert ``expert``'s values as ``[k, n]`` float32 on the pool's device.
+    def _stage(self, destination: torch.Tensor, stack: ExpertStack, expert: int, orientation: str) -> bool:
+        """Queue an MXFP4 or FP8 slab's encoded bytes and scales for the device
+        to dequantize into ``destination`` at :meth:`flush`; False where the
+        device cannot (another encoding, no copier, or a part whose view does
+        not start on its element size): the caller dequantizes on the host.
 
-        Only the encoded bytes cross to the device where it can dequantize
-        them itself (MXFP4 and FP8 block scales on CUDA: a quarter to a half
-        of the bf16 bytes); every other encoding is dequantized on the host
-        with the store's reference formulas.
+        The bytes take the copier's path like any plain slab (DMA from
+        registered windows, the pinned ring, ``pread``): a quarter (MXFP4) or
+        half (FP8) of the bf16 bytes cross the link.
         """
-        encoding = stack.encoding
-        if self.device.type == "cuda" and encoding.kind in ("mxfp4", "fp8_block"):
-            from ..gpu._dequant import dequantize_fp8_block, dequantize_mxfp4
+        kind = stack.encoding.kind
+        if self._copier is None or self.device.type != "cuda" or kind not in ("mxfp4", "fp8_block"):
+            return False
+        from ..gpu._jobs import CopyJob
 
-            # Encoded bytes go through a private host copy: the mapping's pages
-            # may lie in a window the copier registered read-only with the driver.
-            weight, scale = (
-                as_tensor(np.array(stack.part(name, expert), copy=True)).to(self.device) for name in ("weight", "scale")
-            )
-            if encoding.kind == "mxfp4":
+        # MXFP4 blocks and E8M0 scales are bytes to the kernel; FP8 keeps its types.
+        dtypes = {
+            name: torch.uint8 if kind == "mxfp4" else torch_dtype(stack.parts[name].dtype.numpy)
+            for name in ("weight", "scale")
+        }
+        for name, dtype in dtypes.items():
+            geometry, itemsize = stack.parts[name], torch.empty(0, dtype=dtype).element_size()
+            if geometry.view_delta % itemsize or any(stride % itemsize for stride in geometry.slab_strides):
+                return False
+        views: dict[str, torch.Tensor] = {}
+        for name, dtype in dtypes.items():
+            geometry, itemsize = stack.parts[name], torch.empty(0, dtype=dtype).element_size()
+            span = stack.part_span(name, expert)
+            key = (span.mapped.path, span.offset, span.nbytes)
+            staging = self._spans.get(key)  # the gate and up halves of a fused slab share one copy
+            if staging is None:
+                staging = torch.empty(-(-span.nbytes // 8) * 8, dtype=torch.uint8, device=self.device)
+                self._jobs.append(CopyJob(span.mapped, span.offset, span.nbytes, staging[: span.nbytes]))
+                self._spans[key] = staging
+            typed = staging[geometry.view_delta :].view(dtype)
+            strides = [stride // itemsize for stride in geometry.slab_strides]
+            views[name] = typed.as_strided(geometry.slab_shape, strides)
+        self._staged.append((destination, stack, views, orientation))
+        return True
+
+    def _dequantize_staged(self) -> None:
+        from ..gpu._dequant import dequantize_fp8_block, dequantize_mxfp4
+
+        staged, self._staged = self._staged, []
+        self._spans = {}
+        for destination, stack, views, orientation in staged:
+            weight, scale = views["weight"], views["scale"]
+            if stack.encoding.kind == "mxfp4":
                 cols = stack.k if stack.native_orientation == "nk" else stack.n
                 native = dequantize_mxfp4(weight, scale, cols, where=stack.name)
             else:
-                native = dequantize_fp8_block(weight, scale, encoding.block, where=stack.name)
-            return native if stack.native_orientation == "kn" else native.T
-        return torch.from_numpy(stack.dequantize(expert, np.float32)).to(self.device)
+                native = dequantize_fp8_block(weight, scale, stack.encoding.block, where=stack.name)
+            values = native if stack.native_orientation == "kn" else native.T  # [k, n]
+            destination.copy_(values if orientation == "kn" else values.T)
 
     def flush(self) -> None:
-        """Enqueue the queued jobs on the current stream."""
+        """Enqueue the queued jobs on the current stream, then the dequantization of staged slabs."""
         if self._jobs and self._copier is not None:
             jobs, self._jobs = self._jobs, []
             self._copier.copy(jobs)
+        if self._staged:
+            self._dequantize_staged()
 
     def close(self) -> None:
         """Wait for copies in flight and unregister every page-cache window (before the store unmaps)."""
         self._jobs = []
+        self._staged = []
+        self._spans = {}
         if self._copier is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
