@@ -113,16 +113,17 @@ class SlotWriter:
 
     def _stage(self, destination: torch.Tensor, stack: ExpertStack, expert: int, orientation: str) -> bool:
         """Queue an MXFP4 or FP8 slab's encoded bytes and scales for the device
-        to dequantize into ``destination`` at :meth:`flush`; False where the
-        device cannot (another encoding, no copier, or a part whose view does
-        not start on its element size): the caller dequantizes on the host.
+        to dequantize into ``destination`` at :meth:`flush`; False where it
+        cannot (another encoding, no copier: a CPU pool without one, or
+        ``source="direct"``; a part whose view does not start on its element
+        size): the caller dequantizes on the host.
 
         The bytes take the copier's path like any plain slab (DMA from
         registered windows, the pinned ring, ``pread``): a quarter (MXFP4) or
         half (FP8) of the bf16 bytes cross the link.
         """
         kind = stack.encoding.kind
-        if self._copier is None or self.device.type != "cuda" or kind not in ("mxfp4", "fp8_block"):
+        if self._copier is None or kind not in ("mxfp4", "fp8_block"):
             return False
         from ..gpu._jobs import CopyJob
 
