@@ -159,7 +159,7 @@ def assert_slots_hold_the_values(loaded, reference) -> None:
 
 def test_encoded_bytes_go_through_the_device_copier_and_dequantize_after_it(checkpoints):
     """With a copier (always on CUDA; here a CPU one, to run everywhere) an MXFP4
-    slab moves as its encoded bytes and scales: a quarter of the pool bytes."""
+    slab moves as its encoded bytes and scales, a seventh of the float32 pool bytes."""
     from mmapstore.gpu import DeviceCopier
     from mmapstore.transformers._slots import SlotWriter
 
