@@ -279,3 +279,75 @@ def test_fp8_block_experts_equal_the_stock_model_on_their_values(fp8_checkpoints
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoints(tmp_path_factory):
+    """``int4``: a Qwen3-MoE checkpoint whose experts (only) are compressed-tensors
+    W4A16, INT4 in groups of 32 (Kimi-K2-Thinking's scheme), packed by
+    compressed-tensors' own compressor; ``reference``: float32 with the values
+    mmapstore's store dequantizes them to."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors packs the INT4 fixture")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from mmapstore import open_store
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    root = tmp_path_factory.mktemp("int4")
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+        moe_intermediate_size=32, intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2, head_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name:
+                parameter.normal_(0.0, 0.2)
+    reference = str(root / "reference")
+    model.save_pretrained(reference)
+    tensors = load_file(os.path.join(reference, "model.safetensors"))
+    for name in [name for name in tensors if ".mlp.experts." in name]:
+        weight = tensors.pop(name)  # [out, in]
+        groups = weight.reshape(weight.shape[0], -1, 32)
+        scale = (groups.abs().amax(-1) / 7.0).to(torch.bfloat16)
+        compressed = PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+        for suffix, tensor in compressed.items():
+            tensors[f"{name[: -len('.weight')]}.{suffix}"] = tensor.contiguous()
+    int4 = str(root / "int4")
+    os.makedirs(int4)
+    save_file(tensors, os.path.join(int4, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(reference, "config.json")) as handle:
+        saved = json.load(handle)
+    saved["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"],
+    }  # fmt: skip
+    with open(os.path.join(int4, "config.json"), "w") as handle:
+        json.dump(saved, handle)
+    plain = load_file(os.path.join(reference, "model.safetensors"))
+    with open_store(int4) as store:
+        for index in store.layer_indices:
+            for proj, stack in store.layer(index).stacks:
+                assert stack.encoding.kind == "int4_group"
+                for expert in range(EXPERTS):
+                    name = f"model.layers.{index}.mlp.experts.{expert}.{proj}_proj.weight"
+                    plain[name] = torch.from_numpy(stack.dequantize(expert, np.float32).T.copy())
+    save_file(plain, os.path.join(reference, "model.safetensors"), metadata={"format": "pt"})
+    return {"int4": int4, "reference": reference}
+
+
+def test_int4_group_experts_equal_the_stock_model_on_their_values(int4_checkpoints):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(int4_checkpoints["reference"], dtype=torch.float32)
+    reference.eval()
+    ids = prompt(seed=3)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    with load_model(int4_checkpoints["int4"], capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
+        with torch.no_grad():
+            got = loaded.model(ids).logits
+        assert loaded.stats().copied_nbytes > 0
+    assert torch.equal(got, expected)
