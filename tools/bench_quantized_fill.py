@@ -7,8 +7,11 @@ block scaling, as OpenAI ships GPT-OSS) into a second checkpoint.  Each is
 loaded with :func:`mmapstore.transformers.load_model` on CUDA with every
 expert resident, and the pools are refilled from the page cache (warm) and
 from a dropped cache (cold); the figure is bf16 pool bytes filled per second,
-so the two checkpoints compare on what the model gets.  Both runs are in the
-same process, one after the other, on the same disk and GPU.
+so the two checkpoints compare on what the model gets.  Then greedy decode
+with ``--capacity`` experts of 32 resident per layer (``on_miss="fetch"``,
+random weights: routing is spread, so most steps copy experts in), tokens
+per second for each.  Every run is in the same process, one after the
+other, on the same disk and GPU.
 
     python tools/bench_quantized_fill.py --dir /scratch --layers 2 --reps 3
 """
@@ -105,11 +108,32 @@ def fill_gbps(path: str, reps: int, cold: bool) -> tuple[list[float], int, int]:
     return samples, pool_nbytes, store_nbytes
 
 
+def decode_tokens_per_second(path: str, capacity: int, reps: int, new_tokens: int = 32) -> list[float]:
+    """Greedy decode tokens/s with ``capacity`` of 32 experts resident per layer
+    (``on_miss="fetch"``: a missing expert is copied in before its tokens run)."""
+    with load_model(path, device="cuda", dtype=torch.bfloat16, capacity=capacity) as loaded:
+        model = loaded.model
+        prompt = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
+        mask = torch.ones_like(prompt)
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            samples = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)  # fmt: skip
+                torch.cuda.synchronize()
+                samples.append(new_tokens / (time.perf_counter() - start))
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--capacity", type=int, default=8, help="experts resident per layer for the decode run")
     args = parser.parse_args()
     root = os.path.join(args.dir, "quantized-fill")
     os.makedirs(root, exist_ok=True)
@@ -126,6 +150,13 @@ def main() -> None:
         for state in ("warm", "cold"):
             ratio = results[f"mxfp4 {state}"] / results[f"bf16 {state}"]
             print(f"{state}: mxfp4 fills the bf16 pools at {ratio:.2f}x the bf16 checkpoint's rate")
+        decode = {}
+        for label, path in (("bf16", plain), ("mxfp4", quantized)):
+            samples = decode_tokens_per_second(path, args.capacity, args.reps)
+            decode[label] = statistics.median(samples)
+            print(json.dumps({"case": f"{label} decode, capacity {args.capacity}/32", "tokens_per_s": samples}),
+                  flush=True)  # fmt: skip
+        print(f"decode at capacity {args.capacity}/32: mxfp4 {decode['mxfp4'] / decode['bf16']:.2f}x bf16 tokens/s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
