@@ -23,8 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._apply import apply
-from .._planner import geometries_of, plan_refresh
-from .._pool import ExpertPool
+from .._planner import geometries_of
 from .._sinks import ArraySink, DictSink
 from .._source import MappedSource
 from .._store import open_store
@@ -42,7 +41,7 @@ from .coldtools import (
     storage_read_nbytes,
     willneed_copy,
 )
-from .data import EXPERTS, SLAB_SHAPE, data_store, write_slab_store
+from .data import EXPERTS, SLAB_SHAPE, data_store, half_refresh, write_slab_store
 from .figures import Figure
 from .registry import Context, case
 
@@ -65,11 +64,7 @@ def case_cold(ctx: Context) -> list[Figure]:
     path, file_path, _ = data_store(ctx.scratch, ctx.size)
     with open_store(path) as store:
         geometry = geometries_of(store)
-        rng = np.random.default_rng(0)
-        pools = [ExpertPool(EXPERTS, EXPERTS // 2) for _ in geometry.layers]
-        captured = [rng.choice(EXPERTS, EXPERTS // 2, replace=False) for _ in geometry.layers]
-        plan = plan_refresh(geometry, pools, captured, 0)
-        assert plan is not None
+        plan = half_refresh(store)
         reads = plan.table.reads
         spans = list(zip(reads.offset.tolist(), reads.nbytes.tolist(), strict=True))
         planned = plan.nbytes

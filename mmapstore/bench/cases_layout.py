@@ -21,11 +21,10 @@ import numpy.typing as npt
 
 from .._apply import apply
 from .._convert import convert
-from .._planner import RefreshPlan, geometries_of, plan_refresh
-from .._pool import ExpertPool
+from .._planner import RefreshPlan, geometries_of
 from .._sinks import ArraySink
 from .._source import MappedSource
-from .._store import ExpertStore, open_store
+from .._store import open_store
 from ..io import (
     ColdReader,
     FileRange,
@@ -37,7 +36,7 @@ from ..io import (
     probe_reader_config,
 )
 from .coldtools import drop_file, pread_pool, storage_read_nbytes
-from .data import EXPERTS, data_store
+from .data import EXPERTS, data_store, half_refresh
 from .figures import Figure
 from .registry import Context, case
 
@@ -67,17 +66,6 @@ class _CountingReader(ColdReader):
         return super().submit_scatter(requests)
 
 
-def _refresh(store: ExpertStore) -> RefreshPlan:
-    """Half of every layer's pool promoted to random experts (the same for both layouts)."""
-    geometry = geometries_of(store)
-    rng = np.random.default_rng(0)
-    pools = [ExpertPool(EXPERTS, EXPERTS // 2) for _ in geometry.layers]
-    captured = [rng.choice(EXPERTS, EXPERTS // 2, replace=False) for _ in geometry.layers]
-    plan = plan_refresh(geometry, pools, captured, 0)
-    assert plan is not None
-    return plan
-
-
 @case("cold_layout")
 def case_cold_layout(ctx: Context) -> list[Figure]:
     """A refresh from a cold page cache, stacked vs expert-major (see the module docstring)."""
@@ -86,7 +74,7 @@ def case_cold_layout(ctx: Context) -> list[Figure]:
     if not os.path.exists(major_path):
         convert(path, major_path, layout="expert-major", shard_nbytes=1 << 50)
     with open_store(path) as stacked, open_store(major_path) as major:
-        plans = {"stacked": _refresh(stacked), "expert-major": _refresh(major)}
+        plans = {"stacked": half_refresh(stacked), "expert-major": half_refresh(major)}
         sources = {"stacked": stacked.byte_source(), "expert-major": major.byte_source()}
         mappings = {layout: source.mapping(0) for layout, source in sources.items()}
         files = {"stacked": file_path, "expert-major": major.files[0]}

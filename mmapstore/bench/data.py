@@ -13,6 +13,9 @@ import numpy.typing as npt
 
 from .._dtypes import dtype_from_code
 from .._mapping import PAGE_NBYTES, MappedFile
+from .._planner import RefreshPlan, geometries_of, plan_refresh
+from .._pool import ExpertPool
+from .._store import ExpertStore
 from ..formats import MANIFEST_NAME, Manifest, ManifestTensor, SafetensorsWriter, TensorSpec
 from ..io import evict
 
@@ -21,6 +24,7 @@ __all__ = [
     "cached_nbytes",
     "data_store",
     "drop_cache",
+    "half_refresh",
     "prefaulted",
     "times",
     "warm",
@@ -113,3 +117,15 @@ def data_store(scratch: str, size: int) -> tuple[str, str, int]:
     if not os.path.exists(path):
         write_slab_store(path, layers, EXPERTS, k, n, sparse=False)
     return path, os.path.join(path, DATA_FILE), layers
+
+
+def half_refresh(store: ExpertStore) -> RefreshPlan:
+    """Half of every layer's pool (of ``EXPERTS``) promoted to random experts,
+    the same experts into the same slots for every store of the bench shape."""
+    geometry = geometries_of(store)
+    rng = np.random.default_rng(0)
+    pools = [ExpertPool(EXPERTS, EXPERTS // 2) for _ in geometry.layers]
+    captured = [rng.choice(EXPERTS, EXPERTS // 2, replace=False) for _ in geometry.layers]
+    plan = plan_refresh(geometry, pools, captured, 0)
+    assert plan is not None
+    return plan
