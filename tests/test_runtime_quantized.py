@@ -217,17 +217,15 @@ def test_mxfp4_experts_dequantized_on_the_gpu_equal_the_stock_model(checkpoints)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoints(tmp_path_factory):
-    """``fp8``: a Qwen3-MoE checkpoint whose experts (only) are FP8 with 128x128
-    block scales (``weight_scale_inv``, ``quant_method: fp8``, as DeepSeek and
-    Qwen ship FP8); ``reference``: float32 with the dequantized values."""
-    root = tmp_path_factory.mktemp("fp8")
+def qwen3_moe_reference(root, *, seed: int, hidden: int, width: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """A random float32 Qwen3-MoE saved with ``save_pretrained`` under ``root/reference``
+    (experts spread apart), and its tensors, for a quantized copy to be made from."""
     config = transformers.Qwen3MoeConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-        moe_intermediate_size=16, intermediate_size=24, num_experts=EXPERTS, num_experts_per_tok=2, head_dim=8,
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+        moe_intermediate_size=width, intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2,
+        head_dim=hidden // 4,
     )  # fmt: skip
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -235,7 +233,16 @@ def fp8_checkpoints(tmp_path_factory):
                 parameter.normal_(0.0, 0.2)
     reference = str(root / "reference")
     model.save_pretrained(reference)
-    tensors = load_file(os.path.join(reference, "model.safetensors"))
+    return reference, load_file(os.path.join(reference, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """``fp8``: a Qwen3-MoE checkpoint whose experts (only) are FP8 with 128x128
+    block scales (``weight_scale_inv``, ``quant_method: fp8``, as DeepSeek and
+    Qwen ship FP8); ``reference``: float32 with the dequantized values."""
+    root = tmp_path_factory.mktemp("fp8")
+    reference, tensors = qwen3_moe_reference(root, seed=1, hidden=32, width=16)
     for name in [name for name in tensors if ".mlp.experts." in name]:
         weight = tensors[name]  # [out, in], one 128x128 block
         scale = weight.abs().max() / 448.0
@@ -296,19 +303,7 @@ def int4_checkpoints(tmp_path_factory):
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
     root = tmp_path_factory.mktemp("int4")
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-        moe_intermediate_size=32, intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2, head_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(2)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name:
-                parameter.normal_(0.0, 0.2)
-    reference = str(root / "reference")
-    model.save_pretrained(reference)
-    tensors = load_file(os.path.join(reference, "model.safetensors"))
+    reference, tensors = qwen3_moe_reference(root, seed=2, hidden=64, width=32)  # groups of 32 along both
     for name in [name for name in tensors if ".mlp.experts." in name]:
         weight = tensors.pop(name)  # [out, in]
         groups = weight.reshape(weight.shape[0], -1, 32)
