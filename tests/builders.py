@@ -108,3 +108,39 @@ def write_checkpoint(
         with open(os.path.join(directory, "config.json"), "w") as handle:
             json.dump(config, handle)
     return os.fspath(directory)
+
+
+def assert_convert_keeps_or_dequantizes(src: str, out: os.PathLike[str] | str, experts: int) -> dict:
+    """``convert`` of quantized checkpoint ``src`` (layer 0) under ``out``: kept, every
+    part of every expert byte-equal and the manifest naming each encoding and
+    part, and the store verifies; with ``--dtype bf16``, plain bf16 weights equal
+    to the dequantized values.  Returns the kept store's manifest."""
+    import ml_dtypes
+
+    from mmapstore import convert, open_store, verify
+
+    kept = convert(src, os.path.join(out, "kept"))
+    with open(os.path.join(out, "kept", "mmapstore.json")) as handle:
+        manifest = json.load(handle)
+    with open_store(src) as source, open_store(kept.path) as store:
+        assert manifest["orientation"] == source.layer(0).gate.native_orientation
+        for proj, stack in store.layer(0).stacks:
+            original = getattr(source.layer(0), proj)
+            assert manifest["encodings"][f"blk.0.ffn_{proj}_exps"]["kind"] == original.encoding.kind
+            assert stack.encoding == original.encoding and set(stack.parts) == set(original.parts)
+            assert (stack.k, stack.n) == (original.k, original.n)
+            for part in stack.parts:
+                assert f"blk.0.ffn_{proj}_exps.{part}" in manifest["tensors"]
+            for expert in range(experts):
+                for part in stack.parts:
+                    np.testing.assert_array_equal(stack.part(part, expert), original.part(part, expert))
+                np.testing.assert_array_equal(stack.dequantize(expert), original.dequantize(expert))
+    assert verify(kept.path).ok
+    as_bf16 = convert(src, os.path.join(out, "bf16"), dtype="bf16")
+    with open_store(src) as source, open_store(as_bf16.path) as store:
+        for proj, stack in store.layer(0).stacks:
+            assert not stack.encoding.encoded and stack.dtype == ml_dtypes.bfloat16 and set(stack.parts) == {"weight"}
+            for expert in range(experts):
+                want = getattr(source.layer(0), proj).dequantize(expert).astype(ml_dtypes.bfloat16)
+                np.testing.assert_array_equal(stack.expert(expert), want)
+    return manifest

@@ -6,14 +6,12 @@ keeps or dequantizes them, unsupported variants refused by name."""
 
 from __future__ import annotations
 
-import json
-
 import ml_dtypes
 import numpy as np
 import pytest
-from builders import write_checkpoint
+from builders import assert_convert_keeps_or_dequantizes, write_checkpoint
 
-from mmapstore import ArraySink, FormatError, SlabService, convert, open_store, verify
+from mmapstore import ArraySink, FormatError, SlabService, open_store
 
 E, H, I = 3, 96, 64  # experts, hidden, expert width: H and I multiples of 32, three and two groups of 32
 PROJS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -473,30 +471,7 @@ def test_refresh_moves_every_part(tmp_path, kind):
 def test_convert_keeps_every_part_or_dequantizes(tmp_path, kind):
     if kind not in ("awq", "gptq"):
         pytest.importorskip("compressed_tensors", reason="compressed-tensors writes the fixture")
-    src = _checkpoint(kind, tmp_path)
-    kept = convert(src, tmp_path / "kept")
-    manifest = json.loads((tmp_path / "kept" / "mmapstore.json").read_text())
-    with open_store(src) as source, open_store(kept.path) as store:
-        assert manifest["orientation"] == source.layer(0).gate.native_orientation
-        for proj, stack in store.layer(0).stacks:
-            original = getattr(source.layer(0), proj)
-            assert manifest["encodings"][f"blk.0.ffn_{proj}_exps"]["kind"] == original.encoding.kind
-            assert stack.encoding == original.encoding and set(stack.parts) == set(original.parts)
-            assert (stack.k, stack.n) == (original.k, original.n)
-            for part in stack.parts:
-                assert f"blk.0.ffn_{proj}_exps.{part}" in manifest["tensors"]
-            for expert in range(E):
-                for part in stack.parts:
-                    np.testing.assert_array_equal(stack.part(part, expert), original.part(part, expert))
-                np.testing.assert_array_equal(stack.dequantize(expert), original.dequantize(expert))
-    assert verify(kept.path).ok
-    as_bf16 = convert(src, tmp_path / "bf16", dtype="bf16")
-    with open_store(src) as source, open_store(as_bf16.path) as store:
-        for proj, stack in store.layer(0).stacks:
-            assert not stack.encoding.encoded and stack.dtype == ml_dtypes.bfloat16 and set(stack.parts) == {"weight"}
-            for expert in range(E):
-                want = getattr(source.layer(0), proj).dequantize(expert).astype(ml_dtypes.bfloat16)
-                np.testing.assert_array_equal(stack.expert(expert), want)
+    assert_convert_keeps_or_dequantizes(_checkpoint(kind, tmp_path), tmp_path, E)
 
 
 # -- refusals, by name --------------------------------------------------------------
