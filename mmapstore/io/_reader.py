@@ -370,16 +370,10 @@ class ColdReader:
         if request.offset < 0:
             raise OptionError(f"{request.path}: negative offset {request.offset}")
         start = time.perf_counter()
-        never = threading.Event()
-        tally: Counter[Source] = Counter()
-        device = 0
-        step = self.config.chunk_nbytes
-        for low in range(0, view.nbytes, step):
-            sources, nbytes = self._read(never, request, request.offset + low, view[low : low + step])
-            tally.update(dict(sources))
-            device += nbytes
-        by_source = tuple((source, tally[source]) for source in SOURCES if tally[source])
-        pieces = -(-view.nbytes // step)
+        sources, device = self._read_chunks(threading.Event(), request, request.offset, view)
+        tally = dict(sources)
+        by_source = tuple((source, tally[source]) for source in SOURCES if tally.get(source))
+        pieces = -(-view.nbytes // self.config.chunk_nbytes)
         return ReadResult(view.nbytes, time.perf_counter() - start, by_source, device, 1, pieces)
 
     def read(self, requests: Iterable[ReadRequest], *, residency: bool = True) -> ReadResult:
@@ -415,6 +409,10 @@ class ColdReader:
         self._check(cancelled)
         if claim.copy_into(view, offset):
             return ((("prefetched", view.nbytes),), 0)
+        return self._read_chunks(cancelled, request, offset, view)
+
+    def _read_chunks(self, cancelled: threading.Event, request: ReadRequest, offset: int, view: memoryview) -> _Tally:
+        """:meth:`_read` of ``view`` a chunk at a time, on this thread."""
         tally: Counter[Source] = Counter()
         device = 0
         step = self.config.chunk_nbytes

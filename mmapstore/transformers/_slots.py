@@ -133,12 +133,12 @@ class SlotWriter:
             for name in ("weight", "scale")
         }
         for name, dtype in dtypes.items():
-            geometry, itemsize = stack.parts[name], torch.empty(0, dtype=dtype).element_size()
-            if geometry.view_delta % itemsize or any(stride % itemsize for stride in geometry.slab_strides):
+            geometry = stack.parts[name]
+            if geometry.view_delta % dtype.itemsize or any(stride % dtype.itemsize for stride in geometry.slab_strides):
                 return False
         views: dict[str, torch.Tensor] = {}
         for name, dtype in dtypes.items():
-            geometry, itemsize = stack.parts[name], torch.empty(0, dtype=dtype).element_size()
+            geometry, itemsize = stack.parts[name], dtype.itemsize
             span = stack.part_span(name, expert)
             key = (span.mapped.path, span.offset, span.nbytes)
             staging = self._spans.get(key)  # the gate and up halves of a fused slab share one copy
