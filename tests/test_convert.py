@@ -149,23 +149,56 @@ def medium_source(tmp_path_factory):
     return synth_checkpoint(root / "m", "mixtral", layers=4, experts=8, hidden=512, ffn=1024).path
 
 
-def test_sigkill_mid_convert_leaves_no_destination_and_rerun_succeeds(medium_source, tmp_path):
-    dst = tmp_path / "out"
-    proc = _run_convert(medium_source, str(dst))
+# The child parks itself at a chosen point and says so; the test kills it
+# there, so the kill never races a convert that already finished.
+_PARK = """
+import os, sys, time
+from mmapstore import _publish
+from mmapstore.cli import main
+from mmapstore.formats._slabfile import SlabFileWriter
+
+point, ready = sys.argv[1], sys.argv[2]
+
+def park():
+    open(ready, "w").close()
+    time.sleep(600)
+
+if point == "publish":  # every file written, the staging directory not yet renamed
+    _publish.fsync_tree = lambda root: park()
+else:  # a few slabs written, the rest not
+    calls = [0]
+    for name in ("write", "copy"):
+        original = getattr(SlabFileWriter, name)
+        def wrapped(self, *args, _original=original, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                park()
+            return _original(self, *args, **kwargs)
+        setattr(SlabFileWriter, name, wrapped)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["write", "publish"])
+def test_sigkill_mid_convert_leaves_no_destination_and_rerun_succeeds(medium_source, tmp_path, point):
+    work = tmp_path / "work"
+    work.mkdir()
+    dst, ready = work / "out", tmp_path / "ready"
+    args = [sys.executable, "-c", _PARK, point, str(ready), "convert", medium_source, str(dst), "--quiet"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not any(name.startswith(".out.partial-") for name in os.listdir(tmp_path)):
-        assert time.monotonic() < deadline and proc.poll() is None
+    while not ready.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.002)
-    time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert not dst.exists()
-    assert any(name.startswith(".out.partial-") for name in os.listdir(tmp_path))  # it was mid-way
+    assert any(name.startswith(".out.partial-") for name in os.listdir(work))  # it was mid-way
     rerun = _run_convert(medium_source, str(dst))
     rerun.communicate(timeout=120)
     assert rerun.returncode == 0
     assert verify(str(dst)).ok
-    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # the leftovers were cleaned up
+    assert sorted(os.listdir(work)) == [".out.lock", "out"]  # the leftovers were cleaned up
 
 
 def test_peak_memory_is_bounded_by_a_few_slabs(medium_source, tmp_path):
