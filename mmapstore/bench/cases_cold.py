@@ -28,7 +28,7 @@ from .._sinks import ArraySink, DictSink
 from .._source import MappedSource
 from .._store import open_store
 from .._writes import WriteTable
-from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_reader_config
+from ..io import ColdReader, FileRange, ReaderConfig, aligned_empty, probe_disk, probe_reader_config
 from .coldtools import (
     cgroup_peak,
     drop_file,
@@ -71,23 +71,19 @@ def case_cold(ctx: Context) -> list[Figure]:
         source = store.byte_source()
         mapped = source.mapping(0)
         drop_file(file_path, mapped)
-        sample = min(32 << 20, mapped.nbytes // (4 * len(DEPTHS))) // (4 << 20) * (4 << 20)
         default = ReaderConfig()
-        probed = probe_reader_config(
-            [FileRange(file_path, 0, mapped.nbytes)], depths=DEPTHS, chunks=(1 << 20, 4 << 20), sample_nbytes=sample,
-            prefer=(default.queue_depth, default.chunk_nbytes),
-        )  # fmt: skip
-        readers = [ColdReader(default), ColdReader(probed.config)]
+        probed = probe_disk([file_path], base=default)  # what SlabService(reader="probe") measures
+        config = default if probed is None else probed.config
+        readers = [ColdReader(default), ColdReader(config)]
         auto = ArraySink.for_geometries(geometry, EXPERTS // 2, reader=readers[0])
         auto_probed = DictSink(auto.arrays, reader=readers[1])
         before = DictSink(auto.arrays, read="map")
         destination = aligned_empty(sum(-(-nbytes // 4096) * 4096 for _, nbytes in spans))
         destination[:] = 0
-        config = probed.config
         methods: dict[str, Callable[[], object]] = {
             f"apply, ArraySink read=auto (default; reader qd {default.queue_depth}, "
             f"{default.chunk_nbytes >> 20} MiB)": lambda: apply(plan, auto, source),
-            f"apply, ArraySink read=auto, probed reader, default kept unless 5% slower (qd {config.queue_depth}, "
+            f"apply, ArraySink read=auto, reader probed as the service does (qd {config.queue_depth}, "
             f"{config.chunk_nbytes >> 20} MiB)": (lambda: apply(plan, auto_probed, source)),
             "apply, ArraySink read=map (mmap + WILLNEED, before)": lambda: apply(plan, before, source),
             "mmap + WILLNEED + copy, by hand": lambda: willneed_copy(mapped, spans, destination),
@@ -132,8 +128,16 @@ def case_cold(ctx: Context) -> list[Figure]:
             f"storage bytes read per planned byte {read:.3f}",
         ))  # fmt: skip
     figures += _fio_figures(file_path, spans, planned, ctx)
-    probe = ", ".join(f"qd{depth}/{chunk >> 20}MiB {gbps:.2f}" for depth, chunk, gbps in probed.candidates)
-    figures.append(Figure("cold", "probe_reader_config candidates (GB/s)", "", [], note=probe))
+    if probed is None:
+        probe = "not probed: the store is smaller than the probe's slices, or refuses O_DIRECT"
+    else:
+        probe = ", ".join(
+            f"qd{depth}/{chunk >> 20}MiB " + "/".join(f"{gbps:.2f}" for gbps in rounds)
+            for (depth, chunk, _), rounds in zip(probed.candidates, probed.rounds, strict=True)
+        )
+    figures.append(
+        Figure("cold", "probe candidates, GB/s per round (default kept unless 5% slower in both)", "", [], note=probe)
+    )
     return figures
 
 

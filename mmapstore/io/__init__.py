@@ -13,7 +13,7 @@ from __future__ import annotations
 from ._cache import CachePolicy, advise_cold, drop_cached, evict, page_out, read_ahead, release_landed
 from ._files import aligned_empty
 from ._prefetch import Prefetcher, PrefetchTicket
-from ._probe import ProbeResult, probe_files, probe_reader_config
+from ._probe import ProbeResult, probe_disk, probe_files, probe_reader_config
 from ._reader import ColdReader, ReadHandle
 from ._requests import (
     ALIGN_NBYTES,
@@ -48,6 +48,7 @@ __all__ = [
     "drop_cached",
     "evict",
     "page_out",
+    "probe_disk",
     "probe_files",
     "probe_reader_config",
     "read_ahead",

@@ -3,10 +3,15 @@
 Each candidate ``(queue_depth, chunk_nbytes)`` reads a different slice of the
 sample ranges with ``O_DIRECT`` (so no candidate finds another's bytes in the
 page cache; where direct I/O is refused the slices are dropped from the cache
-after each candidate).  The fastest wins; a deeper queue or larger read must
-beat a shallower one by ``margin`` to be chosen, since deeper queues cost
-threads and memory.  Disk speed on shared machines moves from one second to
-the next: the probe is a default, the config stays overridable.
+after each candidate).  Candidates are measured in rounds, in grid order and
+then in reverse, and one replaces another only when it is faster by
+``margin`` in *every* round: a throttled cloud disk serves the first reads
+after a pause from its burst allowance, so whichever candidate reads first
+looks fastest, and a single fastest-of-all pick follows that instead of the
+disk.  A deeper queue or larger read must win that way over a shallower one,
+since deeper queues cost threads and memory.  Disk speed on shared machines
+moves from one second to the next: the probe is a default, the config stays
+overridable.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ._requests import ALIGN_NBYTES, FileRange, ReaderConfig, ReadRequest
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ProbeResult", "probe_files", "probe_reader_config"]
+__all__ = ["ProbeResult", "probe_disk", "probe_files", "probe_reader_config"]
 
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16)
 DEFAULT_CHUNKS = (1 << 20, 4 << 20)
@@ -34,10 +39,13 @@ DEFAULT_CHUNKS = (1 << 20, 4 << 20)
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """The chosen config and every candidate's ``(queue_depth, chunk_nbytes, GB/s)``."""
+    """The chosen config, every candidate's ``(queue_depth, chunk_nbytes, GB/s)``
+    (the mean over rounds) and its GB/s in each round (``rounds``, in the
+    order of ``candidates``)."""
 
     config: ReaderConfig
     candidates: tuple[tuple[int, int, float], ...]
+    rounds: tuple[tuple[float, ...], ...] = ()
 
 
 def probe_reader_config(
@@ -58,17 +66,18 @@ def probe_reader_config(
     ----------
     ranges
         Ranges like the ones to be served (e.g. the slabs of a store); they
-        are cut into ``2 * len(depths) * len(chunks)`` disjoint slices, two per
-        candidate, so they should hold at least that many times ``sample_nbytes``.
+        are cut into ``2 * len(depths) * len(chunks)`` disjoint slices, one per
+        candidate and round, so they should hold at least that many times
+        ``sample_nbytes``.
     sample_nbytes
-        Bytes each of a candidate's two timed reads moves; it should hold
-        several chunks per thread of the deepest queue.
+        Bytes each of a candidate's two timed reads (one per round) moves; it
+        should hold several chunks per thread of the deepest queue.
     base
         Fields other than queue depth and chunk size come from here.
     prefer
-        A ``(queue_depth, chunk_nbytes)`` of the grid that is kept unless the
-        fastest candidate beats it by ``margin``.  Without it, a deeper queue
-        or larger read must beat a shallower one by ``margin``.
+        A ``(queue_depth, chunk_nbytes)`` of the grid that is kept unless
+        another candidate beats it by ``margin`` in both rounds.  Without
+        it, a deeper queue or larger read must beat a shallower one so.
     per_thread
         Give each candidate at least one chunk per thread (``depth * chunk``
         bytes per timed slice, ``sample_nbytes`` at least), so a deep queue of
@@ -87,52 +96,65 @@ def probe_reader_config(
     grid = [(depth, chunk) for chunk in chunks for depth in depths]
     if not grid:
         raise OptionError("probe needs at least one queue depth and one chunk size")
-    # Two timed slices per candidate (the faster counts: noise only slows a
-    # read down), each large enough to keep every thread busy several times.
+    # Two rounds, the second in reverse, so no candidate always reads first;
+    # each round's slice large enough to keep every thread busy several times.
+    order = [*range(len(grid)), *reversed(range(len(grid)))]
     if per_thread:
-        shares = [max(sample_nbytes, depth * chunk) for depth, chunk in grid for _ in range(2)]
+        shares = [max(sample_nbytes, grid[index][0] * grid[index][1]) for index in order]
     else:
         total = sum(item.nbytes for item in ranges)
-        shares = [min(sample_nbytes, total // (2 * len(grid)))] * (2 * len(grid))
+        shares = [min(sample_nbytes, total // len(order))] * len(order)
     pieces = _cut(ranges, shares)
-    candidates: list[tuple[int, int, float]] = []
-    for index, (depth, chunk) in enumerate(grid):
-        config = replace(base, queue_depth=depth, chunk_nbytes=chunk)
-        best = 0.0
-        with ColdReader(config) as reader:
-            for slices in pieces[2 * index : 2 * index + 2]:
-                buffers = [aligned_empty(item.nbytes) for item in slices]
-                for buffer in buffers:
-                    buffer[:] = 0  # fault the buffers in outside the timing
-                requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
-                start = time.perf_counter()
-                reader.read(requests, residency=False)
-                seconds = time.perf_counter() - start
-                if drop:
-                    for item in slices:
-                        drop_cached(item.path, [(item.offset, item.nbytes)])
-                nbytes = sum(item.nbytes for item in slices)
-                best = max(best, nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
-        candidates.append((depth, chunk, best))
-    depth, chunk = choose(candidates, margin, prefer)
-    return ProbeResult(replace(base, queue_depth=depth, chunk_nbytes=chunk), tuple(candidates))
+    speeds: list[list[float]] = [[] for _ in grid]
+    for index, slices in zip(order, pieces, strict=True):
+        depth, chunk = grid[index]
+        buffers = [aligned_empty(item.nbytes) for item in slices]
+        for buffer in buffers:
+            buffer[:] = 0  # fault the buffers in outside the timing
+        requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
+        with ColdReader(replace(base, queue_depth=depth, chunk_nbytes=chunk)) as reader:
+            start = time.perf_counter()
+            reader.read(requests, residency=False)
+            seconds = time.perf_counter() - start
+        if drop:
+            for item in slices:
+                drop_cached(item.path, [(item.offset, item.nbytes)])
+        nbytes = sum(item.nbytes for item in slices)
+        speeds[index].append(nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
+    measured = [(depth, chunk, tuple(rounds)) for (depth, chunk), rounds in zip(grid, speeds, strict=True)]
+    depth, chunk = choose(measured, margin, prefer)
+    return ProbeResult(
+        replace(base, queue_depth=depth, chunk_nbytes=chunk),
+        tuple((depth, chunk, sum(rounds) / len(rounds)) for depth, chunk, rounds in measured),
+        tuple(rounds for _, _, rounds in measured),
+    )
+
+
+def _beats(first: Sequence[float], second: Sequence[float], margin: float) -> bool:
+    """Whether ``first`` is faster than ``second`` by ``margin`` in every round."""
+    return all(a > b * (1 + margin) for a, b in zip(first, second, strict=True))
 
 
 def choose(
-    candidates: Sequence[tuple[int, int, float]], margin: float, prefer: tuple[int, int] | None = None
+    candidates: Sequence[tuple[int, int, Sequence[float]]], margin: float, prefer: tuple[int, int] | None = None
 ) -> tuple[int, int]:
-    """The ``(queue_depth, chunk_nbytes)`` a probe settles on: ``prefer`` (if
-    measured) unless the fastest candidate beats it by ``margin``; without it,
-    candidates in grid order, each replacing the one chosen so far only when
-    faster by ``margin`` (shallow queues and small reads first)."""
+    """The ``(queue_depth, chunk_nbytes)`` a probe settles on, from each
+    candidate's GB/s per round: ``prefer`` (if measured) unless some candidate
+    beats it by ``margin`` in every round (then the one with the largest
+    worst-round gain); without it, candidates in grid order, each replacing
+    the one chosen so far only when it beats it so (shallow queues and small
+    reads first)."""
     kept = [candidate for candidate in candidates if (candidate[0], candidate[1]) == prefer]
     if kept:
-        fastest = max(candidates, key=lambda candidate: candidate[2])
-        chosen = fastest if fastest[2] > kept[0][2] * (1 + margin) else kept[0]
+        reference = kept[0][2]
+        winners = [candidate for candidate in candidates if _beats(candidate[2], reference, margin)]
+        chosen = kept[0]
+        if winners:
+            chosen = max(winners, key=lambda item: min(a / b for a, b in zip(item[2], reference, strict=True)))
     else:
         chosen = candidates[0]
         for candidate in candidates[1:]:
-            if candidate[2] > chosen[2] * (1 + margin):
+            if _beats(candidate[2], chosen[2], margin):
                 chosen = candidate
     return chosen[0], chosen[1]
 
@@ -181,10 +203,11 @@ def probe_files(
 
     :func:`probe_reader_config` over the files with every thread of every
     candidate reading (``per_thread``: ``max(sample_nbytes, depth * chunk)``
-    per timed slice, two slices each; with the default grid, queue depths 4,
-    16 and 32 with 4 MiB reads, 448 MiB read with ``O_DIRECT``: 0.15-0.2 s at
-    2-3 GB/s).  ``base`` (the default config) is kept unless a candidate
-    beats it by 5%, so a disk on which every depth reads alike keeps it.
+    per timed slice, one slice per round, two rounds; with the default grid,
+    queue depths 4, 16 and 32 with 4 MiB reads, 448 MiB read with
+    ``O_DIRECT``: 0.15-0.2 s at 2-3 GB/s).  ``base`` (the default config) is
+    kept unless a candidate beats it by 5% in both rounds, so a disk on which
+    every depth reads alike keeps it.
 
     Nothing is measured, and ``base`` is the answer, where the files are too
     small for the probe's slices or the file system refuses ``O_DIRECT``
@@ -206,20 +229,36 @@ def probe_files(
         known = _probed.get(key)
         if known is not None:
             return known
-        ranges = [FileRange(path, 0, os.path.getsize(path)) for path in paths]
-        need = 2 * sum(max(sample_nbytes, depth * chunk) for depth in depths for chunk in chunks)
-        total = sum(item.nbytes for item in ranges)
-        if total < need or not _direct_ok(paths[0]):
-            _log.info("%s: not probing the disk (%d bytes, %d needed, or O_DIRECT refused); reading with %s",
-                      paths[0], total, need, base)  # fmt: skip
-            return base
-        result = probe_reader_config(
-            ranges, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes, drop=False,
-            prefer=(base.queue_depth, base.chunk_nbytes), per_thread=True,
-        )  # fmt: skip
-        _log.info("probed %s: %s", paths[0], result.candidates)
-        _probed[key] = result.config
-        return result.config
+        result = probe_disk(paths, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes)
+        config = base if result is None else result.config
+        _probed[key] = config
+        return config
+
+
+def probe_disk(
+    paths: Sequence[str],
+    *,
+    base: ReaderConfig | None = None,
+    depths: Sequence[int] = SERVICE_DEPTHS,
+    chunks: Sequence[int] = SERVICE_CHUNKS,
+    sample_nbytes: int = 32 << 20,
+) -> ProbeResult | None:
+    """The measurement :func:`probe_files` keeps, taken every time: None where
+    the files are too small for its slices or refuse ``O_DIRECT``."""
+    base = base if base is not None else ReaderConfig()
+    ranges = [FileRange(path, 0, os.path.getsize(path)) for path in paths]
+    need = 2 * sum(max(sample_nbytes, depth * chunk) for depth in depths for chunk in chunks)
+    total = sum(item.nbytes for item in ranges)
+    if not paths or total < need or not _direct_ok(paths[0]):
+        _log.info("%s: not probing the disk (%d bytes, %d needed, or O_DIRECT refused); reading with %s",
+                  paths[:1], total, need, base)  # fmt: skip
+        return None
+    result = probe_reader_config(
+        ranges, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes, drop=False,
+        prefer=(base.queue_depth, base.chunk_nbytes), per_thread=True,
+    )  # fmt: skip
+    _log.info("probed %s: %s, GB/s per round %s", paths[0], result.config, result.rounds)
+    return result
 
 
 def _direct_ok(path: str) -> bool:
