@@ -23,7 +23,7 @@ import numpy.typing as npt
 from ._errors import CapturedIdsError, FormatError
 from ._geometry import Encoding, PartGeometry
 from ._pool import ExecMode, ExpertPool, RefreshResult
-from ._proposals import Proposals, count_hits_rows, propose_rows
+from ._proposals import Proposals, hits_rows, propose_rows
 from ._writes import WriteTable
 
 if TYPE_CHECKING:
@@ -319,25 +319,32 @@ class RefreshPlan:
 def plan_refresh(
     geometry: StoreGeometry,
     pools: Sequence[ExpertPool],
-    captured: Sequence[object],
+    captured: Sequence[object] | npt.NDArray[np.integer],
     step: int,
     is_prefill_block: bool = False,
     mode: ExecMode = ExecMode.REUSE,
     *,
     names: str = DEFAULT_PARAM_NAME,
+    counts: bool = False,
 ) -> RefreshPlan | None:
     """Plan one refresh of every layer's pool; ``None`` when none is due.
 
     ``pools[i]`` and ``captured[i]`` belong to ``geometry.layers[i]``; each
-    ``captured[i]`` holds that layer's Top-K ids of the step, any shape.  The
-    decision is taken once per step for all layers.  Every layer's ids are
-    validated before any proposal is made.
+    ``captured[i]`` holds that layer's Top-K ids of the step, any shape, or
+    with ``counts=True`` its routed-token count per expert (shape
+    ``[num_experts]``; a ``[layers, num_experts]`` array does too).  Counts
+    are what a ``bincount`` of the router's ids on the accelerator gives:
+    the planner then reads ``layers x experts`` numbers instead of every id,
+    which is what keeps a long prefill's plan as cheap as a decode step's.
+    The decision is taken once per step for all layers.  Every layer's input
+    is validated before any proposal is made.
 
     Raises
     ------
     CapturedIdsError
         Wrong number of layers or pools, a pool made for another number of
-        experts, ids out of range or not integers.
+        experts, ids out of range or not integers, counts of the wrong
+        shape or negative.
     """
     check_pools(geometry, pools)
     if not any(pool.should_refresh(mode, step, is_prefill_block) for pool in pools):
@@ -352,7 +359,7 @@ def plan_refresh(
             groups.setdefault((pool.num_experts, pool.capacity), []).append(position)
     labels = geometry.layer_indices
     hits = {
-        key: count_hits_rows([captured[p] for p in positions], key[0], [labels[p] for p in positions])
+        key: hits_rows([captured[p] for p in positions], key[0], [labels[p] for p in positions], counts=counts)
         for key, positions in groups.items()
     }
     proposals = tuple(
@@ -391,11 +398,13 @@ def plan_resident(
 def plan_candidates(
     geometry: StoreGeometry,
     pools: Sequence[ExpertPool],
-    captured: Sequence[object],
+    captured: Sequence[object] | npt.NDArray[np.integer],
     *,
     names: str = DEFAULT_PARAM_NAME,
+    counts: bool = False,
 ) -> WriteTable:
-    """The rows of the experts routed to in ``captured`` that their pools do
+    """The rows of the experts routed to in ``captured`` (ids, or with
+    ``counts`` per-expert counts, as :func:`plan_refresh`) that their pools do
     not hold: what the next refresh is likely to bring in.
 
     A table to read ranges from (to register or prefetch them ahead), not
@@ -418,7 +427,7 @@ def plan_candidates(
     for position, pool in enumerate(pools):
         if not pool.offload:
             continue
-        hits = count_hits_rows([captured[position]], pool.num_experts, [labels[position]])[0]
+        hits = hits_rows([captured[position]], pool.num_experts, [labels[position]], counts=counts)[0]
         wanted = np.flatnonzero((hits > 0) & ~pool.resident_mask()).astype(np.int64)
         layer_pos.append(np.full(len(wanted), position, dtype=np.int64))
         slot.append(np.arange(len(wanted), dtype=np.int64))

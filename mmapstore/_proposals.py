@@ -30,7 +30,7 @@ import numpy.typing as npt
 from ._errors import CapturedIdsError
 from ._pool import ExpertPool, RefreshResult, count_hits
 
-__all__ = ["Proposals", "count_hits_rows", "propose_rows"]
+__all__ = ["Proposals", "count_hits_rows", "counts_rows", "hits_rows", "propose_rows"]
 
 Int64Array = npt.NDArray[np.int64]
 
@@ -74,6 +74,46 @@ def count_hits_rows(captured: Sequence[object], num_experts: int, labels: Sequen
                 _raise_first_bad(captured, num_experts, labels)
             np.add.at(hits[position], flat.astype(np.intp, copy=False), 1)
     return hits
+
+
+def counts_rows(captured: Sequence[object], num_experts: int, labels: Sequence[int]) -> Int64Array:
+    """``[len(captured), num_experts]`` hit counts from per-layer routed-token
+    counts (``captured[i][e]``: tokens routed to expert ``e`` in layer ``i``,
+    what a ``bincount`` on the accelerator gives), validated.
+
+    Raises
+    ------
+    CapturedIdsError
+        Some layer's counts are not integers, not one per expert, or negative;
+        the message names the layer (``labels``).
+    """
+    hits = np.empty((len(captured), num_experts), dtype=np.int64)
+    for position, counts in enumerate(captured):
+        label = labels[position]
+        try:
+            array = np.asarray(counts)
+        except (TypeError, ValueError, RuntimeError) as exc:  # ragged, or a tensor on an accelerator
+            raise CapturedIdsError(f"MoE layer {label}: expert counts must be an integer array: {exc}") from None
+        if array.dtype.kind not in "iu":
+            raise CapturedIdsError(f"MoE layer {label}: expert counts must be integers, got dtype {array.dtype}")
+        if array.shape != (num_experts,):
+            raise CapturedIdsError(
+                f"MoE layer {label}: expert counts must have shape ({num_experts},), got {array.shape}"
+            )
+        if array.dtype.kind == "u" and array.dtype.itemsize == 8 and int(array.max()) > np.iinfo(np.int64).max:
+            raise CapturedIdsError(f"MoE layer {label}: an expert count does not fit in int64")
+        hits[position] = array
+    if hits.size and int(hits.min()) < 0:
+        position = int(np.flatnonzero(hits.min(axis=1) < 0)[0])
+        raise CapturedIdsError(f"MoE layer {labels[position]}: expert counts must not be negative")
+    return hits
+
+
+def hits_rows(
+    captured: Sequence[object], num_experts: int, labels: Sequence[int], *, counts: bool = False
+) -> Int64Array:
+    """:func:`counts_rows` when ``counts``, else :func:`count_hits_rows`."""
+    return (counts_rows if counts else count_hits_rows)(captured, num_experts, labels)
 
 
 _UNSIGNED: dict[int, np.dtype[Any]] = {

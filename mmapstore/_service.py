@@ -296,28 +296,34 @@ class SlabService:
 
     def step(
         self,
-        captured: Sequence[object],
+        captured: Sequence[object] | npt.NDArray[np.integer],
         step: int | None = None,
         is_prefill_block: bool = False,
         mode: ExecMode = ExecMode.REUSE,
+        *,
+        counts: bool = False,
     ) -> StepResult:
         """One forward: plan a refresh if due, copy the promoted slabs, wait
         for the sink, then commit the pools.
 
         ``captured[i]`` holds the Top-K ids of ``store.layers[i]`` for this
-        step.  Bad input raises before anything is written; a file that
-        shrank raises :class:`~mmapstore._errors.FormatError` and commits nothing.
+        step, or with ``counts=True`` its routed-token count per expert (see
+        :func:`~mmapstore.plan_refresh`).  Bad input raises before anything
+        is written; a file that shrank raises
+        :class:`~mmapstore._errors.FormatError` and commits nothing.
         """
         current = self._step if step is None else step
         self._step = current + 1
         self._stats.steps += 1
-        plan = plan_refresh(self.geometry, self.pools, captured, current, is_prefill_block, mode, names=self.names)
+        plan = plan_refresh(
+            self.geometry, self.pools, captured, current, is_prefill_block, mode, names=self.names, counts=counts
+        )
         if plan is None:
-            self._register_ahead(captured)
+            self._register_ahead(captured, counts)
             return StepResult(current, False)
         applied = apply(plan, self.sink, self.source, pools=self.pools)  # commits after the sink's wait()
         self._release(plan.table)
-        self._register_ahead(captured)
+        self._register_ahead(captured, counts)
         stats = self._stats
         stats.refreshes += 1
         stats.promotions += len(plan.updates)
@@ -377,13 +383,13 @@ class SlabService:
         if self.prefetcher is not None:
             self.prefetcher.cancel(ticket)
 
-    def _register_ahead(self, captured: Sequence[object]) -> None:
+    def _register_ahead(self, captured: Sequence[object] | npt.NDArray[np.integer], counts: bool) -> None:
         # Experts routed to now but not resident are the likely promotions of
         # the next refresh: a sink that registers windows (TorchSink on CUDA)
         # gets their ranges while the model computes, instead of paying
         # registration inside that refresh.
         if getattr(self.sink, "registers_ahead", False):
-            table = plan_candidates(self.geometry, self.pools, captured, names=self.names)
+            table = plan_candidates(self.geometry, self.pools, captured, names=self.names, counts=counts)
             self.sink.register_ahead(table, self.source)  # type: ignore[attr-defined]
 
     def push_all(self, sink: Sink) -> ApplyResult:

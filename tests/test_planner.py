@@ -22,6 +22,7 @@ from mmapstore import (
     plan_resident,
 )
 from mmapstore._dtypes import dtype_from_code
+from mmapstore._planner import plan_candidates
 from mmapstore._proposals import count_hits_rows, propose_rows
 from mmapstore._writes import WriteTable, merge_ranges
 from mmapstore.testing import InMemoryFiles
@@ -338,3 +339,47 @@ def test_geometries_must_agree_on_experts_and_files():
         StoreGeometry((LayerGeometry(0, (StackGeometry("gate", PLAIN, (a,)),)),), ())
     with pytest.raises(FormatError, match="distinct"):
         StackGeometry("gate", PLAIN, (a, a))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_planning_from_counts_equals_planning_from_ids(seed):
+    """Per-expert counts (a bincount on the accelerator) plan exactly what the
+    ids they count plan, through refreshes that move pools along."""
+    rng = np.random.default_rng(seed)
+    geometry = store_geometry(layers=3, experts=16)
+    by_ids = [ExpertPool(16, 4) for _ in range(3)]
+    by_counts = [ExpertPool(16, 4) for _ in range(3)]
+    for step in range(6):
+        captured = [rng.integers(0, 16, size=(int(rng.integers(0, 40)), 2)) for _ in range(3)]
+        counts = [np.bincount(ids.reshape(-1), minlength=16).astype(dtype) for ids, dtype in
+                  zip(captured, (np.int64, np.int32, np.uint16), strict=True)]  # fmt: skip
+        want = plan_refresh(geometry, by_ids, captured, step)
+        got = plan_refresh(geometry, by_counts, counts, step, counts=True)
+        stacked = plan_refresh(geometry, by_counts, np.stack(counts).astype(np.int64), step, counts=True)
+        assert want is not None and got is not None and stacked is not None
+        assert got.updates == want.updates == stacked.updates
+        for field in ("param", "slot", "expert", "count", "offset", "extent"):
+            np.testing.assert_array_equal(getattr(got.table, field), getattr(want.table, field))
+        want.commit(by_ids)
+        got.commit(by_counts)
+        candidates = plan_candidates(geometry, by_counts, counts, counts=True)
+        assert candidates.rows == plan_candidates(geometry, by_ids, captured).rows
+
+
+@pytest.mark.parametrize(
+    "captured, match",
+    [
+        ([np.zeros(8, np.int64), np.zeros(7, np.int64)], r"layer 2: .*shape \(8,\), got \(7,\)"),
+        ([np.zeros((1, 8), np.int64), np.zeros(8, np.int64)], r"layer 1: .*shape \(8,\), got \(1, 8\)"),
+        ([np.zeros(8, np.int64), np.full(8, 0.5)], "layer 2: .*integers, got dtype float64"),
+        ([np.zeros(8, bool), np.zeros(8, np.int64)], "layer 1: .*integers, got dtype bool"),
+        ([np.zeros(8, np.int64), np.array([0, 0, 0, -1, 0, 0, 0, 0])], "layer 2: .*negative"),
+        ([np.zeros(8, np.int64), np.full(8, 2**63, np.uint64)], "layer 2: .*int64"),
+        ([[0] * 8, [[0, 1], [2]]], "layer 2: .*integer array"),
+    ],
+)
+def test_bad_counts_are_refused_naming_the_layer(captured, match):
+    pools = [ExpertPool(8, 2), ExpertPool(8, 2)]
+    with pytest.raises(CapturedIdsError, match=match):
+        plan_refresh(store_geometry(), pools, captured, step=0, counts=True)
+    assert all(pool.generation == 0 for pool in pools)

@@ -61,3 +61,23 @@ def test_service_hands_the_likely_promotions_to_the_sink(store):
     assert {sink.ahead[1].params[p].split(".")[1] for p in sink.ahead[1].param.tolist()} == {"0", "1"}
     with pytest.raises(CapturedIdsError):  # bad ids are refused on steps that do not refresh, too
         service.step([np.array([[9]]), np.array([[0]])], step=3)
+
+
+def test_service_steps_on_counts_as_on_the_ids_they_count(store):
+    geometry = geometries_of(store)
+    rng = np.random.default_rng(3)
+    by_ids = RecordingSink.for_geometries(geometry, [3, 3])
+    by_counts = RecordingSink.for_geometries(geometry, [3, 3])
+    ids_service = SlabService(store, 3, RefreshPolicy.every_n_decode_steps(2), by_ids)
+    counts_service = SlabService(store, 3, RefreshPolicy.every_n_decode_steps(2), by_counts)
+    for _ in range(6):
+        captured = [rng.integers(0, 8, size=(5, 2)) for _ in range(2)]
+        counts = np.stack([np.bincount(ids.reshape(-1), minlength=8) for ids in captured])
+        want, got = ids_service.step(captured), counts_service.step(counts, counts=True)
+        assert (got.refreshed, got.updates) == (want.refreshed, want.updates)
+    assert [table.rows for table in by_counts.ahead] == [table.rows for table in by_ids.ahead]
+    for name, array in by_ids.buffers.items():
+        np.testing.assert_array_equal(by_counts.buffers[name], array)
+    assert ids_service.stats.promotions > 0
+    with pytest.raises(CapturedIdsError, match="shape"):
+        counts_service.step([np.zeros(8, np.int64), np.zeros(9, np.int64)], counts=True)

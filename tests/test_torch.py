@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 import mmapstore.torch as mtorch  # noqa: E402
-from mmapstore import FormatError  # noqa: E402
+from mmapstore import CapturedIdsError, FormatError  # noqa: E402
 from mmapstore._dtypes import DTYPE_CODES  # noqa: E402
 from mmapstore._errors import MmapStoreError, TorchUnavailableError  # noqa: E402
 from mmapstore._mapping import MappedFile  # noqa: E402
@@ -105,3 +105,26 @@ def test_missing_torch_names_the_extra(monkeypatch):
     with pytest.raises(TorchUnavailableError, match=r"mmapstore\[torch\]") as caught:
         mtorch.require_torch("as_tensor")
     assert isinstance(caught.value, ImportError) and isinstance(caught.value, MmapStoreError)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_counts_count_on_the_device_what_the_planner_counts_on_the_host(device):
+    from mmapstore._proposals import count_hits_rows
+
+    generator = torch.Generator().manual_seed(0)
+    captured = [torch.randint(0, 16, (tokens, 2), generator=generator) for tokens in (0, 1, 7, 300)]
+    captured[1] = captured[1].to(torch.int32)
+    counts = mtorch.expert_counts([ids.to(device) for ids in captured], 16)
+    assert counts.dtype == np.int64 and counts.shape == (4, 16)
+    np.testing.assert_array_equal(counts, count_hits_rows([ids.numpy() for ids in captured], 16, [0, 1, 2, 3]))
+    assert mtorch.expert_counts([], 16).shape == (0, 16)
+    for bad, layer in ((torch.tensor([[3, 16]]), 2), (torch.tensor([[-1, 0]]), 0)):
+        wrong = [ids.to(device) for ids in captured]
+        wrong[layer] = bad.to(device)
+        with pytest.raises(CapturedIdsError, match=f"layer {layer}: .*out of range"):
+            mtorch.expert_counts(wrong, 16)
+    with pytest.raises(CapturedIdsError, match="layer 1: .*integers"):
+        mtorch.expert_counts([captured[0], captured[1].float()], 16)
