@@ -79,10 +79,31 @@ def configs() -> dict[str, object]:
             num_experts_per_tok=1,
             head_dim=8,
         ),
+        "llama4_top2": t.Llama4TextConfig(
+            **SMALL,
+            intermediate_size=16,
+            intermediate_size_mlp=24,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=2,
+            head_dim=8,
+            interleave_moe_layer_step=2,  # Maverick's pattern: a dense layer, then a MoE one
+        ),
+        # MoE whose experts are not in the experts interface (mixture of attention heads and MLP experts)
+        "jetmoe": t.JetMoeConfig(
+            **{key: value for key, value in SMALL.items() if key != "num_attention_heads"},
+            kv_channels=8,
+            intermediate_size=16,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=2,
+        ),
     }
 
 
-SERVED = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+# Families dispatched through transformers' experts interface: the stock model runs the same kernels.
+INTERFACE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+# Llama-4's stock block runs every expert on every token in one batched matmul; the runtime runs the
+# routed pairs only (mmapstore.transformers._llama4), equal up to the matmul kernels' rounding.
+SERVED = [*INTERFACE, "llama4_text", "llama4_top2"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +157,8 @@ def test_logits_and_greedy_tokens_equal_the_stock_model(checkpoints, family, cap
     reference = stock(path)
     ids = prompt()
     with load_model(path, capacity=capacity, every=2, dtype=torch.float32) as loaded:
-        assert loaded.model.config._experts_implementation == BACKEND_NAME
+        if family in INTERFACE:
+            assert loaded.model.config._experts_implementation == BACKEND_NAME
         torch.testing.assert_close(logits(loaded.model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
         assert torch.equal(greedy(loaded.model, ids), greedy(reference, ids))
         stats = loaded.stats()
@@ -158,7 +180,7 @@ def test_fetch_on_miss_equals_the_stock_model(checkpoints, family):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("family", SERVED)
+@pytest.mark.parametrize("family", INTERFACE)
 def test_fetch_is_bit_identical_to_the_stock_model_at_every_capacity(checkpoints, family, dtype):
     path = checkpoints[family]
     reference = stock(path, dtype)
@@ -349,8 +371,31 @@ def no_weight_read(monkeypatch):
 
 
 def test_a_family_without_the_experts_interface_is_refused_by_name(checkpoints, no_weight_read):
-    with pytest.raises(UnsupportedModelError, match=r"Llama4ForCausalLM.*llama4_text.*experts interface"):
-        load_model(checkpoints["llama4_text"], capacity=2)
+    with pytest.raises(UnsupportedModelError, match=r"JetMoeForCausalLM.*jetmoe.*experts interface.*JetMoeMoA"):
+        load_model(checkpoints["jetmoe"], capacity=2)
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "llama4_top2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_llama4_runs_only_the_routed_experts_and_matches_the_stock_block(checkpoints, family, dtype):
+    path = checkpoints[family]
+    reference = stock(path, dtype)
+    ids = prompt(batch=2, length=7, seed=5)
+    want = logits(reference, ids)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for capacity, on_miss in ((1, "fetch"), (3, "cpu"), (EXPERTS, "fetch")):
+        with load_model(path, capacity=capacity, on_miss=on_miss, dtype=dtype) as loaded:
+            torch.testing.assert_close(logits(loaded.model, ids), want, rtol=tolerance, atol=tolerance)
+            stats = loaded.stats()  # of the one prompt forward
+            moe_layers = len(loaded.layers)
+            if dtype == torch.float32:
+                assert torch.equal(greedy(loaded.model, ids, 5), greedy(reference, ids, 5))
+        top_k = reference.config.num_experts_per_tok
+        # every token's Top-K pairs and nothing else: the stock block computes all experts for every token
+        assert stats.pairs == ids.numel() * top_k * moe_layers, (stats.pairs, moe_layers)
+        assert moe_layers == (1 if family == "llama4_top2" else 2)
+        if capacity < EXPERTS:
+            assert stats.fetched_pairs + stats.cpu_pairs > 0
 
 
 @pytest.mark.parametrize(
@@ -405,7 +450,7 @@ def test_a_directory_without_config_or_with_mismatched_experts_is_a_format_error
 
 
 def test_command_line_bad_input_exits_1_with_the_reason(checkpoints, capsys):
-    assert main(["run", checkpoints["llama4_text"], "--device", "cpu", "--prompt-ids", "1"]) == 1
+    assert main(["run", checkpoints["jetmoe"], "--device", "cpu", "--prompt-ids", "1"]) == 1
     assert "experts interface" in capsys.readouterr().err
     assert main(["run", checkpoints["mixtral"], "--device", "cpu", "--budget", "1K", "--prompt-ids", "1"]) == 1
     assert "too small for one expert per layer" in capsys.readouterr().err
@@ -417,3 +462,27 @@ def test_the_backend_refuses_a_module_it_did_not_prepare(checkpoints):
     module = next(m for n, m in stock(checkpoints["mixtral"]).named_modules() if n.endswith("experts"))
     with pytest.raises(MmapStoreError, match="load_model"):
         mmapstore_experts_forward(module, torch.zeros(1, 32), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+
+
+def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """Llama-4 ships as Llama4ForConditionalGeneration (``language_model.`` keys, a vision tower): the
+    runtime loads the causal-LM text model from it, as ``AutoModelForCausalLM.from_pretrained`` does."""
+    text = dict(SMALL, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=EXPERTS,
+                num_experts_per_tok=1, head_dim=8)  # fmt: skip
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+    torch.manual_seed(7)
+    model = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text, vision_config=vision)
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name:
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "scout")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "scout", dtype=torch.float32).eval()
+    ids = prompt(batch=1, length=6, seed=2)
+    with load_model(tmp_path / "scout", capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
+        assert type(loaded.model).__name__ == "Llama4ForCausalLM"
+        torch.testing.assert_close(logits(loaded.model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+        assert loaded.stats().fetched_pairs > 0

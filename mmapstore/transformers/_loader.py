@@ -27,6 +27,7 @@ from . import _hf
 from ._backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
 from ._capture import TraceRecorder
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
+from ._llama4 import adapt_llama4
 from ._runtime import OffloadedModel
 from ._slots import SlotWriter
 from ._torch import as_tensor, resolve_device
@@ -112,7 +113,7 @@ def load_model(
     ------
     UnsupportedModelError
         The family's transformers class does not use the experts interface
-        (Llama-4 text in transformers 5), a weight outside the routed experts
+        (and is not Llama-4 text, whose block is adapted), a weight outside the routed experts
         is quantized, or the experts have a shape the runtime does not serve.
     RuntimeConfigError
         A device that does not exist, a budget or capacity below one expert
@@ -175,7 +176,8 @@ def load_model(
         _finish(model, target, path)
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
         register_backend()
-        model.set_experts_implementation(BACKEND_NAME)
+        if type(model)._can_set_experts_implementation():  # an adapted Llama-4 block calls the layers itself
+            model.set_experts_implementation(BACKEND_NAME)
         for layer, runtime in zip(layers, runtimes, strict=True):
             setattr(layer.module, LAYER_ATTRIBUTE, runtime)
         model.eval()
@@ -258,7 +260,8 @@ def _meta_model(path: str, config: Any, dtype: torch.dtype, transformers: Any) -
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} has no causal-LM class: {exc}") from None
-    if not _hf.experts_modules(model) or not type(model)._can_set_experts_implementation():
+    adapted = adapt_llama4(model)  # a block that runs every expert on every token: routed pairs only
+    if not _hf.experts_modules(model) or not (adapted or type(model)._can_set_experts_implementation()):
         experts = sorted({type(module).__name__ for name, module in model.named_modules() if name.endswith("experts")})
         raise UnsupportedModelError(
             f"{path}: {type(model).__name__} (model_type {config.model_type!r}) does not use transformers' experts "
