@@ -486,3 +486,17 @@ def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
         assert type(loaded.model).__name__ == "Llama4ForCausalLM"
         torch.testing.assert_close(logits(loaded.model, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
         assert loaded.stats().fetched_pairs > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text", "llama4_top2"])
+def test_cuda_fetch_matches_the_stock_model_on_the_device(checkpoints, family):
+    path = checkpoints[family]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    ids = prompt(batch=2, length=7, seed=9)
+    with load_model(path, capacity=2, device="cuda", dtype=torch.float32) as loaded:
+        assert {layer.on_miss for layer in loaded.layers} == {OnMiss.FETCH}
+        got, want = logits(loaded.model, ids.cuda()), logits(reference, ids.cuda())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(greedy(loaded.model, ids.cuda(), 5), greedy(reference, ids.cuda(), 5))
+        assert loaded.stats().fetched_pairs > 0
