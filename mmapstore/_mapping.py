@@ -188,7 +188,10 @@ class MappedFile:
                 f"{self.path}: tensor {record.name!r}: bytes [{record.offset}, "
                 f"{record.offset + record.nbytes}) past the end of the {self.nbytes} byte file"
             )
-        return self.view(record.offset, record.dtype.numpy, record.shape)
+        shape = record.shape
+        if record.dtype.is_block and shape:  # encoded bytes: the last axis in bytes, every block of it
+            shape = (*shape[:-1], record.dtype.row_nbytes(shape[-1]))
+        return self.view(record.offset, record.dtype.numpy, shape)
 
     def offset_of(self, view: npt.NDArray[np.generic]) -> int:
         """File offset of the first byte ``view`` touches (it must live in this mapping)."""

@@ -178,3 +178,21 @@ def test_gguf_without_experts_says_so(tmp_path):
     writer.close()
     with pytest.raises(Exception, match="no MoE expert tensors"):
         open_store(tmp_path / "dense.gguf")
+
+
+@pytest.mark.parametrize("types", TYPE_SETS, ids=lambda types: "-".join(t.name for t in types.values()))
+def test_any_tensor_is_its_whole_encoded_bytes_or_its_decoded_values(tmp_path, types):
+    """``store.view`` of a block-quantized tensor is every byte of it, ``[..., row bytes]`` uint8 (never bytes in
+    the values' shape); ``store.values`` decodes it as gguf-py does."""
+    path = tmp_path / "model.gguf"
+    written = write_gguf(path, types)
+    with open_store(path) as store:
+        for name, (array, qtype) in written.items():
+            view = store.view(name)
+            assert view.nbytes == array.nbytes == store.checkpoint.tensors[name].nbytes
+            np.testing.assert_array_equal(view.reshape(-1).view(np.uint8), array.reshape(-1).view(np.uint8))
+            want = array.astype(np.float32) if array.dtype != np.uint8 else gguf.quants.dequantize(array, qtype)
+            got = store.values(name)
+            assert got.dtype == np.float32 and got.shape == want.shape == store.checkpoint.tensors[name].shape
+            np.testing.assert_array_equal(got, want)
+        assert store.values("blk.0.ffn_gate_inp.weight", np.float16).dtype == np.float16

@@ -111,13 +111,43 @@ class ExpertStore:
         return found
 
     def view(self, name: str) -> npt.NDArray[np.generic]:
-        """Read-only view of any tensor of the checkpoint, by its file name."""
+        """Read-only view of any tensor of the checkpoint, by its file name.
+
+        A block-quantized tensor (a GGUF ``Q4_K``, say) is its encoded bytes,
+        ``uint8 [..., row_nbytes]`` (the logical shape with its last axis in
+        bytes), never values: :meth:`values` decodes it.
+        """
+        record = self._record(name)
+        return self._maps.get(record.path).record_view(record)
+
+    def values(self, name: str, dtype: npt.DTypeLike = np.float32) -> npt.NDArray[np.generic]:
+        """A new array of any tensor's values in ``dtype``, by its file name:
+        block-quantized (GGUF) tensors decoded by the reference formulas of
+        :func:`mmapstore.dequant.dequantize_ggml`, plain ones cast.
+
+        Raises
+        ------
+        TensorNotFoundError
+            No such tensor.
+        UnsupportedEncodingError
+            A block type with no decoder.
+        """
+        record = self._record(name)
+        view = self._maps.get(record.path).record_view(record)
+        if record.dtype.is_block:
+            from ..dequant import dequantize_ggml
+
+            decoded = dequantize_ggml(record.dtype, view, record.shape[-1], where=f"{record.path}: tensor {name!r}")
+            return decoded.astype(dtype, copy=False)
+        return view.astype(dtype)
+
+    def _record(self, name: str) -> TensorRecord:
         record = self.checkpoint.tensors.get(name)
         if record is None:
             raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}")
         if not record.dtype.known:
             raise FormatError(f"{record.path}: tensor {name!r}: dtype {record.dtype.code!r} has no numpy equivalent")
-        return self._maps.get(record.path).record_view(record)
+        return record
 
     def check_open(self) -> None:
         if self._maps.closed:
