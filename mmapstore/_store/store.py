@@ -137,7 +137,8 @@ class ExpertStore:
         if record.dtype.is_block:
             from ..dequant import dequantize_ggml
 
-            decoded = dequantize_ggml(record.dtype, view, record.shape[-1], where=f"{record.path}: tensor {name!r}")
+            raw = view.view(np.uint8)
+            decoded = dequantize_ggml(record.dtype, raw, record.shape[-1], where=f"{record.path}: tensor {name!r}")
             return decoded.astype(dtype, copy=False)
         return view.astype(dtype)
 
