@@ -26,6 +26,7 @@ from ..gpu._jobs import SOURCES, Source
 from . import _hf
 from ._backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
 from ._capture import TraceRecorder
+from ._gguf import GgufSource, gguf_file, read_gguf_config
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from ._llama4 import adapt_llama4
 from ._runtime import OffloadedModel
@@ -134,7 +135,8 @@ def load_model(
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
-    config, quantized = _read_config(path, transformers)
+    gguf = gguf_file(path)
+    config, quantized = (read_gguf_config(path, transformers), None) if gguf else _read_config(path, transformers)
     compute_dtype = _dtype(dtype, config)
     model = _meta_model(path, config, compute_dtype, transformers)
 
@@ -143,9 +145,10 @@ def load_model(
     try:
         layers = _match_layers(path, model, store, config)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
-        plan = _weight_plan(path, model, store, layers, quantized)
+        gguf_source = GgufSource.for_model(path, model, store) if gguf else None
+        plan = _weight_plan(path, model, store, layers, quantized, gguf_source)
         # -- nothing was read but headers up to here; from here weights move --
-        non_expert_nbytes = _load_non_experts(model, store, plan, target)
+        non_expert_nbytes = _load_non_experts(model, store, plan, target, gguf_source)
         writer = SlotWriter(target, source)
         state = StepState()
         recorder = None
@@ -305,7 +308,7 @@ def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> Experts
 
 def _match_layers(path: str, model: Any, store: ExpertStore, config: Any) -> list[_MoeLayer]:
     """Each experts module with its store layer, in model order."""
-    if store.layout == "slab":
+    if store.layout == "slab" and store.kind != "gguf":
         raise FormatError(f"{path}: a slab store holds only experts; the runtime needs the Hugging Face checkpoint")
     modules: dict[int, tuple[str, torch.nn.Module]] = {}
     for name, module in _hf.experts_modules(model):
@@ -359,7 +362,12 @@ def _capacities(
 
 
 def _weight_plan(
-    path: str, model: Any, store: ExpertStore, layers: Sequence[_MoeLayer], quantized: str | None = None
+    path: str,
+    model: Any,
+    store: ExpertStore,
+    layers: Sequence[_MoeLayer],
+    quantized: str | None = None,
+    gguf: GgufSource | None = None,
 ) -> dict[str, str]:
     """``model key -> checkpoint tensor`` for every non-expert parameter and buffer.
 
@@ -373,7 +381,9 @@ def _weight_plan(
     expert_prefixes = tuple(f"{layer.name}." for layer in layers)
     meta = model.state_dict()
     plan: dict[str, str] = {}
-    for tensor in store.tensors:
+    if gguf is not None:  # GGUF names; quantized tensors are decoded at load
+        plan = gguf.plan(store, [layer.experts.layer_index for layer in layers], expert_prefixes)
+    for tensor in store.tensors if gguf is None else ():
         key, converted = mapper(tensor)
         if converted or key is None or key.startswith(expert_prefixes):
             continue  # routed experts (served by the pools), or a tensor the model has no place for
@@ -415,14 +425,18 @@ def _set_tensor(root: torch.nn.Module, key: str, value: torch.Tensor) -> None:
     tensor._is_hf_initialized = True  # type: ignore[attr-defined]  # transformers' init skips these
 
 
-def _load_non_experts(model: Any, store: ExpertStore, plan: dict[str, str], device: torch.device) -> int:
+def _load_non_experts(
+    model: Any, store: ExpertStore, plan: dict[str, str], device: torch.device, gguf: GgufSource | None = None
+) -> int:
     """Copy every planned tensor from the mapping to ``device``; return the bytes placed."""
     override = _hf.dtype_overrides(model, model.dtype)
     meta = model.state_dict()
     placed = 0
     for key, tensor_name in plan.items():
         empty = meta[key]
-        source = as_tensor(store.view(tensor_name))
+        source = (
+            as_tensor(store.view(tensor_name)) if gguf is None else torch.from_numpy(gguf.values(store, tensor_name))
+        )
         if tuple(source.shape) != tuple(empty.shape):
             raise FormatError(
                 f"{store.path}: tensor {tensor_name!r} is {list(source.shape)}, the model's {key!r} "

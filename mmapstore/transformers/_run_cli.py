@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._errors import RuntimeConfigError
+from ._gguf import gguf_file, read_gguf_config
 from ._loader import load_model
 
 __all__ = ["memory_now", "run_command"]
@@ -83,8 +84,12 @@ def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    except (OSError, ValueError) as exc:
+        if gguf_file(args.checkpoint):  # the tokenizer GGUF files carry in their metadata
+            directory, name = os.path.split(args.checkpoint)
+            tokenizer = AutoTokenizer.from_pretrained(directory or ".", gguf_file=name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    except (OSError, ValueError, KeyError) as exc:
         raise RuntimeConfigError(
             f"{args.checkpoint}: no usable tokenizer for --prompt ({exc}); use --prompt-ids or --prompt-tokens"
         ) from None
@@ -101,10 +106,14 @@ def run_command(args: argparse.Namespace) -> int:
         raise RuntimeConfigError("--max-new-tokens must be positive")
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompt, tokenizer = None, None
-    if os.path.isfile(os.path.join(args.checkpoint, "config.json")):  # else load_model names the problem
-        from transformers import AutoConfig
+    if gguf_file(args.checkpoint) or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        import transformers  # else load_model names the problem
 
-        vocab = int(AutoConfig.from_pretrained(args.checkpoint).get_text_config().vocab_size)
+        if gguf_file(args.checkpoint):
+            config = read_gguf_config(args.checkpoint, transformers)
+        else:
+            config = transformers.AutoConfig.from_pretrained(args.checkpoint)
+        vocab = int(config.get_text_config().vocab_size)
         prompt, tokenizer = _prompt(args, vocab)
     started = time.perf_counter()
     loaded = load_model(
@@ -120,7 +129,7 @@ def run_command(args: argparse.Namespace) -> int:
     with loaded:
         model = loaded.model
         load_seconds = time.perf_counter() - started
-        assert prompt is not None  # load_model refuses a directory without config.json
+        assert prompt is not None  # load_model refuses a directory without config.json, or a non-GGUF file
         device = loaded.layers[0].device
         prompt = prompt.to(device)
         loaded.reset_stats()

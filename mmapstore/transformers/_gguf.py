@@ -1,0 +1,123 @@
+"""A GGUF file as the runtime's checkpoint: transformers' reading of it, our bytes.
+
+transformers reads a GGUF file (``from_pretrained(dir, gguf_file=...)``) by
+dequantizing *every* tensor into a full model: the routed experts of a
+Qwen3-30B-A3B at Q4_K_M become 60 GB of floats.  The runtime takes from
+transformers only what describes the model, and serves the bytes itself:
+
+- the config, as ``AutoConfig.from_pretrained(dir, gguf_file=...)`` builds
+  it from the file's metadata;
+- the GGUF -> model name map and the per-tensor fix-ups, from the same
+  helpers ``load_gguf_checkpoint`` uses (``get_gguf_hf_weights_map``, the
+  architecture's ``TensorProcessor``: Llama's Q/K un-permutation, Qwen-MoE's
+  shared-expert gate shape);
+- every non-expert tensor decoded by :meth:`ExpertStore.values` (the ggml
+  reference formulas, equal to gguf-py's) and put through that processor;
+- the routed experts stay encoded in the mapping and reach the pools as
+  every other quantized expert does (decoded on the way in).
+
+Where transformers does not read a GGUF architecture, the load is refused
+with :class:`~mmapstore._errors.UnsupportedModelError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._errors import FormatError, UnsupportedModelError
+from .._store import ExpertStore
+
+__all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
+
+# The routed experts' tensors: served by the pools, never loaded into the model.
+_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight|bias)")
+
+
+def gguf_file(path: str) -> str | None:
+    """``path`` if it names a GGUF file, else None (a checkpoint directory)."""
+    return path if path.endswith(".gguf") and os.path.isfile(path) else None
+
+
+def read_gguf_config(path: str, transformers: Any) -> Any:
+    """The model config transformers builds from the file's metadata.
+
+    Raises
+    ------
+    UnsupportedModelError
+        transformers does not read this GGUF architecture (or the gguf
+        package is missing).
+    """
+    try:
+        return transformers.AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    except (ValueError, KeyError, NotImplementedError, ImportError) as exc:
+        raise UnsupportedModelError(f"{path}: transformers cannot build a model from this GGUF file: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class GgufSource:
+    """How a GGUF file's non-expert tensors become model weights."""
+
+    path: str
+    names: dict[str, str]  # GGUF tensor name -> model key
+    process: Callable[[npt.NDArray[np.float32], str], tuple[npt.NDArray[np.float32], str | None]]
+
+    @classmethod
+    def for_model(cls, path: str, model: Any, store: ExpertStore) -> GgufSource:
+        """The name map and processor transformers' own GGUF loader would use."""
+        try:
+            from transformers.modeling_gguf_pytorch_utils import (
+                TENSOR_PROCESSORS,
+                TensorProcessor,
+                get_gguf_hf_weights_map,
+                load_gguf_checkpoint,
+            )
+        except ImportError as exc:  # pragma: no cover - transformers moved its GGUF helpers
+            raise UnsupportedModelError(f"{path}: this transformers has no GGUF loader to follow: {exc}") from None
+        architecture = str((store.checkpoint.metadata or {}).get("general.architecture", ""))
+        raw_config = load_gguf_checkpoint(path, return_tensors=False)["config"]
+        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=raw_config)
+        try:
+            names: dict[str, str] = get_gguf_hf_weights_map(model, processor)
+        except NotImplementedError as exc:
+            raise UnsupportedModelError(f"{path}: {exc}") from None
+
+        def process(values: npt.NDArray[np.float32], name: str) -> tuple[npt.NDArray[np.float32], str | None]:
+            result = processor.process(
+                weights=values, name=name, tensor_key_mapping=names, parsed_parameters={"tensors": {}}
+            )
+            return result.weights, result.name
+
+        return cls(path, names, process)
+
+    def plan(
+        self, store: ExpertStore, served_layers: Iterable[int], expert_prefixes: tuple[str, ...]
+    ) -> dict[str, str]:
+        """``model key -> GGUF tensor`` for every tensor the model takes, the served experts left out."""
+        served = set(served_layers)
+        plan: dict[str, str] = {}
+        for tensor in store.tensors:
+            match = _EXPERTS.fullmatch(tensor)
+            if match is not None and int(match.group(1)) in served:
+                continue
+            key = self.names.get(tensor)
+            if key is None or key.startswith(expert_prefixes):
+                continue  # a tensor the model has no place for, as transformers skips it
+            if key in plan:
+                raise FormatError(f"{self.path}: tensors {plan[key]!r} and {tensor!r} both map to {key!r}")
+            plan[key] = tensor
+        return plan
+
+    def values(self, store: ExpertStore, tensor: str) -> npt.NDArray[np.float32]:
+        """A tensor's values as the model takes them: decoded, then the architecture's fix-up."""
+        decoded: npt.NDArray[np.float32] = store.values(tensor, np.float32).astype(np.float32, copy=False)
+        values, name = self.process(decoded, tensor)
+        if name != tensor:
+            raise FormatError(f"{self.path}: tensor {tensor!r} is not a model weight on its own (it became {name!r})")
+        return np.ascontiguousarray(values, dtype=np.float32)

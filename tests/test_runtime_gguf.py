@@ -1,0 +1,174 @@
+"""The transformers runtime on a GGUF file: experts served encoded from the mapping, the rest decoded as
+transformers' own GGUF loader decodes it; logits compared with ``from_pretrained(dir, gguf_file=...)``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the transformers runtime needs torch (the dev extra installs it)")
+transformers = pytest.importorskip("transformers", reason="the transformers runtime needs transformers 5")
+gguf = pytest.importorskip("gguf", reason="gguf-py writes the GGUF files")
+pytest.importorskip("accelerate", reason="transformers' GGUF loader, the oracle, needs accelerate")
+
+from mmapstore._errors import UnsupportedModelError  # noqa: E402
+from mmapstore._store.store import ExpertStore  # noqa: E402
+from mmapstore.cli import main  # noqa: E402
+from mmapstore.transformers import load_model  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+LAYERS, EXPERTS, HIDDEN, VOCAB, TOP_K = 2, 8, 64, 96, 2
+INTER = 768  # transformers reads no expert width from a qwen3moe GGUF: it keeps Qwen3MoeConfig's default, 768
+
+
+def _encode(rng: np.random.Generator, values: np.ndarray, qtype) -> np.ndarray:
+    if qtype == Q.F32:
+        return values.astype(np.float32)
+    if qtype == Q.F16:
+        return values.astype(np.float16)
+    if qtype == Q.Q6_K:  # gguf-py has no K-quant quantizer: whole random blocks with finite f16 scales
+        elems, block = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (*values.shape[:-1], values.shape[-1] // elems, block), dtype=np.uint8)
+        raw[..., 208:210] = rng.uniform(-0.01, 0.01, raw.shape[:-1]).astype(np.float16)[..., None].view(np.uint8)
+        return raw.reshape(*values.shape[:-1], -1)
+    return gguf.quants.quantize(values.astype(np.float32), qtype)
+
+
+def moe_gguf(path: str, experts_type, others_type, down_type=None, seed: int = 0, family: str = "qwen3_moe") -> None:
+    """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
+    names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
+    are the config classes' defaults: transformers reads none from these GGUF architectures."""
+    common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, intermediate_size=96, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                  max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, head_dim=16, norm_topk_prob=True)
+        arch, gguf_arch = "qwen3moe", gguf.MODEL_ARCH.QWEN3MOE
+    else:
+        config = transformers.Qwen2MoeConfig(**common)
+        arch, gguf_arch = "qwen2moe", gguf.MODEL_ARCH.QWEN2MOE
+    inter = config.moe_intermediate_size
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    names = gguf.get_tensor_name_map(gguf_arch, LAYERS)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    if family == "qwen3_moe":
+        writer.add_key_length(16)
+        writer.add_value_length(16)
+    else:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_expert_feed_forward_length(inter)
+    writer.add_vocab_size(VOCAB)
+
+    def add(name: str, values: np.ndarray, qtype) -> None:
+        encoded = _encode(rng, values, qtype)
+        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+
+    for key, value in model.state_dict().items():
+        if ".mlp.experts." not in key:
+            base, suffix = key.rsplit(".", 1)
+            name = names.get_name(base)
+            values = value.numpy().reshape(-1) if name.endswith("ffn_gate_inp_shexp") else value.numpy()  # [H] in GGUF
+            add(f"{name}.{suffix}", values, Q.F32 if values.ndim == 1 else others_type)
+    for layer in range(LAYERS):
+        for proj, shape in (("gate", (EXPERTS, inter, HIDDEN)), ("up", (EXPERTS, inter, HIDDEN))):
+            add(f"blk.{layer}.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape), experts_type)
+        down = rng.normal(0, 0.2, (EXPERTS, HIDDEN, inter))
+        add(f"blk.{layer}.ffn_down_exps.weight", down, down_type or experts_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+TYPES = {
+    "q8_0-experts-f16": (Q.Q8_0, Q.F16, None, "qwen3_moe"),
+    "q4_0-experts-q6_k-down-q8_0": (Q.Q4_0, Q.Q8_0, Q.Q6_K, "qwen3_moe"),
+    "f16-experts-f32": (Q.F16, Q.F32, None, "qwen3_moe"),
+    "qwen2_moe-shared-expert-q8_0": (Q.Q8_0, Q.Q8_0, None, "qwen2_moe"),
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    paths = {}
+    for index, (name, types) in enumerate(TYPES.items()):
+        os.makedirs(root / name)
+        paths[name] = str(root / name / "model.gguf")
+        experts_type, others_type, down_type, family = types
+        moe_gguf(paths[name], experts_type, others_type, down_type, seed=index, family=family)
+    return paths
+
+
+def reference(path: str):
+    directory, name = os.path.split(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("types", list(TYPES))
+def test_gguf_logits_equal_transformers_gguf_loader(gguf_files, types, monkeypatch):
+    path = gguf_files[types]
+    stock = reference(path)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = logits(stock, ids)
+    decoded: list[str] = []
+    values = ExpertStore.values
+
+    def recording(self, name, *args, **kwargs):
+        decoded.append(name)
+        return values(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ExpertStore, "values", recording)
+    for capacity, on_miss in ((2, "cpu"), (2, "fetch"), (EXPERTS, "fetch")):
+        with load_model(path, capacity=capacity, on_miss=on_miss, dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == ("Qwen2MoeForCausalLM" if "qwen2" in types else "Qwen3MoeForCausalLM")
+            got = logits(loaded.model, ids)
+            if on_miss == "fetch":  # every pair through the pools: the stock backend's kernels
+                assert torch.equal(got, want), capacity
+            else:  # misses on the CPU from the mapped slabs, as for any checkpoint
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            stats = loaded.stats()
+        assert stats.pairs == ids.numel() * TOP_K * LAYERS
+        if capacity < EXPERTS:
+            assert stats.cpu_pairs + stats.fetched_pairs > 0
+    # The experts are never decoded whole: only the non-expert tensors go through store.values.
+    assert decoded and not any("_exps." in name for name in decoded)
+
+
+def test_gguf_runs_from_the_command_line(gguf_files, capsys):
+    path = gguf_files["q8_0-experts-f16"]
+    assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "Qwen3MoeForCausalLM" in out.out + out.err
+
+
+def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "deepseek2")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match=r"model\.gguf: transformers cannot build a model.*deepseek2"):
+        load_model(tmp_path / "model.gguf", capacity=2)
+    assert main(["run", str(tmp_path / "model.gguf"), "--device", "cpu", "--prompt-ids", "1"]) == 1
