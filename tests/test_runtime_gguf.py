@@ -172,3 +172,14 @@ def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_pa
     with pytest.raises(UnsupportedModelError, match=r"model\.gguf: transformers cannot build a model.*deepseek2"):
         load_model(tmp_path / "model.gguf", capacity=2)
     assert main(["run", str(tmp_path / "model.gguf"), "--device", "cpu", "--prompt-ids", "1"]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gguf_on_cuda_matches_transformers_gguf_loader_on_the_device(gguf_files):
+    path = gguf_files["q4_0-experts-q6_k-down-q8_0"]
+    stock = reference(path).to("cuda")
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3)).cuda()
+    with load_model(path, capacity=2, device="cuda", dtype=torch.float32) as loaded:
+        torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
+        stats = loaded.stats()
+    assert stats.fetched_pairs > 0 and stats.cpu_pairs == 0
