@@ -36,7 +36,9 @@ def _encode(rng: np.random.Generator, values: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(values.astype(np.float32), qtype)
 
 
-def moe_gguf(path: str, experts_type, others_type, down_type=None, seed: int = 0, family: str = "qwen3_moe") -> None:
+def moe_gguf(
+    path: str, experts_type, others_type, down_type=None, seed: int = 0, family: str = "qwen3_moe", split: int = 0
+) -> None:
     """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
     names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
     are the config classes' defaults: transformers reads none from these GGUF architectures."""
@@ -54,7 +56,7 @@ def moe_gguf(path: str, experts_type, others_type, down_type=None, seed: int = 0
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rng = np.random.default_rng(seed)
     names = gguf.get_tensor_name_map(gguf_arch, LAYERS)
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split)  # split: llama.cpp's -0000K-of-0000N.gguf parts
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -100,6 +102,7 @@ TYPES = {
     "f16-experts-f32": (Q.F16, Q.F32, None, "qwen3_moe"),
     "qwen2_moe-shared-expert-q8_0": (Q.Q8_0, Q.Q8_0, None, "qwen2_moe"),
 }
+SPLIT = "q4_0-experts-q6_k-down-q8_0"
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,10 @@ def gguf_files(tmp_path_factory):
         paths[name] = str(root / name / "model.gguf")
         experts_type, others_type, down_type, family = types
         moe_gguf(paths[name], experts_type, others_type, down_type, seed=index, family=family)
+        if name == SPLIT:  # the same tensors in parts of at most 12 tensors (output.weight in the last)
+            os.makedirs(root / "split")
+            moe_gguf(str(root / "split" / "model.gguf"), experts_type, others_type, down_type, seed=index, split=12)
+            paths["split"] = str(root / "split")
     return paths
 
 
@@ -183,3 +190,16 @@ def test_gguf_on_cuda_matches_transformers_gguf_loader_on_the_device(gguf_files)
         torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
         stats = loaded.stats()
     assert stats.fetched_pairs > 0 and stats.cpu_pairs == 0
+
+
+def test_a_split_gguf_set_runs_whole_from_its_directory_or_any_part(gguf_files):
+    """transformers reads a split set's first part only (its tensors, and whether the output layer is tied);
+    the runtime reads every part, so the set gives the logits of the same tensors in one file."""
+    parts = sorted(os.listdir(gguf_files["split"]))
+    assert len(parts) == 3 and parts[0] == "model-00001-of-00003.gguf"
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    want = logits(reference(gguf_files[SPLIT]), ids)
+    for entry in (gguf_files["split"], os.path.join(gguf_files["split"], parts[1])):
+        with load_model(entry, capacity=EXPERTS, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert loaded.model.config.tie_word_embeddings is False  # output.weight is in the last part
+            assert torch.equal(logits(loaded.model, ids), want), entry

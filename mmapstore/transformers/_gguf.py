@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from .._errors import FormatError, UnsupportedModelError
 from .._store import ExpertStore
+from ..formats import read_gguf_files
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -41,12 +42,30 @@ _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight
 
 
 def gguf_file(path: str) -> str | None:
-    """``path`` if it names a GGUF file, else None (a checkpoint directory)."""
-    return path if path.endswith(".gguf") and os.path.isfile(path) else None
+    """The first part of the GGUF checkpoint ``path`` names (a ``.gguf`` file,
+    any part of a split set, or a directory without ``config.json`` holding
+    one file or one split set), else None (a Hugging Face directory).
+
+    Raises
+    ------
+    FormatError
+        A GGUF checkpoint that is not whole (see :func:`read_gguf_files`).
+    """
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return read_gguf_files(path)[0].path
+    holds_gguf = os.path.isdir(path) and any(name.endswith(".gguf") for name in os.listdir(path))
+    if holds_gguf and not os.path.isfile(os.path.join(path, "config.json")):
+        return read_gguf_files(path)[0].path
+    return None
 
 
 def read_gguf_config(path: str, transformers: Any) -> Any:
-    """The model config transformers builds from the file's metadata.
+    """The model config transformers builds from the metadata of ``path``
+    (the first part of a checkpoint), with ``tie_word_embeddings`` decided
+    by transformers' own rule (no ``output.weight``) over *every* part:
+    transformers looks at the first part only, and a split set whose
+    ``output.weight`` lies in a later part would otherwise tie the output
+    layer to the embeddings.
 
     Raises
     ------
@@ -55,9 +74,15 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
         package is missing).
     """
     try:
-        return transformers.AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        config = transformers.AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
     except (ValueError, KeyError, NotImplementedError, ImportError) as exc:
         raise UnsupportedModelError(f"{path}: transformers cannot build a model from this GGUF file: {exc}") from None
+    headers = read_gguf_files(path)
+    names = {record.name for header in headers for record in header.tensors}
+    architecture = str(headers[0].metadata.get("general.architecture", ""))
+    if architecture not in ("falcon", "bloom"):  # transformers ties those whatever the file holds
+        config.tie_word_embeddings = "output.weight" not in names
+    return config
 
 
 @dataclass(frozen=True, slots=True)

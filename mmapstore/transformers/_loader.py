@@ -136,7 +136,7 @@ def load_model(
     mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = gguf_file(path)
-    config, quantized = (read_gguf_config(path, transformers), None) if gguf else _read_config(path, transformers)
+    config, quantized = (read_gguf_config(gguf, transformers), None) if gguf else _read_config(path, transformers)
     compute_dtype = _dtype(dtype, config)
     model = _meta_model(path, config, compute_dtype, transformers)
 
@@ -145,7 +145,7 @@ def load_model(
     try:
         layers = _match_layers(path, model, store, config)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
-        gguf_source = GgufSource.for_model(path, model, store) if gguf else None
+        gguf_source = GgufSource.for_model(gguf, model, store) if gguf else None
         plan = _weight_plan(path, model, store, layers, quantized, gguf_source)
         # -- nothing was read but headers up to here; from here weights move --
         non_expert_nbytes = _load_non_experts(model, store, plan, target, gguf_source)

@@ -84,8 +84,9 @@ def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
     from transformers import AutoTokenizer
 
     try:
-        if gguf_file(args.checkpoint):  # the tokenizer GGUF files carry in their metadata
-            directory, name = os.path.split(args.checkpoint)
+        first = gguf_file(args.checkpoint)
+        if first is not None:  # the tokenizer GGUF files carry in their metadata
+            directory, name = os.path.split(first)
             tokenizer = AutoTokenizer.from_pretrained(directory or ".", gguf_file=name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -106,11 +107,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise RuntimeConfigError("--max-new-tokens must be positive")
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompt, tokenizer = None, None
-    if gguf_file(args.checkpoint) or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+    first = gguf_file(args.checkpoint)
+    if first is not None or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         import transformers  # else load_model names the problem
 
-        if gguf_file(args.checkpoint):
-            config = read_gguf_config(args.checkpoint, transformers)
+        if first is not None:
+            config = read_gguf_config(first, transformers)
         else:
             config = transformers.AutoConfig.from_pretrained(args.checkpoint)
         vocab = int(config.get_text_config().vocab_size)
