@@ -29,6 +29,7 @@ from mmapstore.transformers._slots import SlotWriter  # noqa: E402
 
 EXPERTS = 8
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+LLAMA4 = dict(SMALL, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=EXPERTS, head_dim=8)
 
 
 def configs() -> dict[str, object]:
@@ -71,23 +72,9 @@ def configs() -> dict[str, object]:
         "gpt_oss": t.GptOssConfig(
             **SMALL, intermediate_size=16, num_local_experts=EXPERTS, num_experts_per_tok=2, head_dim=8
         ),
-        "llama4_text": t.Llama4TextConfig(
-            **SMALL,
-            intermediate_size=16,
-            intermediate_size_mlp=24,
-            num_local_experts=EXPERTS,
-            num_experts_per_tok=1,
-            head_dim=8,
-        ),
-        "llama4_top2": t.Llama4TextConfig(
-            **SMALL,
-            intermediate_size=16,
-            intermediate_size_mlp=24,
-            num_local_experts=EXPERTS,
-            num_experts_per_tok=2,
-            head_dim=8,
-            interleave_moe_layer_step=2,  # Maverick's pattern: a dense layer, then a MoE one
-        ),
+        "llama4_text": t.Llama4TextConfig(**LLAMA4, num_experts_per_tok=1),
+        # Maverick's pattern: a dense layer, then a MoE one
+        "llama4_top2": t.Llama4TextConfig(**LLAMA4, num_experts_per_tok=2, interleave_moe_layer_step=2),
         # MoE whose experts are not in the experts interface (mixture of attention heads and MLP experts)
         "jetmoe": t.JetMoeConfig(
             **{key: value for key, value in SMALL.items() if key != "num_attention_heads"},
@@ -467,8 +454,7 @@ def test_the_backend_refuses_a_module_it_did_not_prepare(checkpoints):
 def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
     """Llama-4 ships as Llama4ForConditionalGeneration (``language_model.`` keys, a vision tower): the
     runtime loads the causal-LM text model from it, as ``AutoModelForCausalLM.from_pretrained`` does."""
-    text = dict(SMALL, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=EXPERTS,
-                num_experts_per_tok=1, head_dim=8)  # fmt: skip
+    text = dict(LLAMA4, num_experts_per_tok=1)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32, image_size=28,
                   patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
     torch.manual_seed(7)
