@@ -230,3 +230,36 @@ def test_bad_rows_are_refused():
         dequantize_ggml(q8_0, np.zeros((2, 34), np.uint8), 33)
     with pytest.raises(FormatError, match="uint8"):
         dequantize_ggml(q8_0, np.zeros((2, 34), np.int8), 32)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(), reason="needs a CUDA device"))]
+DEVICE_CODES = ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code", DEVICE_CODES)
+def test_device_kernels_bit_identical_to_the_numpy_reference(code, device):
+    """The torch kernels that decode GGUF experts after their bytes reach the device."""
+    torch = pytest.importorskip("torch", reason="the device kernels are torch")
+    from mmapstore.gpu._dequant import GGML_DEVICE_TYPES
+    from mmapstore.gpu._dequant import dequantize_ggml as on_device
+
+    assert set(DEVICE_CODES) == GGML_DEVICE_TYPES
+
+    rng = np.random.default_rng(100 + BLOCK_CODES.index(code))
+    dtype = GGML_BLOCK_CODES[code]
+    raw = random_blocks(rng, code, (3, 5), 2)
+    n = 2 * dtype.block_elems
+    ours = on_device(code, torch.from_numpy(raw).to(device), n).cpu().numpy()
+    assert ours.shape == (3, 5, n) and ours.dtype == np.float32
+    np.testing.assert_array_equal(bits(ours), bits(dequantize_ggml(dtype, raw, n)))
+    with pytest.raises(FormatError, match="do not hold"):
+        on_device(code, torch.from_numpy(raw[..., :-1]).to(device), n)

@@ -161,6 +161,29 @@ def test_gguf_logits_equal_transformers_gguf_loader(gguf_files, types, monkeypat
     assert decoded and not any("_exps." in name for name in decoded)
 
 
+@pytest.mark.parametrize("types", ["q4_0-experts-q6_k-down-q8_0", "q8_0-experts-f16"])
+def test_gguf_blocks_cross_to_the_device_encoded_and_decode_there(gguf_files, types):
+    """With a device copier (always on CUDA; here a CPU one, to run everywhere) a GGUF expert moves as its
+    ggml blocks and is decoded after the copy by the device kernels: the logits stay bit-identical."""
+    from mmapstore.gpu import DeviceCopier
+    from mmapstore.transformers._slots import SlotWriter
+
+    path = gguf_files[types]
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    want = logits(reference(path), ids)
+    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
+        copier = DeviceCopier(torch.device("cpu"), source="pread")
+        writer = SlotWriter(torch.device("cpu"), copier=copier)
+        for layer in loaded.layers:
+            layer.writer = writer
+        assert torch.equal(logits(loaded.model, ids), want)
+        copied = loaded.stats().copied_nbytes
+        writer.close()
+    moved = sum(copier.stats.nbytes.values())
+    # 4.5 (Q4_0) or 8.5 (Q8_0) bits a value against float32 pool slots; Q6_K down rows are 6.56.
+    assert copied > 0 and copied / 8 < moved < copied / 3.5
+
+
 def test_gguf_runs_from_the_command_line(gguf_files, capsys):
     path = gguf_files["q8_0-experts-f16"]
     assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--quiet"]) == 0

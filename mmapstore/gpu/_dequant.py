@@ -1,4 +1,4 @@
-"""Dequantize on the device, after the copy: FP8 block scales and MXFP4, in torch.
+"""Dequantize on the device, after the copy: FP8 block scales, MXFP4 and ggml blocks, in torch.
 
 The same formulas as :mod:`mmapstore.dequant` (the numpy reference the tests
 compare against), batched over any leading axes (``[count, ...]`` slabs of a
@@ -16,7 +16,7 @@ from ..torch import require_torch
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["dequantize_fp8_block", "dequantize_mxfp4"]
+__all__ = ["GGML_DEVICE_TYPES", "dequantize_fp8_block", "dequantize_ggml", "dequantize_mxfp4"]
 
 
 def dequantize_fp8_block(
@@ -103,3 +103,182 @@ def dequantize_mxfp4(
     exponents = scales.to(device=blocks.device, dtype=torch.int32) - 127
     result = torch.ldexp(values, exponents[..., None].to(torch.float32)).reshape(*lead, cols)
     return result if dtype is None else result.to(dtype)
+
+
+# ggml block types decoded on the device: those of the usual GGUF quantizations
+# (Q4_K_M, Q5_K_M, Q6_K, Q8_0, the legacy Q4/Q5 and Q2_K/Q3_K mixes).  Others
+# are decoded on the host (mmapstore.dequant).
+GGML_DEVICE_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
+
+
+def dequantize_ggml(code: str, raw: torch.Tensor, cols: int, *, where: str = "") -> torch.Tensor:
+    """Rows of ggml blocks ``raw`` U8 ``[..., row_nbytes]`` to float32 ``[..., cols]``, on their device.
+
+    The same float32 operations, in the same order, as the numpy reference
+    :func:`mmapstore.dequant.dequantize_ggml` (itself bit-identical to
+    gguf-py), one elementwise kernel each: no fused multiply-add, so the
+    values are bit-identical to it on any device.
+
+    Raises
+    ------
+    FormatError
+        ``code`` is not one of :data:`GGML_DEVICE_TYPES`, or the rows are not
+        ``cols`` values long.
+    """
+    require_torch("dequantize_ggml")
+    import torch
+
+    from .._dtypes import GGML_BLOCK_CODES
+
+    dtype = GGML_BLOCK_CODES.get(code)
+    if code not in GGML_DEVICE_TYPES or dtype is None:
+        raise FormatError(f"{where}: ggml type {code} is not decoded on the device")
+    if raw.dtype != torch.uint8 or cols % dtype.block_elems or raw.shape[-1] != dtype.row_nbytes(cols):
+        raise FormatError(f"{where}: {code} rows {list(raw.shape)} ({raw.dtype}) do not hold {cols} values each")
+    blocks = raw.reshape(-1, dtype.block_nbytes)
+    values = _GGML_KERNELS[code](blocks)
+    return values.reshape(*raw.shape[:-1], cols)
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The f16 at byte ``start`` of each block, as float32 ``[nb, 1]``."""
+    import torch as t
+
+    return blocks[:, start : start + 2].contiguous().view(t.float16).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """``[nb, g, L]`` bytes -> ``[nb, g * 2L]``: per group, low nibbles then high nibbles."""
+    import torch as t
+
+    return t.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+
+
+def _crumbs(packed: torch.Tensor) -> torch.Tensor:
+    """``[nb, g, 32]`` bytes -> ``[nb, g, 4, 32]`` 2-bit values, shift 0, 2, 4, 6."""
+    import torch as t
+
+    return t.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2)
+
+
+def _bits(packed: torch.Tensor) -> torch.Tensor:
+    """``[..., L]`` bytes -> ``[..., 8, L]`` bits, bit ``i`` of every byte in row ``i``."""
+    import torch as t
+
+    return t.stack([(packed >> shift) & 1 for shift in range(8)], dim=-2)
+
+
+def _fifth_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The little-endian u32 at ``start`` as 32 bits (bit ``i``: value ``i``), ``[nb, 32]``."""
+    return _bits(blocks[:, start : start + 4]).transpose(-1, -2).reshape(blocks.shape[0], 32)
+
+
+def _signed(values: torch.Tensor, offset: int) -> torch.Tensor:
+    import torch as t
+
+    return (values.to(t.int16) - offset).float()
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _f16(blocks, 0) * _signed(_nibbles(blocks[:, None, 2:18]), 8)
+
+
+def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    return _f16(blocks, 0) * _nibbles(blocks[:, None, 4:20]).float() + _f16(blocks, 2)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(blocks[:, None, 6:22]) | (_fifth_bits(blocks, 2) << 4)
+    return _f16(blocks, 0) * _signed(q, 16)
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    q = (_nibbles(blocks[:, None, 8:24]) | (_fifth_bits(blocks, 4) << 4)).float()
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    import torch as t
+
+    return blocks[:, 2:34].contiguous().view(t.int8).float() * _f16(blocks, 0)
+
+
+def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    nb = blocks.shape[0]
+    scales = blocks[:, :16]
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    dl = (d * (scales & 0xF).float()).reshape(nb, 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(nb, 16, 1)
+    q = _crumbs(blocks[:, 16:80].reshape(nb, 2, 32)).reshape(nb, 16, 16).float()
+    return (dl * q - ml).reshape(nb, 256)
+
+
+def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    import torch as t
+
+    nb = blocks.shape[0]
+    hmask, packed, scale_bytes = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
+    d = _f16(blocks, 108)
+    low = t.stack((scale_bytes[:, :8] & 0x0F, scale_bytes[:, :8] >> 4), dim=1).reshape(nb, 16)
+    high = t.stack([(scale_bytes[:, 8:] >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(nb, 16)
+    dl = (d * _signed(low | (high << 4), 32)).reshape(nb, 16, 1)
+    ql = _crumbs(packed.reshape(nb, 2, 32)).reshape(nb, 16, 16)
+    qh = _bits(hmask[:, None, :]).reshape(nb, 16, 16)
+    q = (ql.to(t.int16) - ((qh ^ 1) << 2).to(t.int16)).float()  # a clear mask bit subtracts 4
+    return (dl * q).reshape(nb, 256)
+
+
+def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch as t
+
+    d, m, md = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = t.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = t.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scales, mins
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    nb = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    dl = (d * scales.float()).reshape(nb, 8, 1)
+    ml = (dmin * mins.float()).reshape(nb, 8, 1)
+    q = _nibbles(blocks[:, 16:144].reshape(nb, 4, 32)).reshape(nb, 8, 32).float()
+    return (dl * q - ml).reshape(nb, 256)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    nb = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    dl = (d * scales.float()).reshape(nb, 8, 1)
+    ml = (dmin * mins.float()).reshape(nb, 8, 1)
+    qh = _bits(blocks[:, None, 16:48]).reshape(nb, 8, 32)
+    ql = _nibbles(blocks[:, 48:176].reshape(nb, 4, 32)).reshape(nb, 8, 32)
+    return (dl * (ql | (qh << 4)).float() - ml).reshape(nb, 256)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    import torch as t
+
+    nb = blocks.shape[0]
+    scales = blocks[:, 192:208].contiguous().view(t.int8).float()
+    dl = (_f16(blocks, 208) * scales).reshape(nb, 16, 1)
+    ql = _nibbles(blocks[:, :128].reshape(nb, 2, 64)).reshape(nb, 8, 32)
+    qh = _crumbs(blocks[:, 128:192].reshape(nb, 2, 32)).reshape(nb, 8, 32)
+    q = _signed(ql | (qh << 4), 32).reshape(nb, 16, 16)
+    return (dl * q).reshape(nb, 256)
+
+
+_GGML_KERNELS = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}

@@ -12,11 +12,12 @@ the mapping.  All copies are enqueued on the current stream, so kernels
 queued before them finish reading a slot before it is overwritten, and
 kernels queued after them see the new expert.
 
-Quantized experts (MXFP4, FP8 block scales, and every other encoding the
-store serves) are dequantized on the way in: on CUDA, MXFP4 and FP8 move
-only their encoded bytes and scales to the device, by the same copier, and
-are dequantized there after the copies (in stream order); elsewhere the
-store's reference formulas run on the host.  Pools always hold values in
+Quantized experts (MXFP4, FP8 block scales, GGUF's ggml blocks, and every
+other encoding the store serves) are dequantized on the way in: on CUDA,
+MXFP4, FP8 and the common ggml types (:data:`~mmapstore.gpu._dequant.GGML_DEVICE_TYPES`)
+move only their encoded bytes (and scales) to the device, by the same
+copier, and are dequantized there after the copies (in stream order);
+elsewhere the store's reference formulas run on the host.  Pools always hold values in
 the model's dtype.
 
 The runtime does not go through ``TorchSink`` itself: its pools are
@@ -37,6 +38,7 @@ from ._torch import as_tensor, torch_dtype
 
 if TYPE_CHECKING:
     from .._store import ExpertStack
+    from .._store.stack import SourceSpan
     from ..gpu._copier import DeviceCopier
     from ..gpu._jobs import CopyJob, Source
 
@@ -112,8 +114,8 @@ class SlotWriter:
         return destination.numel() * destination.element_size()
 
     def _stage(self, destination: torch.Tensor, stack: ExpertStack, expert: int, orientation: str) -> bool:
-        """Queue an MXFP4 or FP8 slab's encoded bytes and scales for the device
-        to dequantize into ``destination`` at :meth:`flush`; False where it
+        """Queue an MXFP4, FP8 or ggml slab's encoded bytes (and scales) for the
+        device to dequantize into ``destination`` at :meth:`flush`; False where it
         cannot (another encoding, no copier: a CPU pool without one, or
         ``source="direct"``; a part whose view does not start on its element
         size): the caller dequantizes on the host.
@@ -123,9 +125,10 @@ class SlotWriter:
         half (FP8) of the bf16 bytes cross the link.
         """
         kind = stack.encoding.kind
-        if self._copier is None or kind not in ("mxfp4", "fp8_block"):
+        if self._copier is None or kind not in ("mxfp4", "fp8_block", "ggml"):
             return False
-        from ..gpu._jobs import CopyJob
+        if kind == "ggml":
+            return self._stage_ggml(destination, stack, expert, orientation)
 
         # MXFP4 blocks and E8M0 scales are bytes to the kernel; FP8 keeps its types.
         dtypes = {
@@ -140,26 +143,53 @@ class SlotWriter:
         for name, dtype in dtypes.items():
             geometry, itemsize = stack.parts[name], dtype.itemsize
             span = stack.part_span(name, expert)
-            key = (span.mapped.path, span.offset, span.nbytes)
-            staging = self._spans.get(key)  # the gate and up halves of a fused slab share one copy
-            if staging is None:
-                staging = torch.empty(-(-span.nbytes // 8) * 8, dtype=torch.uint8, device=self.device)
-                self._jobs.append(CopyJob(span.mapped, span.offset, span.nbytes, staging[: span.nbytes]))
-                self._spans[key] = staging
-            typed = staging[geometry.view_delta :].view(dtype)
+            typed = self._staging(span)[geometry.view_delta :].view(dtype)
             strides = [stride // itemsize for stride in geometry.slab_strides]
             views[name] = typed.as_strided(geometry.slab_shape, strides)
         self._staged.append((destination, stack, views, orientation))
         return True
 
+    def _staging(self, span: SourceSpan) -> torch.Tensor:
+        """Device bytes that the copier fills with ``span`` at :meth:`flush` (one per file range)."""
+        from ..gpu._jobs import CopyJob
+
+        key = (span.mapped.path, span.offset, span.nbytes)
+        staging = self._spans.get(key)  # the gate and up halves of a fused slab share one copy
+        if staging is None:
+            staging = torch.empty(-(-span.nbytes // 8) * 8, dtype=torch.uint8, device=self.device)
+            self._jobs.append(CopyJob(span.mapped, span.offset, span.nbytes, staging[: span.nbytes]))
+            self._spans[key] = staging
+        return staging
+
+    def _stage_ggml(self, destination: torch.Tensor, stack: ExpertStack, expert: int, orientation: str) -> bool:
+        """Queue a GGUF slab's rows of ggml blocks (one contiguous range per
+        expert) for the device to decode at :meth:`flush`; False for a type
+        the device kernels do not decode, or rows not stored back to back."""
+        from ..gpu._dequant import GGML_DEVICE_TYPES
+
+        geometry = stack.parts["weight"]
+        rows = geometry.slab_shape[0]
+        contiguous = geometry.view_delta == 0 and geometry.extent == geometry.slab_nbytes
+        if geometry.dtype.code not in GGML_DEVICE_TYPES or not contiguous or geometry.slab_nbytes % rows:
+            return False
+        span = stack.part_span("weight", expert)
+        weight = self._staging(span)[: span.nbytes].view(rows, span.nbytes // rows)
+        self._staged.append((destination, stack, {"weight": weight}, orientation))
+        return True
+
     def _dequantize_staged(self) -> None:
-        from ..gpu._dequant import dequantize_fp8_block, dequantize_mxfp4
+        from ..gpu._dequant import dequantize_fp8_block, dequantize_ggml, dequantize_mxfp4
 
         staged, self._staged = self._staged, []
         self._spans = {}
         for destination, stack, views, orientation in staged:
-            weight, scale = views["weight"], views["scale"]
-            if stack.encoding.kind == "mxfp4":
+            weight, scale = views["weight"], views.get("scale")
+            if stack.encoding.kind == "ggml":
+                cols = stack.k if stack.native_orientation == "nk" else stack.n
+                native = dequantize_ggml(stack.parts["weight"].dtype.code, weight, cols, where=stack.name)
+            elif scale is None:  # pragma: no cover - staged MXFP4 and FP8 always carry their scales
+                raise AssertionError(f"{stack.name}: staged without its scales")
+            elif stack.encoding.kind == "mxfp4":
                 cols = stack.k if stack.native_orientation == "nk" else stack.n
                 native = dequantize_mxfp4(weight, scale, cols, where=stack.name)
             else:
