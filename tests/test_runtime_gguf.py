@@ -37,7 +37,14 @@ def _encode(rng: np.random.Generator, values: np.ndarray, qtype) -> np.ndarray:
 
 
 def moe_gguf(
-    path: str, experts_type, others_type, down_type=None, seed: int = 0, family: str = "qwen3_moe", split: int = 0
+    path: str,
+    experts_type,
+    others_type,
+    down_type=None,
+    seed: int = 0,
+    family: str = "qwen3_moe",
+    split: int = 0,
+    width: int | None = None,
 ) -> None:
     """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
     names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
@@ -45,6 +52,8 @@ def moe_gguf(
     common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=VOCAB, intermediate_size=96, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                   max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    if width is not None:
+        common["moe_intermediate_size"] = width
     if family == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, head_dim=16, norm_topk_prob=True)
         arch, gguf_arch = "qwen3moe", gguf.MODEL_ARCH.QWEN3MOE
@@ -226,3 +235,25 @@ def test_a_split_gguf_set_runs_whole_from_its_directory_or_any_part(gguf_files):
         with load_model(entry, capacity=EXPERTS, on_miss="fetch", dtype=torch.float32) as loaded:
             assert loaded.model.config.tie_word_embeddings is False  # output.weight is in the last part
             assert torch.equal(logits(loaded.model, ids), want), entry
+
+
+def test_the_expert_width_the_file_states_is_used(tmp_path):
+    """transformers' GGUF config keeps Qwen3MoeConfig's default expert width (768) whatever the file says; the
+    runtime takes ``qwen3moe.expert_feed_forward_length``.  Oracle: transformers' own GGUF tensor conversion
+    loaded into a stock model built with that width."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from mmapstore.transformers._gguf import read_gguf_config
+
+    path = str(tmp_path / "model.gguf")
+    moe_gguf(path, Q.Q8_0, Q.F16, width=256)
+    config = read_gguf_config(path, transformers)
+    assert config.moe_intermediate_size == 256
+    assert transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="model.gguf").moe_intermediate_size == 768
+    stock = transformers.Qwen3MoeForCausalLM(config).eval()
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=stock)["tensors"]
+    missing, unexpected = stock.load_state_dict(tensors, strict=False)
+    assert not missing and not unexpected
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
+        assert torch.equal(logits(loaded.model, ids), logits(stock, ids))

@@ -61,11 +61,15 @@ def gguf_file(path: str) -> str | None:
 
 def read_gguf_config(path: str, transformers: Any) -> Any:
     """The model config transformers builds from the metadata of ``path``
-    (the first part of a checkpoint), with ``tie_word_embeddings`` decided
-    by transformers' own rule (no ``output.weight``) over *every* part:
-    transformers looks at the first part only, and a split set whose
-    ``output.weight`` lies in a later part would otherwise tie the output
-    layer to the embeddings.
+    (the first part of a checkpoint), with two corrections:
+
+    - ``tie_word_embeddings`` decided by transformers' own rule (no
+      ``output.weight``) over *every* part: transformers looks at the first
+      part only, and a split set whose ``output.weight`` lies in a later
+      part would otherwise tie the output layer to the embeddings;
+    - the expert widths the file states (``{arch}.expert_feed_forward_length``,
+      ``{arch}.expert_shared_feed_forward_length``), which transformers'
+      mapping leaves at the config class's defaults.
 
     Raises
     ------
@@ -79,10 +83,24 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
         raise UnsupportedModelError(f"{path}: transformers cannot build a model from this GGUF file: {exc}") from None
     headers = read_gguf_files(path)
     names = {record.name for header in headers for record in header.tensors}
-    architecture = str(headers[0].metadata.get("general.architecture", ""))
+    metadata = headers[0].metadata
+    architecture = str(metadata.get("general.architecture", ""))
     if architecture not in ("falcon", "bloom"):  # transformers ties those whatever the file holds
         config.tie_word_embeddings = "output.weight" not in names
+    for key, attribute in _EXPERT_WIDTHS.items():
+        value = metadata.get(f"{architecture}.{key}")
+        if isinstance(value, int) and not isinstance(value, bool) and hasattr(config, attribute):
+            setattr(config, attribute, value)
     return config
+
+
+# Expert widths llama.cpp writes and transformers' GGUF config mapping leaves
+# out for the MoE architectures (a Qwen3-235B-A22B file would otherwise get
+# Qwen3MoeConfig's default 768 instead of its 1536).
+_EXPERT_WIDTHS = {
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+}
 
 
 @dataclass(frozen=True, slots=True)
