@@ -46,8 +46,9 @@ def write_gguf(path: str, layers: int, hidden: int, experts: int, width: int) ->
         vocab_size=2048, moe_intermediate_size=width, num_experts=experts, num_experts_per_tok=8,
         norm_topk_prob=True, tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):  # shapes only: the experts would be gigabytes of float32
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rng = np.random.default_rng(0)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, layers)
     writer = gguf.GGUFWriter(path, "qwen3moe")
     writer.add_block_count(layers)
@@ -67,12 +68,9 @@ def write_gguf(path: str, layers: int, hidden: int, experts: int, width: int) ->
     for key, value in model.state_dict().items():
         if ".mlp.experts." not in key:
             base, suffix = key.rsplit(".", 1)
-            array = value.numpy()
-            writer.add_tensor(
-                f"{names.get_name(base)}.{suffix}", array if array.ndim == 1 else array.astype(np.float16)
-            )
-    del model
-    rng = np.random.default_rng(0)
+            shape = tuple(value.shape)
+            array = np.ones(shape, np.float32) if len(shape) == 1 else rng.normal(0, 0.02, shape).astype(np.float16)
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
     q4_k = gguf.GGMLQuantizationType.Q4_K
     for layer in range(layers):
         for proj, (rows, cols) in (("gate", (width, hidden)), ("up", (width, hidden)), ("down", (hidden, width))):
