@@ -100,7 +100,12 @@ def counts_rows(captured: Sequence[object], num_experts: int, labels: Sequence[i
             raise CapturedIdsError(
                 f"MoE layer {label}: expert counts must have shape ({num_experts},), got {array.shape}"
             )
-        if array.dtype.kind == "u" and array.dtype.itemsize == 8 and int(array.max()) > np.iinfo(np.int64).max:
+        if (
+            array.dtype.kind == "u"
+            and array.dtype.itemsize == 8
+            and array.size
+            and int(array.max()) > np.iinfo(np.int64).max
+        ):
             raise CapturedIdsError(f"MoE layer {label}: an expert count does not fit in int64")
         hits[position] = array
     if hits.size and int(hits.min()) < 0:

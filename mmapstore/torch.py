@@ -201,22 +201,25 @@ def expert_counts(captured: Sequence[torch.Tensor], num_experts: int) -> npt.NDA
     torch = require_torch("expert_counts")
     if not captured:
         return np.zeros((0, num_experts), dtype=np.int64)
+    for layer, ids in enumerate(captured):
+        if not isinstance(ids, torch.Tensor):
+            raise CapturedIdsError(
+                f"layer {layer}: captured expert ids must be a torch tensor, got {type(ids).__name__}"
+            )
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise CapturedIdsError(f"layer {layer}: captured expert ids must be integers, got {ids.dtype}")
     devices = {ids.device for ids in captured}
     if len(devices) > 1:
         raise CapturedIdsError(f"captured ids live on several devices: {sorted(map(str, devices))}")
-    for layer, ids in enumerate(captured):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise CapturedIdsError(f"layer {layer}: captured expert ids must be integers, got {ids.dtype}")
-    flat = [ids.reshape(-1).to(torch.int64) for ids in captured]
-    sizes = torch.tensor([item.numel() for item in flat], device=flat[0].device)
-    base = torch.repeat_interleave(torch.arange(len(flat), device=flat[0].device) * num_experts, sizes)
-    ids = torch.cat(flat)
-    # An id out of range lands in another layer's row (or past the end): flag it on the device, check once.
-    bad = ((ids < 0) | (ids >= num_experts)).any().reshape(1).to(torch.int64)
-    counts = torch.bincount((ids + base).clamp(min=0), minlength=len(flat) * num_experts)[: len(flat) * num_experts]
-    host: npt.NDArray[np.int64] = torch.cat([counts, bad]).cpu().numpy().astype(np.int64, copy=False)
-    if host[-1]:
-        for layer, item in enumerate(flat):
+    total = len(captured) * num_experts
+    # Each layer's ids offset into its own row; an id out of range goes to one spare bin past the
+    # rows (so a wild id allocates nothing), and is reported, by layer, after the one copy.
+    rows = [ids.reshape(-1).to(torch.int64) for ids in captured]
+    flat = torch.cat([torch.where((ids >= 0) & (ids < num_experts), ids + layer * num_experts, total)
+                      for layer, ids in enumerate(rows)])  # fmt: skip
+    host: npt.NDArray[np.int64] = torch.bincount(flat, minlength=total + 1).cpu().numpy().astype(np.int64, copy=False)
+    if host[total]:
+        for layer, item in enumerate(rows):
             if item.numel() and (int(item.min()) < 0 or int(item.max()) >= num_experts):
                 raise CapturedIdsError(f"layer {layer}: captured expert id out of range [0, {num_experts})")
-    return host[:-1].reshape(len(flat), num_experts)
+    return host[:total].reshape(len(captured), num_experts)

@@ -505,11 +505,24 @@ def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
     def measured_again(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the second probe of a disk measured it again")
 
+    original = io_probe.probe_reader_config
     monkeypatch.setattr(io_probe, "probe_reader_config", measured_again)
     assert probe_files([path], **grid) == config  # type: ignore[arg-type]
-    # Too few bytes for the probe's slices: the base config, unmeasured.
+    # Too few bytes for the probe's slices: the base config, unmeasured, and not kept for the disk.
     base = ReaderConfig(queue_depth=5)
     assert probe_files([path], base=base, depths=(1, 2), chunks=(1 << 20,)) == base
+    measured: list[object] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        measured.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(io_probe, "probe_reader_config", counting)
+    assert probe_files([path], base=base, **grid) in {
+        base.__class__(queue_depth=d, chunk_nbytes=64 << 10) for d in (1, 2)
+    }  # type: ignore[arg-type]
+    assert len(measured) == 1  # the store that fits the probe is measured, though a smaller one came first
+    monkeypatch.setattr(io_probe, "probe_reader_config", measured_again)
     # A file system that refuses O_DIRECT is not probed (buffered reads would fill the page cache).
     refuse_direct_opens(monkeypatch)
     other = ReaderConfig(queue_depth=6)

@@ -257,3 +257,18 @@ def test_the_expert_width_the_file_states_is_used(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
     with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
         assert torch.equal(logits(loaded.model, ids), logits(stock, ids))
+
+
+def test_a_config_json_beside_a_gguf_file_does_not_make_it_a_safetensors_checkpoint(gguf_files, tmp_path):
+    """The store opens a directory without safetensors as its GGUF file; so does the runtime, config and all."""
+    source = gguf_files["q8_0-experts-f16"]
+    os.link(source, tmp_path / "model.gguf")
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral", "num_local_experts": 3}')
+    ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(9))
+    with load_model(tmp_path, capacity=EXPERTS, on_miss="fetch", dtype=torch.float32) as loaded:
+        assert type(loaded.model).__name__ == "Qwen3MoeForCausalLM"
+        assert torch.equal(logits(loaded.model, ids), logits(reference(source), ids))
+    # A GGUF file by its magic, whatever its name.
+    os.link(source, tmp_path / "weights.bin")
+    with load_model(tmp_path / "weights.bin", capacity=2, dtype=torch.float32) as loaded:
+        assert type(loaded.model).__name__ == "Qwen3MoeForCausalLM"

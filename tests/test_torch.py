@@ -128,3 +128,8 @@ def test_expert_counts_count_on_the_device_what_the_planner_counts_on_the_host(d
             mtorch.expert_counts(wrong, 16)
     with pytest.raises(CapturedIdsError, match="layer 1: .*integers"):
         mtorch.expert_counts([captured[0], captured[1].float()], 16)
+    with pytest.raises(CapturedIdsError, match="layer 0: .*torch tensor"):
+        mtorch.expert_counts([np.array([1, 2])], 16)
+    # A wild id costs one spare bin, not a bincount as long as the id.
+    with pytest.raises(CapturedIdsError, match="layer 1: .*out of range"):
+        mtorch.expert_counts([captured[0].to(device), torch.tensor([2**62], device=device)], 16)

@@ -362,6 +362,27 @@ def test_a_family_without_the_experts_interface_is_refused_by_name(checkpoints, 
         load_model(checkpoints["jetmoe"], capacity=2)
 
 
+def test_llama4_traces_record_the_routers_top_k(checkpoints, tmp_path):
+    """The adapted block hands the layers one row per pair; the trace still records each token's Top-K."""
+    path = checkpoints["llama4_top2"]
+    reference = stock(path)
+    moe = [module for name, module in reference.named_modules() if type(module).__name__ == "Llama4TextMoe"]
+    seen: list[torch.Tensor] = []
+    hook = moe[0].router.register_forward_hook(
+        lambda module, args, out: seen.append(torch.topk(out[1], 2, dim=1).indices)  # (scores, logits)
+    )
+    ids = prompt(batch=1, length=5)
+    try:
+        logits(reference, ids)
+    finally:
+        hook.remove()
+    with load_model(path, capacity=2, trace_path=tmp_path / "t.npz", dtype=torch.float32) as loaded:
+        logits(loaded.model, ids)
+    trace = load_trace(tmp_path / "t.npz")
+    assert trace.num_steps == 1 and len(trace.layer_indices) == 1
+    np.testing.assert_array_equal(trace.step_ids(0)[:, 0, :], seen[0].numpy())
+
+
 @pytest.mark.parametrize("family", ["llama4_text", "llama4_top2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_llama4_runs_only_the_routed_experts_and_matches_the_stock_block(checkpoints, family, dtype):

@@ -129,6 +129,8 @@ class ExpertStore:
         ------
         TensorNotFoundError
             No such tensor.
+        FormatError
+            A dtype with no numpy equivalent (an opaque safetensors code).
         UnsupportedEncodingError
             A block type with no decoder.
         """

@@ -212,9 +212,10 @@ def probe_files(
     Nothing is measured, and ``base`` is the answer, where the files are too
     small for the probe's slices or the file system refuses ``O_DIRECT``
     (a buffered probe would fill the page cache, and could push a user's
-    warm pages out).  The answer is kept per device (``st_dev``) and ``base``
-    for the life of the process, so a second service over the same disk
-    starts at once.
+    warm pages out).  A measured answer is kept per device (``st_dev``) and
+    ``base`` for the life of the process, so a second service over the same
+    disk starts at once; an unmeasured one is not, so a small store opened
+    first does not stand for a large one opened later.
 
     Raises
     ------
@@ -230,9 +231,10 @@ def probe_files(
         if known is not None:
             return known
         result = probe_disk(paths, base=base, depths=depths, chunks=chunks, sample_nbytes=sample_nbytes)
-        config = base if result is None else result.config
-        _probed[key] = config
-        return config
+        if result is None:  # not measured (too small, or no O_DIRECT): a later, larger store may be
+            return base
+        _probed[key] = result.config
+        return result.config
 
 
 def probe_disk(

@@ -33,7 +33,8 @@ import numpy.typing as npt
 
 from .._errors import FormatError, UnsupportedModelError
 from .._store import ExpertStore
-from ..formats import read_gguf_files
+from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
+from ..formats._checkpoint import INDEX_NAME
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -42,21 +43,29 @@ _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight
 
 
 def gguf_file(path: str) -> str | None:
-    """The first part of the GGUF checkpoint ``path`` names (a ``.gguf`` file,
-    any part of a split set, or a directory without ``config.json`` holding
-    one file or one split set), else None (a Hugging Face directory).
+    """The first part of the GGUF checkpoint at ``path``, or None where the
+    store opens something else there (the same rule as
+    :func:`~mmapstore.formats.read_checkpoint`): a file that starts with the
+    GGUF magic (a single file or any part of a split set), or a directory
+    with no manifest, index or ``*.safetensors`` file that holds one GGUF
+    file or one split set.  A ``config.json`` beside GGUF files does not
+    change that: the tensors are the GGUF's, so its metadata is the config.
 
     Raises
     ------
     FormatError
         A GGUF checkpoint that is not whole (see :func:`read_gguf_files`).
     """
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return read_gguf_files(path)[0].path
-    holds_gguf = os.path.isdir(path) and any(name.endswith(".gguf") for name in os.listdir(path))
-    if holds_gguf and not os.path.isfile(os.path.join(path, "config.json")):
-        return read_gguf_files(path)[0].path
-    return None
+    if os.path.isfile(path):
+        return read_gguf_files(path)[0].path if is_gguf(path) else None
+    if not os.path.isdir(path):
+        return None
+    names = os.listdir(path)
+    if MANIFEST_NAME in names or INDEX_NAME in names or any(name.endswith(".safetensors") for name in names):
+        return None
+    if not any(name.endswith(".gguf") for name in names):
+        return None
+    return read_gguf_files(path)[0].path
 
 
 def read_gguf_config(path: str, transformers: Any) -> Any:

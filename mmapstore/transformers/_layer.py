@@ -234,8 +234,20 @@ class LayerRuntime:
             self.counters.refreshes += 1
 
     # -- forward ----------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts' output for ``hidden [tokens, H]``, like transformers' backends."""
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        router_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The routed experts' output for ``hidden [tokens, H]``, like transformers' backends.
+
+        ``router_ids``: the router's ``[tokens, top_k]`` ids, where ``hidden`` holds
+        one row per pair (``top_k_index [tokens * top_k, 1]``: Llama-4 scales
+        each pair's input); the trace records those.
+        """
         num_tokens, top_k = top_k_index.shape
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
@@ -246,7 +258,8 @@ class LayerRuntime:
         rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)
         hits = count_hits(flat, self.layout.num_experts)
         if self.recorder is not None:
-            self.recorder(self.position, ids)
+            recorded = ids if router_ids is None else router_ids.detach().to("cpu", torch.int64).numpy()
+            self.recorder(self.position, recorded)
         self._last_used[hits > 0] = self.state.forward
         self.counters.pairs += flat.size
         # Every pair's expert output lands in its row of `out`; the weighted sum over top-k runs once at the end,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._backend import mmapstore_experts_forward
+from ._backend import LAYER_ATTRIBUTE, mmapstore_experts_forward
 
 __all__ = ["adapt_llama4"]
 
@@ -51,7 +51,11 @@ def _routed_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tenso
     scores = torch.sigmoid(top_value.float()).to(logits.dtype)
     pair_inputs = (hidden.unsqueeze(1) * scores.unsqueeze(-1)).reshape(-1, self.hidden_dim)
     unit = torch.ones((pair_inputs.shape[0], 1), dtype=pair_inputs.dtype, device=pair_inputs.device)
-    routed = mmapstore_experts_forward(self.experts, pair_inputs, top_index.reshape(-1, 1), unit)
+    layer = getattr(self.experts, LAYER_ATTRIBUTE, None)
+    if layer is None:
+        routed = mmapstore_experts_forward(self.experts, pair_inputs, top_index.reshape(-1, 1), unit)  # refuses
+    else:
+        routed = layer.forward(pair_inputs, top_index.reshape(-1, 1), unit, router_ids=top_index)
     out: torch.Tensor = self.shared_expert(hidden)
     out.add_(routed.view(-1, self.top_k, self.hidden_dim).sum(dim=1))
     return out, logits

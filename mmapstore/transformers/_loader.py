@@ -63,13 +63,15 @@ def load_model(
     capture_trace: bool = False,
     source: Source = "auto",
 ) -> OffloadedModel:
-    """Open a Hugging Face MoE checkpoint directory with its routed experts served from the store.
+    """Open a Hugging Face MoE checkpoint (or GGUF file) with its routed experts served from the store.
 
     Parameters
     ----------
     checkpoint
         A directory with ``config.json`` and safetensors weights (single or
-        sharded), as ``save_pretrained`` writes it.
+        sharded), as ``save_pretrained`` writes it; or a GGUF checkpoint (a
+        file, any part of a split set, or a directory of one), read as
+        :mod:`mmapstore.transformers._gguf` describes.
     capacity
         Experts per MoE layer held on the device: one number for every
         layer, or one per MoE layer.  ``None`` with no budget: all experts.
@@ -120,7 +122,7 @@ def load_model(
         A device that does not exist, a budget or capacity below one expert
         per layer, an unwritable trace path, or bad arguments.
     FormatError
-        No ``config.json``, expert stacks that disagree with the model, or a
+        No ``config.json`` (in a checkpoint that is not GGUF), expert stacks that disagree with the model, or a
         non-expert weight the checkpoint lacks.
     """
     import transformers
