@@ -520,7 +520,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_cmd_bench)
 
     run = commands.add_parser("run", help="generate with a transformers MoE model, experts served from the store")
-    run.add_argument("checkpoint", help="a Hugging Face MoE checkpoint directory")
+    run.add_argument(
+        "checkpoint", help="a Hugging Face MoE checkpoint directory, or a GGUF file (or split set, or its directory)"
+    )
     prompt = run.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids")

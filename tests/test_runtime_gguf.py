@@ -3,6 +3,7 @@ transformers' own GGUF loader decodes it; logits compared with ``from_pretrained
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -45,6 +46,7 @@ def moe_gguf(
     family: str = "qwen3_moe",
     split: int = 0,
     width: int | None = None,
+    tokenizer: tuple[list[str], list[str], int] | None = None,
 ) -> None:
     """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
     names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
@@ -54,6 +56,8 @@ def moe_gguf(
                   max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
     if width is not None:
         common["moe_intermediate_size"] = width
+    if tokenizer is not None:
+        common["vocab_size"] = len(tokenizer[0])
     if family == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, head_dim=16, norm_topk_prob=True)
         arch, gguf_arch = "qwen3moe", gguf.MODEL_ARCH.QWEN3MOE
@@ -82,7 +86,16 @@ def moe_gguf(
     writer.add_expert_count(EXPERTS)
     writer.add_expert_used_count(TOP_K)
     writer.add_expert_feed_forward_length(inter)
-    writer.add_vocab_size(VOCAB)
+    writer.add_vocab_size(common["vocab_size"])
+    if tokenizer is not None:  # what llama.cpp's converter writes for a Qwen byte-level BPE
+        tokens, merges, eos = tokenizer
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if index == eos else 1 for index in range(len(tokens))])
+        writer.add_token_merges(merges)
+        writer.add_eos_token_id(eos)
+        writer.add_bos_token_id(eos)
 
     def add(name: str, values: np.ndarray, qtype) -> None:
         encoded = _encode(rng, values, qtype)
@@ -272,3 +285,34 @@ def test_a_config_json_beside_a_gguf_file_does_not_make_it_a_safetensors_checkpo
     os.link(source, tmp_path / "weights.bin")
     with load_model(tmp_path / "weights.bin", capacity=2, dtype=torch.float32) as loaded:
         assert type(loaded.model).__name__ == "Qwen3MoeForCausalLM"
+
+
+def byte_level_bpe() -> tuple[list[str], list[str], int, object]:
+    """A tiny byte-level BPE trained offline by the tokenizers library: tokens, merges, eos id, tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library trains the GGUF's vocabulary")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+    )
+    bpe.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = [
+        " ".join(pair) if isinstance(pair, list) else pair for pair in json.loads(bpe.to_str())["model"]["merges"]
+    ]
+    return tokens, merges, vocab["<|endoftext|>"], bpe
+
+
+def test_run_takes_a_text_prompt_through_the_tokenizer_the_gguf_file_carries(tmp_path, capsys):
+    tokens, merges, eos, bpe = byte_level_bpe()
+    path = str(tmp_path / "model.gguf")
+    moe_gguf(path, Q.Q8_0, Q.F16, tokenizer=(tokens, merges, eos))
+    args = ["run", path, "--device", "cpu", "--prompt", "hello world, the lazy fox", "--max-new-tokens", "3"]
+    assert main([*args, "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt_tokens"] == len(bpe.encode("hello world, the lazy fox").ids) > 1
+    assert result["new_tokens"] == 3 and result["text"] == bpe.decode(result["new_ids"])
