@@ -47,13 +47,14 @@ def moe_gguf(
     split: int = 0,
     width: int | None = None,
     tokenizer: tuple[list[str], list[str], int] | None = None,
+    tied: bool = False,
 ) -> None:
     """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
     names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
     are the config classes' defaults: transformers reads none from these GGUF architectures."""
     common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=VOCAB, intermediate_size=96, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-                  max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+                  max_position_embeddings=256, tie_word_embeddings=tied)  # fmt: skip
     if width is not None:
         common["moe_intermediate_size"] = width
     if tokenizer is not None:
@@ -102,7 +103,7 @@ def moe_gguf(
         writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
 
     for key, value in model.state_dict().items():
-        if ".mlp.experts." not in key:
+        if ".mlp.experts." not in key and not (tied and key == "lm_head.weight"):  # tied: no output.weight
             base, suffix = key.rsplit(".", 1)
             name = names.get_name(base)
             values = value.numpy().reshape(-1) if name.endswith("ffn_gate_inp_shexp") else value.numpy()  # [H] in GGUF
@@ -316,3 +317,13 @@ def test_run_takes_a_text_prompt_through_the_tokenizer_the_gguf_file_carries(tmp
     result = json.loads(capsys.readouterr().out)
     assert result["prompt_tokens"] == len(bpe.encode("hello world, the lazy fox").ids) > 1
     assert result["new_tokens"] == 3 and result["text"] == bpe.decode(result["new_ids"])
+
+
+def test_a_gguf_without_an_output_layer_ties_it_to_the_embeddings(tmp_path):
+    path = str(tmp_path / "model.gguf")
+    moe_gguf(path, Q.Q8_0, Q.F16, tied=True)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(10))
+    with load_model(path, capacity=EXPERTS, on_miss="fetch", dtype=torch.float32) as loaded:
+        assert loaded.model.config.tie_word_embeddings is True
+        assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(logits(loaded.model, ids), logits(reference(path), ids))
