@@ -237,22 +237,24 @@ def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, mins
 
 
+def _k_steps(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: each 32-value group's scale ``d * sc`` and offset ``dmin * m``, ``[nb, 8, 1]``."""
+    nb = blocks.shape[0]
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    dl = (_f16(blocks, 0) * scales.float()).reshape(nb, 8, 1)
+    return dl, (_f16(blocks, 2) * mins.float()).reshape(nb, 8, 1)
+
+
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     nb = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k_scales_mins(blocks[:, 4:16])
-    dl = (d * scales.float()).reshape(nb, 8, 1)
-    ml = (dmin * mins.float()).reshape(nb, 8, 1)
+    dl, ml = _k_steps(blocks)
     q = _nibbles(blocks[:, 16:144].reshape(nb, 4, 32)).reshape(nb, 8, 32).float()
     return (dl * q - ml).reshape(nb, 256)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     nb = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k_scales_mins(blocks[:, 4:16])
-    dl = (d * scales.float()).reshape(nb, 8, 1)
-    ml = (dmin * mins.float()).reshape(nb, 8, 1)
+    dl, ml = _k_steps(blocks)
     qh = _bits(blocks[:, None, 16:48]).reshape(nb, 8, 32)
     ql = _nibbles(blocks[:, 48:176].reshape(nb, 4, 32)).reshape(nb, 8, 32)
     return (dl * (ql | (qh << 4)).float() - ml).reshape(nb, 256)
