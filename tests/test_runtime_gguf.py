@@ -236,6 +236,8 @@ def test_gguf_on_cuda_matches_transformers_gguf_loader_on_the_device(gguf_files)
         torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
         stats = loaded.stats()
     assert stats.fetched_pairs > 0 and stats.cpu_pairs == 0
+    with load_model(path, capacity=2, device="cuda") as loaded:  # no dtype: bfloat16 pools on CUDA
+        assert {layer.dtype for layer in loaded.layers} == {torch.bfloat16}
 
 
 def test_a_split_gguf_set_runs_whole_from_its_directory_or_any_part(gguf_files):
@@ -317,6 +319,7 @@ def test_run_takes_a_text_prompt_through_the_tokenizer_the_gguf_file_carries(tmp
     result = json.loads(capsys.readouterr().out)
     assert result["prompt_tokens"] == len(bpe.encode("hello world, the lazy fox").ids) > 1
     assert result["new_tokens"] == 3 and result["text"] == bpe.decode(result["new_ids"])
+    assert result["dtype"] == "float32"  # a GGUF names no compute dtype: float32 on the CPU, bfloat16 on CUDA
 
 
 def test_a_gguf_without_an_output_layer_ties_it_to_the_embeddings(tmp_path):

@@ -95,7 +95,8 @@ def load_model(
         Where the non-expert weights and the pools live (``"cpu"``, ``"cuda:0"``...).
     dtype
         Compute dtype (a ``torch.dtype`` or its name); default: ``config.json``'s,
-        else float32.
+        else float32 (a GGUF file, which names none: bfloat16 on CUDA, float32
+        on the CPU).
     trace_path
         Capture every MoE layer's Top-K ids and write them there (a trace
         ``mmapstore simulate --trace`` replays) on :meth:`OffloadedModel.close`.
@@ -139,6 +140,8 @@ def load_model(
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = gguf_file(path)
     config, quantized = (read_gguf_config(gguf, transformers), None) if gguf else _read_config(path, transformers)
+    if dtype is None and gguf and target.type == "cuda":
+        dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
     compute_dtype = _dtype(dtype, config)
     model = _meta_model(path, config, compute_dtype, transformers)
 
