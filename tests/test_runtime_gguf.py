@@ -330,3 +330,17 @@ def test_a_gguf_without_an_output_layer_ties_it_to_the_embeddings(tmp_path):
         assert loaded.model.config.tie_word_embeddings is True
         assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
         assert torch.equal(logits(loaded.model, ids), logits(reference(path), ids))
+
+
+def test_a_tensor_in_a_type_without_a_decoder_is_refused_before_any_weight_is_read(gguf_files, monkeypatch):
+    from mmapstore import UnsupportedEncodingError
+    from mmapstore.transformers import _gguf
+
+    def no_reads(self, name, *args, **kwargs):
+        raise AssertionError(f"{name} was read before the file was refused")
+
+    monkeypatch.setattr(ExpertStore, "values", no_reads)
+    # As if Q8_0 were a type without a decoder (the IQ grid types are; they need rows this fixture lacks).
+    monkeypatch.setattr(_gguf, "can_dequantize", lambda dtype: dtype.code != "Q8_0")
+    with pytest.raises(UnsupportedEncodingError, match=r"model\.gguf: tensor 'blk\.0\.ffn_gate_exps\.weight' is Q8_0"):
+        load_model(gguf_files["q8_0-experts-f16"], capacity=2, dtype=torch.float32)

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import FormatError, UnsupportedModelError
+from .._errors import FormatError, UnsupportedEncodingError, UnsupportedModelError
 from .._store import ExpertStore
+from ..dequant import DEQUANTIZABLE, can_dequantize
 from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
 from ..formats._checkpoint import INDEX_NAME
 
@@ -151,18 +152,28 @@ class GgufSource:
     def plan(
         self, store: ExpertStore, served_layers: Iterable[int], expert_prefixes: tuple[str, ...]
     ) -> dict[str, str]:
-        """``model key -> GGUF tensor`` for every tensor the model takes, the served experts left out."""
+        """``model key -> GGUF tensor`` for every tensor the model takes, the served experts left out.
+
+        Raises
+        ------
+        UnsupportedEncodingError
+            A tensor the model takes (a served expert included) is in a ggml
+            type no decoder here reads (the IQ grid types, say): refused
+            before any weight is read.
+        """
         served = set(served_layers)
         plan: dict[str, str] = {}
         for tensor in store.tensors:
             match = _EXPERTS.fullmatch(tensor)
             if match is not None and int(match.group(1)) in served:
+                _check_decodable(store, tensor)
                 continue
             key = self.names.get(tensor)
             if key is None or key.startswith(expert_prefixes):
                 continue  # a tensor the model has no place for, as transformers skips it
             if key in plan:
                 raise FormatError(f"{self.path}: tensors {plan[key]!r} and {tensor!r} both map to {key!r}")
+            _check_decodable(store, tensor)
             plan[key] = tensor
         return plan
 
@@ -173,3 +184,12 @@ class GgufSource:
         if name != tensor:
             raise FormatError(f"{self.path}: tensor {tensor!r} is not a model weight on its own (it became {name!r})")
         return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _check_decodable(store: ExpertStore, tensor: str) -> None:
+    record = store.checkpoint.tensors[tensor]
+    if record.dtype.is_block and not can_dequantize(record.dtype):
+        raise UnsupportedEncodingError(
+            f"{record.path}: tensor {tensor!r} is {record.dtype.code}, a ggml type mmapstore cannot decode; "
+            f"decodable: {', '.join(sorted(DEQUANTIZABLE))}"
+        )
