@@ -49,7 +49,7 @@ def moe_gguf(
     tokenizer: tuple[list[str], list[str], int] | None = None,
     tied: bool = False,
 ) -> None:
-    """A Qwen3-MoE (or Qwen2-MoE, with its shared expert) GGUF written with gguf-py's writer under llama.cpp's
+    """A Qwen3-MoE (or Qwen2-MoE with its shared expert, or MiniMax-M2) GGUF written with gguf-py's writer under llama.cpp's
     names and metadata: the non-expert weights of a random transformers model, random experts.  Expert widths
     are the config classes' defaults: transformers reads none from these GGUF architectures."""
     common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
@@ -62,10 +62,15 @@ def moe_gguf(
     if family == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, head_dim=16, norm_topk_prob=True)
         arch, gguf_arch = "qwen3moe", gguf.MODEL_ARCH.QWEN3MOE
-    else:
+    elif family == "qwen2_moe":
         config = transformers.Qwen2MoeConfig(**common)
         arch, gguf_arch = "qwen2moe", gguf.MODEL_ARCH.QWEN2MOE
-    inter = config.moe_intermediate_size
+    else:  # MiniMax-M2: sigmoid routing with a score-correction bias; the expert width is intermediate_size
+        common = {key: value for key, value in common.items() if key != "num_experts"}
+        common |= {"intermediate_size": 96, "num_local_experts": EXPERTS, "bos_token_id": 0, "eos_token_id": 1}
+        config = transformers.MiniMaxM2Config(**common, head_dim=16, rotary_dim=8)
+        arch, gguf_arch = "minimax-m2", gguf.MODEL_ARCH.MINIMAXM2
+    inter = getattr(config, "moe_intermediate_size", config.intermediate_size)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rng = np.random.default_rng(seed)
@@ -77,10 +82,13 @@ def moe_gguf(
     writer.add_feed_forward_length(96)
     writer.add_head_count(4)
     writer.add_head_count_kv(2)
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "minimax_m2"):
         writer.add_key_length(16)
         writer.add_value_length(16)
-    else:
+    if family == "minimax_m2":
+        writer.add_rope_dimension_count(8)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    elif family == "qwen2_moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_rope_freq_base(1e6)
     writer.add_layer_norm_rms_eps(1e-6)
@@ -105,7 +113,11 @@ def moe_gguf(
     for key, value in model.state_dict().items():
         if ".mlp.experts." not in key and not (tied and key == "lm_head.weight"):  # tied: no output.weight
             base, suffix = key.rsplit(".", 1)
-            name = names.get_name(base)
+            if suffix == "e_score_correction_bias":  # llama.cpp writes it as blk.N.exp_probs_b.bias
+                name, suffix = f"blk.{base.split('.')[2]}.exp_probs_b", "bias"
+                value = 0.02 * torch.randn(value.shape, generator=torch.Generator().manual_seed(seed))  # visible, small
+            else:
+                name = names.get_name(base)
             values = value.numpy().reshape(-1) if name.endswith("ffn_gate_inp_shexp") else value.numpy()  # [H] in GGUF
             add(f"{name}.{suffix}", values, Q.F32 if values.ndim == 1 else others_type)
     for layer in range(LAYERS):
@@ -124,6 +136,7 @@ TYPES = {
     "q4_0-experts-q6_k-down-q8_0": (Q.Q4_0, Q.Q8_0, Q.Q6_K, "qwen3_moe"),
     "f16-experts-f32": (Q.F16, Q.F32, None, "qwen3_moe"),
     "qwen2_moe-shared-expert-q8_0": (Q.Q8_0, Q.Q8_0, None, "qwen2_moe"),
+    "minimax_m2-q8_0": (Q.Q8_0, Q.F16, None, "minimax_m2"),
 }
 SPLIT = "q4_0-experts-q6_k-down-q8_0"
 
@@ -170,7 +183,9 @@ def test_gguf_logits_equal_transformers_gguf_loader(gguf_files, types, monkeypat
     monkeypatch.setattr(ExpertStore, "values", recording)
     for capacity, on_miss in ((2, "cpu"), (2, "fetch"), (EXPERTS, "fetch")):
         with load_model(path, capacity=capacity, on_miss=on_miss, dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == ("Qwen2MoeForCausalLM" if "qwen2" in types else "Qwen3MoeForCausalLM")
+            families = {"qwen2": "Qwen2MoeForCausalLM", "minimax": "MiniMaxM2ForCausalLM"}
+            want_class = next((name for key, name in families.items() if key in types), "Qwen3MoeForCausalLM")
+            assert type(loaded.model).__name__ == want_class
             got = logits(loaded.model, ids)
             if on_miss == "fetch":  # every pair through the pools: the stock backend's kernels
                 assert torch.equal(got, want), capacity
