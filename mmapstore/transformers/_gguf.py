@@ -2,7 +2,7 @@
 
 transformers reads a GGUF file (``from_pretrained(dir, gguf_file=...)``) by
 dequantizing *every* tensor into a full model: the routed experts of a
-Qwen3-30B-A3B at Q4_K_M become 60 GB of floats.  The runtime takes from
+Qwen3-30B-A3B at Q4_K_M (17 GB) become about 60 GB of bfloat16.  The runtime takes from
 transformers only what describes the model, and serves the bytes itself:
 
 - the config, as ``AutoConfig.from_pretrained(dir, gguf_file=...)`` builds
