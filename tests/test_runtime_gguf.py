@@ -359,3 +359,125 @@ def test_a_tensor_in_a_type_without_a_decoder_is_refused_before_any_weight_is_re
     monkeypatch.setattr(_gguf, "can_dequantize", lambda dtype: dtype.code != "Q8_0")
     with pytest.raises(UnsupportedEncodingError, match=r"model\.gguf: tensor 'blk\.0\.ffn_gate_exps\.weight' is Q8_0"):
         load_model(gguf_files["q8_0-experts-f16"], capacity=2, dtype=torch.float32)
+
+
+def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0):
+    """A DeepSeek-V3 GGUF written as llama.cpp's converter writes one (``deepseek2``: MLA as one key/value
+    head, ``kv_b_proj`` split into ``attn_k_b`` (transposed per head) and ``attn_v_b`` unless ``split_kv_b``
+    is false (older files), ``exp_probs_b.bias``, experts stacked per projection).  Returns the random
+    transformers model whose weights it holds: the reference."""
+    config = transformers.DeepseekV3Config(
+        hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+        moe_intermediate_size=32, intermediate_size=96, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name or "e_score_correction_bias" in name:
+                parameter.normal_(0.0, 0.2 if "experts" in name else 0.02)
+    rng = np.random.default_rng(seed)
+    layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, layers)
+    writer = gguf.GGUFWriter(path, "deepseek2")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(1)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(VOCAB)
+    writer.add_leading_dense_block_count(1)
+    writer.add_q_lora_rank(48)
+    writer.add_kv_lora_rank(32)
+    writer.add_key_length(32 + 8)
+    writer.add_value_length(32)
+    writer.add_key_length_mla(16 + 8)
+    writer.add_value_length_mla(16)
+    writer.add_expert_feed_forward_length(32)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_shared_count(1)
+    writer.add_expert_weights_scale(2.5)
+    writer.add_expert_weights_norm(True)
+    writer.add_rope_dimension_count(8)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_expert_group_count(2)
+    writer.add_expert_group_used_count(1)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+    def add(name: str, values: np.ndarray, qtype=Q.F32) -> None:
+        encoded = _encode(rng, values, qtype)
+        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("mlp.experts.gate_up_proj"):
+            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
+        elif key.endswith("mlp.experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
+        elif key.endswith("e_score_correction_bias"):
+            add(f"blk.{layer}.exp_probs_b.bias", array)
+        elif key.endswith("kv_b_proj.weight") and split_kv_b:  # the converter's split, k_b transposed
+            kv_b = array.reshape(4, 16 + 16, 32)
+            add(f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :16].transpose(0, 2, 1)))
+            add(f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, 16:]))
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False], ids=["k_b-v_b", "kv_b"])
+def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, split_kv_b):
+    """transformers builds no model from a deepseek2 GGUF; the runtime reads it as llama.cpp writes it."""
+    path = str(tmp_path / "model.gguf")
+    stock = deepseek_gguf(path, split_kv_b=split_kv_b)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
+    want = logits(stock, ids)
+    for capacity in (2, EXPERTS):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == "DeepseekV3ForCausalLM"
+            config = loaded.model.config
+            assert (config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank, config.q_lora_rank) == (
+                16,
+                16,
+                32,
+                48,
+            )
+            assert torch.equal(logits(loaded.model, ids), want), capacity
+            assert len(loaded.layers) == 2  # the first layer is dense
+    assert torch.equal(greedy_tokens(path, ids), greedy_tokens_of(stock, ids))
+
+
+def greedy_tokens(path: str, ids):
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded, torch.no_grad():
+        return loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+
+
+def greedy_tokens_of(model, ids):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+
+
+def test_deepseek_v2_softmax_routing_is_refused_by_name(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "deepseek2")
+    writer.add_block_count(1)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="softmax routing"):
+        load_model(tmp_path / "model.gguf", capacity=2)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from .._store import ExpertStore
 from ..dequant import DEQUANTIZABLE, can_dequantize
 from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
 from ..formats._checkpoint import INDEX_NAME
+from . import _gguf_deepseek as deepseek
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -87,14 +88,20 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
         transformers does not read this GGUF architecture (or the gguf
         package is missing).
     """
-    try:
-        config = transformers.AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    except (ValueError, KeyError, NotImplementedError, ImportError) as exc:
-        raise UnsupportedModelError(f"{path}: transformers cannot build a model from this GGUF file: {exc}") from None
     headers = read_gguf_files(path)
     names = {record.name for header in headers for record in header.tensors}
     metadata = headers[0].metadata
     architecture = str(metadata.get("general.architecture", ""))
+    if architecture == deepseek.ARCHITECTURE:  # transformers builds none: read as llama.cpp wrote it
+        config = deepseek.deepseek_config(path, metadata, transformers)
+    else:
+        try:
+            directory, name = os.path.dirname(path) or ".", os.path.basename(path)
+            config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+        except (ValueError, KeyError, NotImplementedError, ImportError) as exc:
+            raise UnsupportedModelError(
+                f"{path}: transformers cannot build a model from this GGUF file: {exc}"
+            ) from None
     if architecture not in ("falcon", "bloom"):  # transformers ties those whatever the file holds
         config.tie_word_embeddings = "output.weight" not in names
     for key, attribute in _EXPERT_WIDTHS.items():
@@ -120,10 +127,16 @@ class GgufSource:
     path: str
     names: dict[str, str]  # GGUF tensor name -> model key
     process: Callable[[npt.NDArray[np.float32], str], tuple[npt.NDArray[np.float32], str | None]]
+    pairs: dict[str, str] = field(default_factory=dict)  # attn_k_b -> attn_v_b: joined into kv_b_proj
 
     @classmethod
     def for_model(cls, path: str, model: Any, store: ExpertStore) -> GgufSource:
-        """The name map and processor transformers' own GGUF loader would use."""
+        """The name map and processor transformers' own GGUF loader would use
+        (for ``deepseek2`` files: :mod:`._gguf_deepseek`)."""
+        architecture = str((store.checkpoint.metadata or {}).get("general.architecture", ""))
+        if architecture == deepseek.ARCHITECTURE:
+            joined, pairs = deepseek.deepseek_names(model, set(store.tensors))
+            return cls(path, joined, lambda values, name: (values, name), pairs)
         try:
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,
@@ -133,7 +146,6 @@ class GgufSource:
             )
         except ImportError as exc:  # pragma: no cover - transformers moved its GGUF helpers
             raise UnsupportedModelError(f"{path}: this transformers has no GGUF loader to follow: {exc}") from None
-        architecture = str((store.checkpoint.metadata or {}).get("general.architecture", ""))
         raw_config = load_gguf_checkpoint(path, return_tensors=False)["config"]
         processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=raw_config)
         try:
@@ -174,12 +186,18 @@ class GgufSource:
             if key in plan:
                 raise FormatError(f"{self.path}: tensors {plan[key]!r} and {tensor!r} both map to {key!r}")
             _check_decodable(store, tensor)
+            if tensor in self.pairs:
+                _check_decodable(store, self.pairs[tensor])
             plan[key] = tensor
         return plan
 
     def values(self, store: ExpertStore, tensor: str) -> npt.NDArray[np.float32]:
         """A tensor's values as the model takes them: decoded, then the architecture's fix-up."""
         decoded: npt.NDArray[np.float32] = store.values(tensor, np.float32).astype(np.float32, copy=False)
+        partner = self.pairs.get(tensor)
+        if partner is not None:
+            v_b: npt.NDArray[np.float32] = store.values(partner, np.float32).astype(np.float32, copy=False)
+            return deepseek.join_kv_b(f"{self.path}: {tensor}", decoded, v_b)
         values, name = self.process(decoded, tensor)
         if name != tensor:
             raise FormatError(f"{self.path}: tensor {tensor!r} is not a model weight on its own (it became {name!r})")

@@ -1,0 +1,142 @@
+"""DeepSeek-V3 and Kimi-K2 GGUF files (llama.cpp's ``deepseek2`` architecture).
+
+transformers builds no model from a ``deepseek2`` GGUF file, so this module
+reads what llama.cpp's converter (``DeepseekV2Model`` in
+``convert_hf_to_gguf.py``) writes back into a ``DeepseekV3Config`` and the
+model's weights:
+
+- MLA is written as MQA with one key/value head (``head_count_kv = 1``,
+  ``key_length = kv_lora_rank + rope``, ``value_length = kv_lora_rank``);
+  the per-head sizes are ``key_length_mla`` (``nope + rope``) and
+  ``value_length_mla`` (older files: ``key_length``/``value_length``);
+- ``kv_b_proj [heads * (nope + v), kv_lora_rank]`` is written split, as
+  ``attn_k_b [heads, kv_lora_rank, nope]`` (each head's key part,
+  transposed) and ``attn_v_b [heads, v, kv_lora_rank]``; older files hold
+  ``attn_kv_b`` whole.  Both are read back;
+- the router's score-correction bias is ``exp_probs_b.bias``;
+- routing scale, top-k normalization and expert groups are
+  ``expert_weights_scale``, ``expert_weights_norm``,
+  ``expert_group_count``/``expert_group_used_count``; YaRN scaling is
+  ``rope.scaling.*`` with ``yarn_log_multiplier = 0.1 * mscale_all_dim``.
+
+Softmax routing (``expert_gating_func = 1``: DeepSeek-V2 files) is refused:
+transformers' DeepSeek-V3 model routes with sigmoid scores.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._errors import FormatError, UnsupportedModelError
+
+__all__ = ["ARCHITECTURE", "deepseek_config", "deepseek_names", "join_kv_b"]
+
+ARCHITECTURE = "deepseek2"
+_GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
+_K_B = re.compile(r"blk\.(\d+)\.attn_k_b\.weight")
+
+
+def _int(metadata: dict[str, object], key: str, path: str, default: int | None = None) -> int:
+    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be an integer, found {value!r}")
+    return value
+
+
+def _float(metadata: dict[str, object], key: str, default: float) -> float:
+    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def deepseek_config(path: str, metadata: dict[str, object], transformers: Any) -> Any:
+    """A ``DeepseekV3Config`` from a ``deepseek2`` GGUF file's metadata.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Softmax routing (a DeepSeek-V2 file).
+    FormatError
+        A size the model needs is missing or not an integer.
+    """
+    gating = _int(metadata, "expert_gating_func", path, _GATING_SIGMOID)
+    if gating != _GATING_SIGMOID:
+        raise UnsupportedModelError(
+            f"{path}: {ARCHITECTURE}.expert_gating_func is {gating} (softmax routing, DeepSeek-V2); transformers' "
+            "DeepSeek-V3 model routes with sigmoid scores"
+        )
+    heads = _int(metadata, "attention.head_count", path)
+    rope = _int(metadata, "rope.dimension_count", path)
+    key_mla = metadata.get(f"{ARCHITECTURE}.attention.key_length_mla")
+    key = _int(metadata, "attention.key_length_mla" if key_mla is not None else "attention.key_length", path)
+    value_mla = metadata.get(f"{ARCHITECTURE}.attention.value_length_mla")
+    value = _int(metadata, "attention.value_length_mla" if value_mla is not None else "attention.value_length", path)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = metadata.get(f"{ARCHITECTURE}.vocab_size", len(tokens) if isinstance(tokens, list) else None)
+    q_lora = metadata.get(f"{ARCHITECTURE}.attention.q_lora_rank")
+    rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": _float(metadata, "rope.freq_base", 1e4)}
+    if metadata.get(f"{ARCHITECTURE}.rope.scaling.type") == "yarn":
+        rope_parameters |= {
+            "rope_type": "yarn",
+            "factor": _float(metadata, "rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": _int(metadata, "rope.scaling.original_context_length", path),
+            "mscale_all_dim": _float(metadata, "rope.scaling.yarn_log_multiplier", 0.0) / 0.1,
+            "mscale": 1.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        }
+    return transformers.DeepseekV3Config(
+        vocab_size=vocab,
+        hidden_size=_int(metadata, "embedding_length", path),
+        intermediate_size=_int(metadata, "feed_forward_length", path),
+        moe_intermediate_size=_int(metadata, "expert_feed_forward_length", path),
+        num_hidden_layers=_int(metadata, "block_count", path),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,  # MLA: the GGUF's one "head" is the compressed latent
+        n_shared_experts=_int(metadata, "expert_shared_count", path, 0),
+        n_routed_experts=_int(metadata, "expert_count", path),
+        num_experts_per_tok=_int(metadata, "expert_used_count", path),
+        routed_scaling_factor=_float(metadata, "expert_weights_scale", 1.0),
+        norm_topk_prob=bool(metadata.get(f"{ARCHITECTURE}.expert_weights_norm", False)),
+        n_group=_int(metadata, "expert_group_count", path, 1),
+        topk_group=_int(metadata, "expert_group_used_count", path, 1),
+        kv_lora_rank=_int(metadata, "attention.kv_lora_rank", path),
+        q_lora_rank=q_lora if isinstance(q_lora, int) and q_lora > 0 else None,
+        qk_rope_head_dim=rope,
+        qk_nope_head_dim=key - rope,
+        v_head_dim=value,
+        first_k_dense_replace=_int(metadata, "leading_dense_block_count", path, 0),
+        rms_norm_eps=_float(metadata, "attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=_int(metadata, "context_length", path),
+        rope_parameters=rope_parameters,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def deepseek_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``GGUF tensor -> model key`` for a DeepSeek-V3 model, and each ``attn_k_b``
+    tensor's ``attn_v_b`` partner (their join is ``kv_b_proj``)."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
+    pairs: dict[str, str] = {}
+    for layer in range(int(model.config.num_hidden_layers)):
+        names[f"blk.{layer}.exp_probs_b.bias"] = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        k_b, v_b = f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"
+        if f"blk.{layer}.attn_kv_b.weight" not in tensors and k_b in tensors and v_b in tensors:
+            names[k_b] = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
+            pairs[k_b] = v_b
+    return names, pairs
+
+
+def join_kv_b(path: str, k_b: npt.NDArray[np.float32], v_b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``kv_b_proj [heads * (nope + v), kv_lora_rank]`` from ``k_b [heads, kv_lora_rank, nope]``
+    and ``v_b [heads, v, kv_lora_rank]`` (the inverse of llama.cpp's split)."""
+    if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise FormatError(f"{path}: attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not pair up")
+    joined = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # [heads, nope + v, kv_lora_rank]
+    return np.ascontiguousarray(joined.reshape(-1, k_b.shape[1]))
