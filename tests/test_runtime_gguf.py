@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers runt
 gguf = pytest.importorskip("gguf", reason="gguf-py writes the GGUF files")
 pytest.importorskip("accelerate", reason="transformers' GGUF loader, the oracle, needs accelerate")
 
-from mmapstore._errors import UnsupportedModelError  # noqa: E402
+from mmapstore._errors import FormatError, UnsupportedModelError  # noqa: E402
 from mmapstore._store.store import ExpertStore  # noqa: E402
 from mmapstore.cli import main  # noqa: E402
 from mmapstore.transformers import load_model  # noqa: E402
@@ -229,17 +229,27 @@ def test_gguf_runs_from_the_command_line(gguf_files, capsys):
     assert "Qwen3MoeForCausalLM" in out.out + out.err
 
 
-def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "deepseek2")
+def _bare_gguf(path, architecture: str, gating=None) -> None:
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
+    if gating is not None:
+        writer.add_expert_gating_func(gating)
     writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match=r"model\.gguf: transformers cannot build a model.*deepseek2"):
+
+
+def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_path):
+    _bare_gguf(tmp_path / "model.gguf", "grok")
+    with pytest.raises(UnsupportedModelError, match=r"model\.gguf: transformers cannot build a model.*grok"):
         load_model(tmp_path / "model.gguf", capacity=2)
     assert main(["run", str(tmp_path / "model.gguf"), "--device", "cpu", "--prompt-ids", "1"]) == 1
+    # A deepseek2 file (read without transformers) names the metadata it lacks.
+    _bare_gguf(tmp_path / "deepseek.gguf", "deepseek2")
+    with pytest.raises(FormatError, match=r"deepseek\.gguf: deepseek2\.attention\.head_count must be an integer"):
+        load_model(tmp_path / "deepseek.gguf", capacity=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -471,13 +481,6 @@ def greedy_tokens_of(model, ids):
 
 
 def test_deepseek_v2_softmax_routing_is_refused_by_name(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "deepseek2")
-    writer.add_block_count(1)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
-    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _bare_gguf(tmp_path / "model.gguf", "deepseek2", gating=gguf.ExpertGatingFuncType.SOFTMAX)
     with pytest.raises(UnsupportedModelError, match="softmax routing"):
         load_model(tmp_path / "model.gguf", capacity=2)
