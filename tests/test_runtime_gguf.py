@@ -371,7 +371,7 @@ def test_a_tensor_in_a_type_without_a_decoder_is_refused_before_any_weight_is_re
         load_model(gguf_files["q8_0-experts-f16"], capacity=2, dtype=torch.float32)
 
 
-def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0):
+def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0, yarn: bool = False):
     """A DeepSeek-V3 GGUF written as llama.cpp's converter writes one (``deepseek2``: MLA as one key/value
     head, ``kv_b_proj`` split into ``attn_k_b`` (transposed per head) and ``attn_v_b`` unless ``split_kv_b``
     is false (older files), ``exp_probs_b.bias``, experts stacked per projection).  Returns the random
@@ -382,6 +382,8 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True,
         max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                      "mscale_all_dim": 0.7, "beta_fast": 32, "beta_slow": 1} if yarn else None,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -419,6 +421,11 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
     writer.add_expert_group_count(2)
     writer.add_expert_group_used_count(1)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if yarn:  # as the converter writes DeepSeek-V3's YaRN: the log multiplier is 0.1 * mscale_all_dim
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(64)
+        writer.add_rope_scaling_yarn_log_mul(0.1 * 0.7)
 
     def add(name: str, values: np.ndarray, qtype=Q.F32) -> None:
         encoded = _encode(rng, values, qtype)
@@ -448,11 +455,12 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
     return model
 
 
-@pytest.mark.parametrize("split_kv_b", [True, False], ids=["k_b-v_b", "kv_b"])
-def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, split_kv_b):
+@pytest.mark.parametrize(("split_kv_b", "yarn"), [(True, False), (False, False), (True, True)],
+                         ids=["k_b-v_b", "kv_b", "k_b-v_b-yarn"])  # fmt: skip
+def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, split_kv_b, yarn):
     """transformers builds no model from a deepseek2 GGUF; the runtime reads it as llama.cpp writes it."""
     path = str(tmp_path / "model.gguf")
-    stock = deepseek_gguf(path, split_kv_b=split_kv_b)
+    stock = deepseek_gguf(path, split_kv_b=split_kv_b, yarn=yarn)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
     want = logits(stock, ids)
     for capacity in (2, EXPERTS):
