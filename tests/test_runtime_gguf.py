@@ -492,3 +492,116 @@ def test_deepseek_v2_softmax_routing_is_refused_by_name(tmp_path):
     _bare_gguf(tmp_path / "model.gguf", "deepseek2", gating=gguf.ExpertGatingFuncType.SOFTMAX)
     with pytest.raises(UnsupportedModelError, match="softmax routing"):
         load_model(tmp_path / "model.gguf", capacity=2)
+
+
+def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
+    """A GPT-OSS GGUF written as llama.cpp's converter writes one from bf16 experts (``gpt-oss``: the
+    interleaved ``gate_up_proj`` transposed and split into ``ffn_gate_exps``/``ffn_up_exps``, biases split the
+    same way, ``self_attn.sinks`` as ``attn_sinks.weight``).  Returns the transformers model it holds."""
+    config = transformers.GptOssConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=VOCAB, intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name or "sinks" in name:
+                parameter.normal_(0.0, 0.2)
+    rng = np.random.default_rng(seed)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, 2)
+    writer = gguf.GGUFWriter(path, "gpt-oss")
+    writer.add_block_count(2)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_expert_feed_forward_length(32)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(config.rope_parameters["factor"])
+    writer.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
+    writer.add_vocab_size(VOCAB)
+
+    decoded: dict[str, np.ndarray] = {}
+
+    def add(name: str, values: np.ndarray, qtype=Q.F32) -> None:
+        encoded = _encode(rng, values, qtype)
+        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+        if encoded.dtype == np.uint8:  # the values the file now holds
+            decoded[name] = gguf.quants.dequantize(encoded, qtype).reshape(values.shape)
+
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("experts.gate_up_proj"):  # [E, H, 2I] interleaved -> [E, 2I, H], then even/odd rows
+            rows = array.transpose(0, 2, 1)
+            add(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(rows[:, ::2]), experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(rows[:, 1::2]), experts_type)
+        elif key.endswith("experts.gate_up_proj_bias"):
+            add(f"blk.{layer}.ffn_gate_exps.bias", np.ascontiguousarray(array[..., ::2]))
+            add(f"blk.{layer}.ffn_up_exps.bias", np.ascontiguousarray(array[..., 1::2]))
+        elif key.endswith("experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", np.ascontiguousarray(array.transpose(0, 2, 1)), experts_type)
+        elif key.endswith("experts.down_proj_bias"):
+            add(f"blk.{layer}.ffn_down_exps.bias", array)
+        elif key.endswith("self_attn.sinks"):
+            add(f"blk.{layer}.attn_sinks.weight", array)
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
+        for layer, block in enumerate(model.model.layers):
+            experts = block.mlp.experts
+            if f"blk.{layer}.ffn_gate_exps.weight" in decoded:
+                gate, up = (torch.from_numpy(decoded[f"blk.{layer}.ffn_{p}_exps.weight"]) for p in ("gate", "up"))
+                experts.gate_up_proj[:, :, ::2] = gate.transpose(1, 2)
+                experts.gate_up_proj[:, :, 1::2] = up.transpose(1, 2)
+                experts.down_proj.copy_(torch.from_numpy(decoded[f"blk.{layer}.ffn_down_exps.weight"]).transpose(1, 2))
+    return model
+
+
+@pytest.mark.parametrize("experts_type", [Q.F32, Q.MXFP4], ids=["f32", "mxfp4"])
+def test_gpt_oss_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, experts_type):
+    """transformers' GGUF reading of GPT-OSS fails on llama.cpp's files; the runtime reads them."""
+    path = str(tmp_path / "model.gguf")
+    stock = gpt_oss_gguf(path, experts_type=experts_type)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(13))
+    want = logits(stock, ids)
+    for capacity in (2, EXPERTS):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == "GptOssForCausalLM"
+            assert torch.equal(logits(loaded.model, ids), want), capacity
+
+
+def test_gpt_oss_mxfp4_blocks_cross_to_the_device_encoded(tmp_path):
+    """GPT-OSS's MXFP4 experts (interleaved into the pool's gate_up slots, with biases) through a device copier
+    (a CPU one here) and the device kernels: the same logits."""
+    from mmapstore.gpu import DeviceCopier
+    from mmapstore.transformers._slots import SlotWriter
+
+    path = str(tmp_path / "model.gguf")
+    stock = gpt_oss_gguf(path, experts_type=Q.MXFP4)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(14))
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
+        copier = DeviceCopier(torch.device("cpu"), source="pread")
+        writer = SlotWriter(torch.device("cpu"), copier=copier)
+        for layer in loaded.layers:
+            layer.writer = writer
+        assert torch.equal(logits(loaded.model, ids), logits(stock, ids))
+        copied = loaded.stats().copied_nbytes
+        writer.close()
+    moved = sum(copier.stats.nbytes.values())
+    assert copied > 0 and copied / 8 < moved < copied / 3  # 4.25-bit weights (and f32 biases) for f32 slots

@@ -106,9 +106,10 @@ def dequantize_mxfp4(
 
 
 # ggml block types decoded on the device: those of the usual GGUF quantizations
-# (Q4_K_M, Q5_K_M, Q6_K, Q8_0, the legacy Q4/Q5 and Q2_K/Q3_K mixes).  Others
+# (Q4_K_M, Q5_K_M, Q6_K, Q8_0, the legacy Q4/Q5 and Q2_K/Q3_K mixes, and GPT-OSS's
+# MXFP4).  Others
 # are decoded on the host (mmapstore.dequant).
-GGML_DEVICE_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
+GGML_DEVICE_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
 
 
 def dequantize_ggml(code: str, raw: torch.Tensor, cols: int, *, where: str = "") -> torch.Tensor:
@@ -272,7 +273,21 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(nb, 256)
 
 
+_MXFP4_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 times two
+
+
+def _mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    """ggml's MXFP4: doubled E2M1 codes times ``ggml_e8m0_to_fp32_half(e)`` = ``2**(e - 128)``."""
+    import torch as t
+
+    e = blocks[:, :1].to(t.int32)
+    bits = t.where(e < 2, t.bitwise_left_shift(t.full_like(e, 0x00200000), e), (e - 1) << 23)
+    table = t.tensor(_MXFP4_DOUBLED, dtype=t.float32, device=blocks.device)
+    return bits.view(t.float32) * table[_nibbles(blocks[:, None, 1:17]).long()]
+
+
 _GGML_KERNELS = {
+    "MXFP4": _mxfp4,
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
     "Q5_0": _q5_0,

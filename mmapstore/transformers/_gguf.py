@@ -37,6 +37,7 @@ from ..dequant import DEQUANTIZABLE, can_dequantize
 from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
 from ..formats._checkpoint import INDEX_NAME
 from . import _gguf_deepseek as deepseek
+from . import _gguf_gpt_oss as gpt_oss
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -92,15 +93,16 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     names = {record.name for header in headers for record in header.tensors}
     metadata = headers[0].metadata
     architecture = str(metadata.get("general.architecture", ""))
-    if architecture == deepseek.ARCHITECTURE:  # transformers builds none: read as llama.cpp wrote it
-        config = deepseek.deepseek_config(path, metadata, transformers)
+    own = _OWN_CONFIGS.get(architecture)
+    if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
+        config = own(path, metadata, transformers)
     else:
         try:
             directory, name = os.path.dirname(path) or ".", os.path.basename(path)
             config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
-        except (ValueError, KeyError, NotImplementedError, ImportError) as exc:
+        except (ValueError, KeyError, NotImplementedError, ImportError, TypeError, AttributeError, IndexError) as exc:
             raise UnsupportedModelError(
-                f"{path}: transformers cannot build a model from this GGUF file: {exc}"
+                f"{path}: transformers cannot build a model from this GGUF file: {type(exc).__name__}: {exc}"
             ) from None
     if architecture not in ("falcon", "bloom"):  # transformers ties those whatever the file holds
         config.tie_word_embeddings = "output.weight" not in names
@@ -110,6 +112,12 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
             setattr(config, attribute, value)
     return config
 
+
+# Architectures whose config is read here rather than by transformers.
+_OWN_CONFIGS: dict[str, Callable[[str, dict[str, object], Any], Any]] = {
+    deepseek.ARCHITECTURE: deepseek.deepseek_config,
+    gpt_oss.ARCHITECTURE: gpt_oss.gpt_oss_config,
+}
 
 # Expert widths llama.cpp writes and transformers' GGUF config mapping leaves
 # out for the MoE architectures (a Qwen3-235B-A22B file would otherwise get
@@ -137,6 +145,8 @@ class GgufSource:
         if architecture == deepseek.ARCHITECTURE:
             joined, pairs = deepseek.deepseek_names(model, set(store.tensors))
             return cls(path, joined, lambda values, name: (values, name), pairs)
+        if architecture == gpt_oss.ARCHITECTURE:
+            return cls(path, gpt_oss.gpt_oss_names(model), lambda values, name: (values, name))
         try:
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,
