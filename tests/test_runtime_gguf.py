@@ -605,3 +605,21 @@ def test_gpt_oss_mxfp4_blocks_cross_to_the_device_encoded(tmp_path):
         writer.close()
     moved = sum(copier.stats.nbytes.values())
     assert copied > 0 and copied / 8 < moved < copied / 3  # 4.25-bit weights (and f32 biases) for f32 slots
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss_mxfp4"])
+def test_gguf_files_transformers_cannot_read_run_on_cuda(tmp_path, family):
+    path = str(tmp_path / "model.gguf")
+    if family == "deepseek_v3":
+        stock = deepseek_gguf(path, split_kv_b=True, experts_type=Q.Q8_0)
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(15)).cuda()
+        with load_model(path, capacity=2, device="cuda", dtype=torch.float32) as loaded:
+            got = logits(loaded.model, ids)
+        # Q8_0 experts: the reference keeps its float32 experts, so compare loosely; exactness is the CPU tests'
+        torch.testing.assert_close(got, logits(stock.cuda(), ids), rtol=0.05, atol=0.05)
+    else:
+        stock = gpt_oss_gguf(path, experts_type=Q.MXFP4).cuda()
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(15)).cuda()
+        with load_model(path, capacity=2, device="cuda", dtype=torch.float32) as loaded:
+            torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
