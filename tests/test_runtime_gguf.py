@@ -37,6 +37,28 @@ def _encode(rng: np.random.Generator, values: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(values.astype(np.float32), qtype)
 
 
+class _Adder:
+    """Adds tensors to a gguf-py writer, each encoded as asked; ``decoded`` keeps what the quantized ones
+    decode to (the values a reference model must then hold)."""
+
+    def __init__(self, writer, rng: np.random.Generator) -> None:
+        self.writer, self.rng = writer, rng
+        self.decoded: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, values: np.ndarray, qtype=Q.F32) -> None:
+        encoded = _encode(self.rng, values, qtype)
+        self.writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+        if encoded.dtype == np.uint8:
+            self.decoded[name] = gguf.quants.dequantize(encoded, qtype).reshape(values.shape)
+
+
+def _close(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def moe_gguf(
     path: str,
     experts_type,
@@ -106,9 +128,7 @@ def moe_gguf(
         writer.add_eos_token_id(eos)
         writer.add_bos_token_id(eos)
 
-    def add(name: str, values: np.ndarray, qtype) -> None:
-        encoded = _encode(rng, values, qtype)
-        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
+    add = _Adder(writer, rng)
 
     for key, value in model.state_dict().items():
         if ".mlp.experts." not in key and not (tied and key == "lm_head.weight"):  # tied: no output.weight
@@ -125,10 +145,7 @@ def moe_gguf(
             add(f"blk.{layer}.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape), experts_type)
         down = rng.normal(0, 0.2, (EXPERTS, HIDDEN, inter))
         add(f"blk.{layer}.ffn_down_exps.weight", down, down_type or experts_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _close(writer)
 
 
 TYPES = {
@@ -235,10 +252,7 @@ def _bare_gguf(path, architecture: str, gating=None) -> None:
     if gating is not None:
         writer.add_expert_gating_func(gating)
     writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _close(writer)
 
 
 def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_path):
@@ -427,13 +441,8 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         writer.add_rope_scaling_orig_ctx_len(64)
         writer.add_rope_scaling_yarn_log_mul(0.1 * 0.7)
 
-    decoded: dict[str, np.ndarray] = {}
-
-    def add(name: str, values: np.ndarray, qtype=Q.F32) -> None:
-        encoded = _encode(rng, values, qtype)
-        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
-        if encoded.dtype == np.uint8:  # the values the file now holds
-            decoded[name] = gguf.quants.dequantize(encoded, qtype).reshape(values.shape)
+    add = _Adder(writer, rng)
+    decoded = add.decoded
 
     for key, value in model.state_dict().items():
         array = value.numpy()
@@ -452,10 +461,7 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         else:
             base, suffix = key.rsplit(".", 1)
             add(f"{names.get_name(base)}.{suffix}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _close(writer)
     with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
         for layer, block in enumerate(model.model.layers):
             if f"blk.{layer}.ffn_gate_exps.weight" in decoded:
@@ -546,13 +552,8 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
     writer.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
     writer.add_vocab_size(VOCAB)
 
-    decoded: dict[str, np.ndarray] = {}
-
-    def add(name: str, values: np.ndarray, qtype=Q.F32) -> None:
-        encoded = _encode(rng, values, qtype)
-        writer.add_tensor(name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
-        if encoded.dtype == np.uint8:  # the values the file now holds
-            decoded[name] = gguf.quants.dequantize(encoded, qtype).reshape(values.shape)
+    add = _Adder(writer, rng)
+    decoded = add.decoded
 
     for key, value in model.state_dict().items():
         array = value.numpy()
@@ -573,10 +574,7 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
         else:
             base, suffix = key.rsplit(".", 1)
             add(f"{names.get_name(base)}.{suffix}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _close(writer)
     with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
         for layer, block in enumerate(model.model.layers):
             experts = block.mlp.experts
