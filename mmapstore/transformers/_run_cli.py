@@ -90,7 +90,7 @@ def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
             tokenizer = AutoTokenizer.from_pretrained(directory or ".", gguf_file=name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, NotImplementedError, TypeError, AttributeError, IndexError) as exc:
         raise RuntimeConfigError(
             f"{args.checkpoint}: no usable tokenizer for --prompt ({exc}); use --prompt-ids or --prompt-tokens"
         ) from None
