@@ -635,3 +635,88 @@ def test_gguf_files_transformers_cannot_read_run_on_cuda(tmp_path, family):
         ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(15)).cuda()
         with load_model(path, capacity=2, device="cuda", dtype=torch.float32) as loaded:
             torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
+
+
+def glm4moe_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
+    """A GLM-4.5 GGUF written as llama.cpp's converter writes one (``glm4moe``: one more block for the
+    multi-token-prediction layer, partial RoPE in ``rope.dimension_count``, attention biases as tensors,
+    ``exp_probs_b.bias``, experts stacked per projection).  Returns the transformers model it holds."""
+    config = transformers.Glm4MoeConfig(
+        hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=VOCAB, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=EXPERTS,
+        num_experts_per_tok=TOP_K, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, attention_bias=True, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name or "e_score_correction_bias" in name or name.endswith(".bias"):
+                parameter.normal_(0.0, 0.2 if "experts" in name else 0.02)
+    rng = np.random.default_rng(seed)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, 4)
+    writer = gguf.GGUFWriter(path, "glm4moe")
+    writer.add_block_count(4)  # 3 layers and the multi-token-prediction one
+    writer.add_nextn_predict_layers(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_rope_dimension_count(8)  # head_dim * partial_rotary_factor (0.5)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(VOCAB)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_expert_feed_forward_length(32)
+    writer.add_expert_shared_count(1)
+    writer.add_leading_dense_block_count(1)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_weights_scale(2.5)
+    writer.add_expert_weights_norm(True)
+    add = _Adder(writer, rng)
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("mlp.experts.gate_up_proj"):
+            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
+        elif key.endswith("mlp.experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
+        elif key.endswith("e_score_correction_bias"):
+            add(f"blk.{layer}.exp_probs_b.bias", array)
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    # The multi-token-prediction block: a MoE layer of its own (and its projection), which the model does not have.
+    for proj, shape in (
+        ("gate", (EXPERTS, 32, HIDDEN)),
+        ("up", (EXPERTS, 32, HIDDEN)),
+        ("down", (EXPERTS, HIDDEN, 32)),
+    ):
+        add(f"blk.3.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape).astype(np.float32), experts_type)
+    add("blk.3.nextn.eh_proj.weight", rng.normal(0, 0.2, (HIDDEN, 2 * HIDDEN)).astype(np.float32))
+    _close(writer)
+    return model
+
+
+def test_glm4moe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path):
+    """transformers builds no model from a glm4moe GGUF; the runtime reads it as llama.cpp writes it."""
+    path = str(tmp_path / "model.gguf")
+    stock = glm4moe_gguf(path)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(16))
+    want = logits(stock, ids)
+    for capacity in (2, EXPERTS):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == "Glm4MoeForCausalLM"
+            config = loaded.model.config
+            assert (
+                config.num_hidden_layers,
+                config.attention_bias,
+                config.rope_parameters["partial_rotary_factor"],
+            ) == (3, True, 0.5)
+            assert [layer.experts.layer_index for layer in loaded.layers] == [1, 2]  # not the MTP block's
+            assert torch.equal(logits(loaded.model, ids), want), capacity

@@ -37,6 +37,7 @@ from ..dequant import DEQUANTIZABLE, can_dequantize
 from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
 from ..formats._checkpoint import INDEX_NAME
 from . import _gguf_deepseek as deepseek
+from . import _gguf_glm4moe as glm4moe
 from . import _gguf_gpt_oss as gpt_oss
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
@@ -95,7 +96,7 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     architecture = str(metadata.get("general.architecture", ""))
     own = _OWN_CONFIGS.get(architecture)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
-        config = own(path, metadata, transformers)
+        config = own(path, metadata, names, transformers)
     else:
         try:
             directory, name = os.path.dirname(path) or ".", os.path.basename(path)
@@ -114,9 +115,10 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
 
 
 # Architectures whose config is read here rather than by transformers.
-_OWN_CONFIGS: dict[str, Callable[[str, dict[str, object], Any], Any]] = {
+_OWN_CONFIGS: dict[str, Callable[[str, dict[str, object], set[str], Any], Any]] = {
     deepseek.ARCHITECTURE: deepseek.deepseek_config,
     gpt_oss.ARCHITECTURE: gpt_oss.gpt_oss_config,
+    glm4moe.ARCHITECTURE: glm4moe.glm4moe_config,
 }
 
 # Expert widths llama.cpp writes and transformers' GGUF config mapping leaves
@@ -147,6 +149,8 @@ class GgufSource:
             return cls(path, joined, lambda values, name: (values, name), pairs)
         if architecture == gpt_oss.ARCHITECTURE:
             return cls(path, gpt_oss.gpt_oss_names(model), lambda values, name: (values, name))
+        if architecture == glm4moe.ARCHITECTURE:
+            return cls(path, glm4moe.glm4moe_names(model), lambda values, name: (values, name))
         try:
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,

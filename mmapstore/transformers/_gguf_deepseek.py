@@ -52,7 +52,7 @@ def _float(metadata: dict[str, object], key: str, default: float) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-def deepseek_config(path: str, metadata: dict[str, object], transformers: Any) -> Any:
+def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
     """A ``DeepseekV3Config`` from a ``deepseek2`` GGUF file's metadata.
 
     Raises

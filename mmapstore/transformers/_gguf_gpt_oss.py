@@ -40,7 +40,7 @@ def _int(metadata: dict[str, object], key: str, path: str, default: int | None =
     return value
 
 
-def gpt_oss_config(path: str, metadata: dict[str, object], transformers: Any) -> Any:
+def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
     """A ``GptOssConfig`` from a ``gpt-oss`` GGUF file's metadata.
 
     Raises
