@@ -261,7 +261,7 @@ def test_a_gguf_architecture_transformers_cannot_build_is_refused_by_name(tmp_pa
         load_model(tmp_path / "model.gguf", capacity=2)
     assert main(["run", str(tmp_path / "model.gguf"), "--device", "cpu", "--prompt-ids", "1"]) == 1
     # A deepseek2 file (read without transformers) names the metadata it lacks.
-    _bare_gguf(tmp_path / "deepseek.gguf", "deepseek2")
+    _bare_gguf(tmp_path / "deepseek.gguf", "deepseek2", gating=gguf.ExpertGatingFuncType.SIGMOID)
     with pytest.raises(FormatError, match=r"deepseek\.gguf: deepseek2\.attention\.head_count must be an integer"):
         load_model(tmp_path / "deepseek.gguf", capacity=2)
 
@@ -385,7 +385,10 @@ def test_a_tensor_in_a_type_without_a_decoder_is_refused_before_any_weight_is_re
         load_model(gguf_files["q8_0-experts-f16"], capacity=2, dtype=torch.float32)
 
 
-def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0, yarn: bool = False):
+def deepseek_gguf(
+    path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0, yarn: bool = False, kimi: bool = False,
+    nextn: bool = False,
+):  # fmt: skip
     """A DeepSeek-V3 GGUF written as llama.cpp's converter writes one (``deepseek2``: MLA as one key/value
     head, ``kv_b_proj`` split into ``attn_k_b`` (transposed per head) and ``attn_v_b`` unless ``split_kv_b``
     is false (older files), ``exp_probs_b.bias``, experts stacked per projection).  Returns the random
@@ -397,7 +400,7 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True,
         max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-                      "mscale_all_dim": 0.7, "beta_fast": 32, "beta_slow": 1} if yarn else None,
+                      "mscale_all_dim": 0.7, "beta_fast": 1 if kimi else 32, "beta_slow": 1} if yarn else None,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -409,7 +412,9 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
     layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, layers)
     writer = gguf.GGUFWriter(path, "deepseek2")
-    writer.add_block_count(layers)
+    writer.add_block_count(layers + nextn)  # a multi-token-prediction block counts (GLM-4.7-Flash's files)
+    if nextn:
+        writer.add_nextn_predict_layers(1)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(96)
@@ -440,6 +445,9 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         writer.add_rope_scaling_factor(4.0)
         writer.add_rope_scaling_orig_ctx_len(64)
         writer.add_rope_scaling_yarn_log_mul(0.1 * 0.7)
+        if kimi:  # Kimi-K2's betas are 1 and 1; the converter writes them where the config has them
+            writer.add_rope_scaling_yarn_beta_fast(1.0)
+            writer.add_rope_scaling_yarn_beta_slow(1.0)
 
     add = _Adder(writer, rng)
     decoded = add.decoded
@@ -461,6 +469,14 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
         else:
             base, suffix = key.rsplit(".", 1)
             add(f"{names.get_name(base)}.{suffix}", array)
+    if nextn:  # the extra block: a MoE layer of its own, which the model does not have
+        for proj, shape in (
+            ("gate", (EXPERTS, 32, HIDDEN)),
+            ("up", (EXPERTS, 32, HIDDEN)),
+            ("down", (EXPERTS, HIDDEN, 32)),
+        ):
+            add(f"blk.{layers}.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape).astype(np.float32), experts_type)
+        add(f"blk.{layers}.nextn.eh_proj.weight", rng.normal(0, 0.2, (HIDDEN, 2 * HIDDEN)).astype(np.float32))
     _close(writer)
     with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
         for layer, block in enumerate(model.model.layers):
@@ -473,15 +489,21 @@ def deepseek_gguf(path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int 
     return model
 
 
-@pytest.mark.parametrize(("split_kv_b", "yarn", "experts_type"),
-                         [(True, False, Q.F32), (False, False, Q.F32), (True, True, Q.F32), (True, False, Q.Q8_0)],
-                         ids=["k_b-v_b", "kv_b", "k_b-v_b-yarn", "q8_0-experts"])  # fmt: skip
-def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(
-    tmp_path, split_kv_b, yarn, experts_type
-):
+DEEPSEEK_VARIANTS = {
+    "k_b-v_b": {"split_kv_b": True},
+    "kv_b": {"split_kv_b": False},
+    "yarn": {"split_kv_b": True, "yarn": True},
+    "kimi-yarn-betas": {"split_kv_b": True, "yarn": True, "kimi": True},
+    "q8_0-experts": {"split_kv_b": True, "experts_type": Q.Q8_0},
+    "mtp-block": {"split_kv_b": True, "nextn": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(DEEPSEEK_VARIANTS))
+def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, variant):
     """transformers builds no model from a deepseek2 GGUF; the runtime reads it as llama.cpp writes it."""
     path = str(tmp_path / "model.gguf")
-    stock = deepseek_gguf(path, split_kv_b=split_kv_b, yarn=yarn, experts_type=experts_type)
+    stock = deepseek_gguf(path, **DEEPSEEK_VARIANTS[variant])
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
     want = logits(stock, ids)
     for capacity in (2, EXPERTS):
@@ -513,9 +535,13 @@ def test_deepseek_v2_softmax_routing_is_refused_by_name(tmp_path):
     _bare_gguf(tmp_path / "model.gguf", "deepseek2", gating=gguf.ExpertGatingFuncType.SOFTMAX)
     with pytest.raises(UnsupportedModelError, match="softmax routing"):
         load_model(tmp_path / "model.gguf", capacity=2)
+    # No gating key and no exp_probs_b: llama.cpp reads such a file as softmax (DeepSeek-V2/V2.5); so do we.
+    _bare_gguf(tmp_path / "old.gguf", "deepseek2")
+    with pytest.raises(UnsupportedModelError, match="softmax routing"):
+        load_model(tmp_path / "old.gguf", capacity=2)
 
 
-def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
+def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, vocab: bool = True):
     """A GPT-OSS GGUF written as llama.cpp's converter writes one from bf16 experts (``gpt-oss``: the
     interleaved ``gate_up_proj`` transposed and split into ``ffn_gate_exps``/``ffn_up_exps``, biases split the
     same way, ``self_attn.sinks`` as ``attn_sinks.weight``).  Returns the transformers model it holds."""
@@ -550,7 +576,8 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(config.rope_parameters["factor"])
     writer.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
-    writer.add_vocab_size(VOCAB)
+    if vocab:  # real files carry no gpt-oss.vocab_size: the vocabulary is the token list's length
+        writer.add_token_list([f"<t{index}>" for index in range(VOCAB)])
 
     add = _Adder(writer, rng)
     decoded = add.decoded
@@ -720,3 +747,10 @@ def test_glm4moe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_
             ) == (3, True, 0.5)
             assert [layer.experts.layer_index for layer in loaded.layers] == [1, 2]  # not the MTP block's
             assert torch.equal(logits(loaded.model, ids), want), capacity
+
+
+def test_metadata_that_make_no_valid_config_are_a_format_error(tmp_path):
+    path = str(tmp_path / "model.gguf")
+    gpt_oss_gguf(path, vocab=False)  # no vocabulary size anywhere
+    with pytest.raises(FormatError, match=r"model\.gguf: gpt-oss metadata make no valid config"):
+        load_model(path, capacity=2)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import FormatError, UnsupportedEncodingError, UnsupportedModelError
+from .._errors import FormatError, MmapStoreError, UnsupportedEncodingError, UnsupportedModelError
 from .._store import ExpertStore
 from ..dequant import DEQUANTIZABLE, can_dequantize
 from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
@@ -96,12 +96,17 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     architecture = str(metadata.get("general.architecture", ""))
     own = _OWN_CONFIGS.get(architecture)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
-        config = own(path, metadata, names, transformers)
+        try:
+            config = own(path, metadata, names, transformers)
+        except MmapStoreError:
+            raise
+        except _CONFIG_ERRORS as exc:  # values the config class refuses
+            raise FormatError(f"{path}: {architecture} metadata make no valid config: {exc}") from None
     else:
         try:
             directory, name = os.path.dirname(path) or ".", os.path.basename(path)
             config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
-        except (ValueError, KeyError, NotImplementedError, ImportError, TypeError, AttributeError, IndexError) as exc:
+        except _READ_ERRORS as exc:
             raise UnsupportedModelError(
                 f"{path}: transformers cannot build a model from this GGUF file: {type(exc).__name__}: {exc}"
             ) from None
@@ -113,6 +118,24 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
             setattr(config, attribute, value)
     return config
 
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    errors: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
+    try:  # transformers' config classes validate fields through huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - an older huggingface_hub
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+_CONFIG_ERRORS = _config_errors()
+_READ_ERRORS: tuple[type[Exception], ...] = (
+    *_CONFIG_ERRORS,
+    NotImplementedError,
+    ImportError,
+    AttributeError,
+    IndexError,
+)
 
 # Architectures whose config is read here rather than by transformers.
 _OWN_CONFIGS: dict[str, Callable[[str, dict[str, object], set[str], Any], Any]] = {

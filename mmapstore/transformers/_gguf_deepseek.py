@@ -16,15 +16,21 @@ model's weights:
 - the router's score-correction bias is ``exp_probs_b.bias``;
 - routing scale, top-k normalization and expert groups are
   ``expert_weights_scale``, ``expert_weights_norm``,
-  ``expert_group_count``/``expert_group_used_count``; YaRN scaling is
-  ``rope.scaling.*`` with ``yarn_log_multiplier = 0.1 * mscale_all_dim``.
+  ``expert_group_count``/``expert_group_used_count`` (a file without them
+  routes without group limits, as llama.cpp routes it); YaRN scaling is
+  ``rope.scaling.*`` with ``yarn_log_multiplier = 0.1 * mscale_all_dim`` and
+  the betas where written (Kimi-K2's are 1 and 1);
+- ``block_count`` counts ``nextn_predict_layers`` multi-token-prediction
+  blocks too (GLM-4.7-Flash): the model has the rest.
 
-Softmax routing (``expert_gating_func = 1``: DeepSeek-V2 files) is refused:
+Softmax routing (``expert_gating_func = 1``, or no such key and no
+``exp_probs_b``: DeepSeek-V2 files, as llama.cpp reads them) is refused:
 transformers' DeepSeek-V3 model routes with sigmoid scores.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -34,6 +40,8 @@ import numpy.typing as npt
 from .._errors import FormatError, UnsupportedModelError
 
 __all__ = ["ARCHITECTURE", "deepseek_config", "deepseek_names", "join_kv_b"]
+
+_log = logging.getLogger(__name__)
 
 ARCHITECTURE = "deepseek2"
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
@@ -53,7 +61,7 @@ def _float(metadata: dict[str, object], key: str, default: float) -> float:
 
 
 def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
-    """A ``DeepseekV3Config`` from a ``deepseek2`` GGUF file's metadata.
+    """A ``DeepseekV3Config`` from a ``deepseek2`` GGUF file's metadata (and which tensors it holds).
 
     Raises
     ------
@@ -62,13 +70,17 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
     FormatError
         A size the model needs is missing or not an integer.
     """
-    gating = _int(metadata, "expert_gating_func", path, _GATING_SIGMOID)
+    # llama.cpp reads a file without the key as softmax (DeepSeek-V2/V2.5 files), unless it has the
+    # score-correction bias only sigmoid routing uses (DeepSeek-V3 files always carry both).
+    has_bias = any(name.endswith(".exp_probs_b.bias") for name in tensors)
+    gating = _int(metadata, "expert_gating_func", path, _GATING_SIGMOID if has_bias else _GATING_SOFTMAX)
     if gating != _GATING_SIGMOID:
         raise UnsupportedModelError(
             f"{path}: {ARCHITECTURE}.expert_gating_func is {gating} (softmax routing, DeepSeek-V2); transformers' "
             "DeepSeek-V3 model routes with sigmoid scores"
         )
     heads = _int(metadata, "attention.head_count", path)
+    nextn = _int(metadata, "nextn_predict_layers", path, 0)  # MTP blocks (GLM-4.7-Flash): not the model's
     rope = _int(metadata, "rope.dimension_count", path)
     key_mla = metadata.get(f"{ARCHITECTURE}.attention.key_length_mla")
     key = _int(metadata, "attention.key_length_mla" if key_mla is not None else "attention.key_length", path)
@@ -83,21 +95,32 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
             "rope_type": "yarn",
             "factor": _float(metadata, "rope.scaling.factor", 1.0),
             "original_max_position_embeddings": _int(metadata, "rope.scaling.original_context_length", path),
-            "mscale_all_dim": _float(metadata, "rope.scaling.yarn_log_multiplier", 0.0) / 0.1,
+            # written as 0.1f * mscale_all_dim; llama.cpp divides back in float32, exactly
+            "mscale_all_dim": float(
+                np.float32(_float(metadata, "rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(0.1)
+            ),
             "mscale": 1.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
+            "beta_fast": _float(metadata, "rope.scaling.yarn_beta_fast", 32.0),  # Kimi-K2 writes 1.0
+            "beta_slow": _float(metadata, "rope.scaling.yarn_beta_slow", 1.0),
         }
+    experts = _int(metadata, "expert_count", path)
+    if f"{ARCHITECTURE}.expert_group_count" not in metadata and experts >= 64:
+        _log.warning(
+            "%s: no %s.expert_group_count: experts are chosen without group limits, as llama.cpp chooses them "
+            "for this file (DeepSeek-V3 itself limits the top-k to 4 of 8 groups)",
+            path,
+            ARCHITECTURE,
+        )
     return transformers.DeepseekV3Config(
         vocab_size=vocab,
         hidden_size=_int(metadata, "embedding_length", path),
         intermediate_size=_int(metadata, "feed_forward_length", path),
         moe_intermediate_size=_int(metadata, "expert_feed_forward_length", path),
-        num_hidden_layers=_int(metadata, "block_count", path),
+        num_hidden_layers=_int(metadata, "block_count", path) - nextn,
         num_attention_heads=heads,
         num_key_value_heads=heads,  # MLA: the GGUF's one "head" is the compressed latent
         n_shared_experts=_int(metadata, "expert_shared_count", path, 0),
-        n_routed_experts=_int(metadata, "expert_count", path),
+        n_routed_experts=experts,
         num_experts_per_tok=_int(metadata, "expert_used_count", path),
         routed_scaling_factor=_float(metadata, "expert_weights_scale", 1.0),
         norm_topk_prob=bool(metadata.get(f"{ARCHITECTURE}.expert_weights_norm", False)),

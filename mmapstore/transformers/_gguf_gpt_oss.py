@@ -8,8 +8,8 @@ into a ``GptOssConfig`` and the model's weights:
 
 - the config from the metadata: ``attention.key_length`` is the head size,
   ``expert_feed_forward_length`` the expert width, ``sliding_window``,
-  YaRN scaling in ``rope.scaling.*`` (GPT-OSS's ``beta_fast``/``beta_slow``
-  are not written: transformers' defaults, 32 and 1, are GPT-OSS's);
+  YaRN scaling in ``rope.scaling.*`` (the betas where written, else
+  GPT-OSS's 32 and 1);
 - ``self_attn.sinks`` is written as ``attn_sinks.weight``;
 - the experts (``ffn_{gate,up,down}_exps``, MXFP4 or plain, with biases) are
   the store's, served by the pools, so they never pass here.
@@ -59,8 +59,8 @@ def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], tr
             "rope_type": "yarn",
             "factor": float(_number(metadata, "rope.scaling.factor", path)),
             "original_max_position_embeddings": _int(metadata, "rope.scaling.original_context_length", path),
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
+            "beta_fast": float(_number(metadata, "rope.scaling.yarn_beta_fast", path, 32.0)),
+            "beta_slow": float(_number(metadata, "rope.scaling.yarn_beta_slow", path, 1.0)),
             "truncate": False,
         }
     return transformers.GptOssConfig(
