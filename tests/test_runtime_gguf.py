@@ -754,3 +754,11 @@ def test_metadata_that_make_no_valid_config_are_a_format_error(tmp_path):
     gpt_oss_gguf(path, vocab=False)  # no vocabulary size anywhere
     with pytest.raises(FormatError, match=r"model\.gguf: gpt-oss metadata make no valid config"):
         load_model(path, capacity=2)
+
+
+def test_run_takes_prompt_ids_where_transformers_reads_no_tokenizer_from_the_file(tmp_path, capsys):
+    path = str(tmp_path / "model.gguf")
+    deepseek_gguf(path, split_kv_b=True)
+    assert main(["run", path, "--device", "cpu", "--prompt", "hello", "--quiet"]) == 1
+    assert "no usable tokenizer for --prompt" in capsys.readouterr().err
+    assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet"]) == 0
