@@ -94,10 +94,10 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     names = {record.name for header in headers for record in header.tensors}
     metadata = headers[0].metadata
     architecture = str(metadata.get("general.architecture", ""))
-    own = _OWN_CONFIGS.get(architecture)
+    own = _OWN.get(architecture)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
         try:
-            config = own(path, metadata, names, transformers)
+            config = own.config(path, metadata, names, transformers)
         except MmapStoreError:
             raise
         except _CONFIG_ERRORS as exc:  # values the config class refuses
@@ -137,11 +137,22 @@ _READ_ERRORS: tuple[type[Exception], ...] = (
     IndexError,
 )
 
+
 # Architectures whose config is read here rather than by transformers.
-_OWN_CONFIGS: dict[str, Callable[[str, dict[str, object], set[str], Any], Any]] = {
-    deepseek.ARCHITECTURE: deepseek.deepseek_config,
-    gpt_oss.ARCHITECTURE: gpt_oss.gpt_oss_config,
-    glm4moe.ARCHITECTURE: glm4moe.glm4moe_config,
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """How one architecture is read without transformers' GGUF loader: its
+    config from the metadata (and which tensors the file holds), and its
+    ``GGUF tensor -> model key`` map with the tensors joined in pairs."""
+
+    config: Callable[[str, dict[str, object], set[str], Any], Any]
+    names: Callable[[Any, set[str]], tuple[dict[str, str], dict[str, str]]]
+
+
+_OWN = {
+    deepseek.ARCHITECTURE: _Reader(deepseek.deepseek_config, deepseek.deepseek_names),
+    gpt_oss.ARCHITECTURE: _Reader(gpt_oss.gpt_oss_config, gpt_oss.gpt_oss_names),
+    glm4moe.ARCHITECTURE: _Reader(glm4moe.glm4moe_config, glm4moe.glm4moe_names),
 }
 
 # Expert widths llama.cpp writes and transformers' GGUF config mapping leaves
@@ -165,15 +176,12 @@ class GgufSource:
     @classmethod
     def for_model(cls, path: str, model: Any, store: ExpertStore) -> GgufSource:
         """The name map and processor transformers' own GGUF loader would use
-        (for ``deepseek2`` files: :mod:`._gguf_deepseek`)."""
+        (for the architectures read here: their own modules')."""
         architecture = str((store.checkpoint.metadata or {}).get("general.architecture", ""))
-        if architecture == deepseek.ARCHITECTURE:
-            joined, pairs = deepseek.deepseek_names(model, set(store.tensors))
+        own = _OWN.get(architecture)
+        if own is not None:
+            joined, pairs = own.names(model, set(store.tensors))
             return cls(path, joined, lambda values, name: (values, name), pairs)
-        if architecture == gpt_oss.ARCHITECTURE:
-            return cls(path, gpt_oss.gpt_oss_names(model), lambda values, name: (values, name))
-        if architecture == glm4moe.ARCHITECTURE:
-            return cls(path, glm4moe.glm4moe_names(model), lambda values, name: (values, name))
         try:
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,

@@ -85,11 +85,12 @@ def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], tr
     )
 
 
-def glm4moe_names(model: Any) -> dict[str, str]:
-    """``GGUF tensor -> model key`` for a GLM-4.5 model (the experts are the store's)."""
+def glm4moe_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``GGUF tensor -> model key`` for a GLM-4.5 model (the experts are the store's), and no
+    tensors to join."""
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
     names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
     for layer in range(int(model.config.num_hidden_layers)):
         names[f"blk.{layer}.exp_probs_b.bias"] = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
-    return names
+    return names, {}

@@ -82,12 +82,13 @@ def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], tr
     )
 
 
-def gpt_oss_names(model: Any) -> dict[str, str]:
-    """``GGUF tensor -> model key`` for a GPT-OSS model (the experts are the store's)."""
+def gpt_oss_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``GGUF tensor -> model key`` for a GPT-OSS model (the experts are the store's), and no
+    tensors to join."""
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
     names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
     for layer in range(int(model.config.num_hidden_layers)):
         names.pop(f"blk.{layer}.attn_sinks", None)  # the converter appends ".weight"
         names[f"blk.{layer}.attn_sinks.weight"] = f"model.layers.{layer}.self_attn.sinks"
-    return names
+    return names, {}
