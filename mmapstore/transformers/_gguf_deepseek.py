@@ -31,13 +31,13 @@ transformers' DeepSeek-V3 model routes with sigmoid scores.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .._errors import FormatError, UnsupportedModelError
+from ._gguf_meta import ArchMetadata
 
 __all__ = ["ARCHITECTURE", "deepseek_config", "deepseek_names", "join_kv_b"]
 
@@ -45,19 +45,6 @@ _log = logging.getLogger(__name__)
 
 ARCHITECTURE = "deepseek2"
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
-_K_B = re.compile(r"blk\.(\d+)\.attn_k_b\.weight")
-
-
-def _int(metadata: dict[str, object], key: str, path: str, default: int | None = None) -> int:
-    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be an integer, found {value!r}")
-    return value
-
-
-def _float(metadata: dict[str, object], key: str, default: float) -> float:
-    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
@@ -70,41 +57,36 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
     FormatError
         A size the model needs is missing or not an integer.
     """
+    meta = ArchMetadata(path, ARCHITECTURE, metadata)
     # llama.cpp reads a file without the key as softmax (DeepSeek-V2/V2.5 files), unless it has the
     # score-correction bias only sigmoid routing uses (DeepSeek-V3 files always carry both).
     has_bias = any(name.endswith(".exp_probs_b.bias") for name in tensors)
-    gating = _int(metadata, "expert_gating_func", path, _GATING_SIGMOID if has_bias else _GATING_SOFTMAX)
+    gating = meta.integer("expert_gating_func", _GATING_SIGMOID if has_bias else _GATING_SOFTMAX)
     if gating != _GATING_SIGMOID:
         raise UnsupportedModelError(
             f"{path}: {ARCHITECTURE}.expert_gating_func is {gating} (softmax routing, DeepSeek-V2); transformers' "
             "DeepSeek-V3 model routes with sigmoid scores"
         )
-    heads = _int(metadata, "attention.head_count", path)
-    nextn = _int(metadata, "nextn_predict_layers", path, 0)  # MTP blocks (GLM-4.7-Flash): not the model's
-    rope = _int(metadata, "rope.dimension_count", path)
-    key_mla = metadata.get(f"{ARCHITECTURE}.attention.key_length_mla")
-    key = _int(metadata, "attention.key_length_mla" if key_mla is not None else "attention.key_length", path)
-    value_mla = metadata.get(f"{ARCHITECTURE}.attention.value_length_mla")
-    value = _int(metadata, "attention.value_length_mla" if value_mla is not None else "attention.value_length", path)
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = metadata.get(f"{ARCHITECTURE}.vocab_size", len(tokens) if isinstance(tokens, list) else None)
-    q_lora = metadata.get(f"{ARCHITECTURE}.attention.q_lora_rank")
-    rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": _float(metadata, "rope.freq_base", 1e4)}
-    if metadata.get(f"{ARCHITECTURE}.rope.scaling.type") == "yarn":
+    heads, rope = meta.integer("attention.head_count"), meta.integer("rope.dimension_count")
+    key = meta.integer("attention.key_length_mla" if meta.has("attention.key_length_mla") else "attention.key_length")
+    value = meta.integer(
+        "attention.value_length_mla" if meta.has("attention.value_length_mla") else "attention.value_length"
+    )
+    q_lora = meta.integer("attention.q_lora_rank", 0)
+    rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 1e4)}
+    if meta.get("rope.scaling.type") == "yarn":
         rope_parameters |= {
             "rope_type": "yarn",
-            "factor": _float(metadata, "rope.scaling.factor", 1.0),
-            "original_max_position_embeddings": _int(metadata, "rope.scaling.original_context_length", path),
+            "factor": meta.number("rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": meta.integer("rope.scaling.original_context_length"),
             # written as 0.1f * mscale_all_dim; llama.cpp divides back in float32, exactly
-            "mscale_all_dim": float(
-                np.float32(_float(metadata, "rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(0.1)
-            ),
+            "mscale_all_dim": float(np.float32(meta.number("rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(0.1)),
             "mscale": 1.0,
-            "beta_fast": _float(metadata, "rope.scaling.yarn_beta_fast", 32.0),  # Kimi-K2 writes 1.0
-            "beta_slow": _float(metadata, "rope.scaling.yarn_beta_slow", 1.0),
+            "beta_fast": meta.number("rope.scaling.yarn_beta_fast", 32.0),  # Kimi-K2 writes 1.0
+            "beta_slow": meta.number("rope.scaling.yarn_beta_slow", 1.0),
         }
-    experts = _int(metadata, "expert_count", path)
-    if f"{ARCHITECTURE}.expert_group_count" not in metadata and experts >= 64:
+    experts = meta.integer("expert_count")
+    if not meta.has("expert_group_count") and experts >= 64:
         _log.warning(
             "%s: no %s.expert_group_count: experts are chosen without group limits, as llama.cpp chooses them "
             "for this file (DeepSeek-V3 itself limits the top-k to 4 of 8 groups)",
@@ -112,31 +94,31 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
             ARCHITECTURE,
         )
     return transformers.DeepseekV3Config(
-        vocab_size=vocab,
-        hidden_size=_int(metadata, "embedding_length", path),
-        intermediate_size=_int(metadata, "feed_forward_length", path),
-        moe_intermediate_size=_int(metadata, "expert_feed_forward_length", path),
-        num_hidden_layers=_int(metadata, "block_count", path) - nextn,
+        vocab_size=meta.vocab_size(),
+        hidden_size=meta.integer("embedding_length"),
+        intermediate_size=meta.integer("feed_forward_length"),
+        moe_intermediate_size=meta.integer("expert_feed_forward_length"),
+        num_hidden_layers=meta.integer("block_count")
+        - meta.integer("nextn_predict_layers", 0),  # MTP blocks: not the model's
         num_attention_heads=heads,
         num_key_value_heads=heads,  # MLA: the GGUF's one "head" is the compressed latent
-        n_shared_experts=_int(metadata, "expert_shared_count", path, 0),
+        n_shared_experts=meta.integer("expert_shared_count", 0),
         n_routed_experts=experts,
-        num_experts_per_tok=_int(metadata, "expert_used_count", path),
-        routed_scaling_factor=_float(metadata, "expert_weights_scale", 1.0),
-        norm_topk_prob=bool(metadata.get(f"{ARCHITECTURE}.expert_weights_norm", False)),
-        n_group=_int(metadata, "expert_group_count", path, 1),
-        topk_group=_int(metadata, "expert_group_used_count", path, 1),
-        kv_lora_rank=_int(metadata, "attention.kv_lora_rank", path),
-        q_lora_rank=q_lora if isinstance(q_lora, int) and q_lora > 0 else None,
+        num_experts_per_tok=meta.integer("expert_used_count"),
+        routed_scaling_factor=meta.number("expert_weights_scale", 1.0),
+        norm_topk_prob=bool(meta.get("expert_weights_norm", False)),
+        n_group=meta.integer("expert_group_count", 1),
+        topk_group=meta.integer("expert_group_used_count", 1),
+        kv_lora_rank=meta.integer("attention.kv_lora_rank"),
+        q_lora_rank=q_lora if q_lora > 0 else None,
         qk_rope_head_dim=rope,
         qk_nope_head_dim=key - rope,
         v_head_dim=value,
-        first_k_dense_replace=_int(metadata, "leading_dense_block_count", path, 0),
-        rms_norm_eps=_float(metadata, "attention.layer_norm_rms_epsilon", 1e-6),
-        max_position_embeddings=_int(metadata, "context_length", path),
+        first_k_dense_replace=meta.integer("leading_dense_block_count", 0),
+        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=meta.integer("context_length"),
         rope_parameters=rope_parameters,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        **meta.special_tokens(),
     )
 
 

@@ -18,25 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._errors import FormatError
+from ._gguf_meta import ArchMetadata
 
 __all__ = ["ARCHITECTURE", "glm4moe_config", "glm4moe_names"]
 
 ARCHITECTURE = "glm4moe"
-
-
-def _number(metadata: dict[str, object], key: str, path: str, default: float | None = None) -> float:
-    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be a number, found {value!r}")
-    return value
-
-
-def _int(metadata: dict[str, object], key: str, path: str, default: int | None = None) -> int:
-    value = _number(metadata, key, path, default)
-    if not isinstance(value, int):
-        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be an integer, found {value!r}")
-    return value
 
 
 def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
@@ -47,41 +33,37 @@ def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], tr
     FormatError
         A size the model needs is missing or not a number.
     """
-    heads = _int(metadata, "attention.head_count", path)
-    hidden = _int(metadata, "embedding_length", path)
-    head_dim = _int(metadata, "attention.key_length", path, hidden // heads)
-    rope = _int(metadata, "rope.dimension_count", path, head_dim // 2)
-    nextn = _int(metadata, "nextn_predict_layers", path, 0)
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = metadata.get(f"{ARCHITECTURE}.vocab_size", len(tokens) if isinstance(tokens, list) else None)
+    meta = ArchMetadata(path, ARCHITECTURE, metadata)
+    heads, hidden = meta.integer("attention.head_count"), meta.integer("embedding_length")
+    head_dim = meta.integer("attention.key_length", hidden // heads)
+    rope = meta.integer("rope.dimension_count", head_dim // 2)
     return transformers.Glm4MoeConfig(
-        vocab_size=vocab,
+        vocab_size=meta.vocab_size(),
         hidden_size=hidden,
-        intermediate_size=_int(metadata, "feed_forward_length", path),
-        moe_intermediate_size=_int(metadata, "expert_feed_forward_length", path),
-        num_hidden_layers=_int(metadata, "block_count", path) - nextn,
+        intermediate_size=meta.integer("feed_forward_length"),
+        moe_intermediate_size=meta.integer("expert_feed_forward_length"),
+        num_hidden_layers=meta.integer("block_count") - meta.integer("nextn_predict_layers", 0),
         num_attention_heads=heads,
-        num_key_value_heads=_int(metadata, "attention.head_count_kv", path),
+        num_key_value_heads=meta.integer("attention.head_count_kv"),
         head_dim=head_dim,
-        n_routed_experts=_int(metadata, "expert_count", path),
-        num_experts_per_tok=_int(metadata, "expert_used_count", path),
-        n_shared_experts=_int(metadata, "expert_shared_count", path, 0),
-        first_k_dense_replace=_int(metadata, "leading_dense_block_count", path, 0),
-        routed_scaling_factor=float(_number(metadata, "expert_weights_scale", path, 1.0)),
-        norm_topk_prob=bool(metadata.get(f"{ARCHITECTURE}.expert_weights_norm", False)),
-        n_group=_int(metadata, "expert_group_count", path, 1),
-        topk_group=_int(metadata, "expert_group_used_count", path, 1),
-        rms_norm_eps=float(_number(metadata, "attention.layer_norm_rms_epsilon", path, 1e-5)),
-        max_position_embeddings=_int(metadata, "context_length", path),
+        n_routed_experts=meta.integer("expert_count"),
+        num_experts_per_tok=meta.integer("expert_used_count"),
+        n_shared_experts=meta.integer("expert_shared_count", 0),
+        first_k_dense_replace=meta.integer("leading_dense_block_count", 0),
+        routed_scaling_factor=meta.number("expert_weights_scale", 1.0),
+        norm_topk_prob=bool(meta.get("expert_weights_norm", False)),
+        n_group=meta.integer("expert_group_count", 1),
+        topk_group=meta.integer("expert_group_used_count", 1),
+        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-5),
+        max_position_embeddings=meta.integer("context_length"),
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": float(_number(metadata, "rope.freq_base", path, 10000.0)),
+            "rope_theta": meta.number("rope.freq_base", 10000.0),
             "partial_rotary_factor": rope / head_dim,
         },
         attention_bias="blk.0.attn_q.bias" in tensors,
         use_qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        **meta.special_tokens(),
     )
 
 

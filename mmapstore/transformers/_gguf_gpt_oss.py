@@ -19,25 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._errors import FormatError
+from ._gguf_meta import ArchMetadata
 
 __all__ = ["ARCHITECTURE", "gpt_oss_config", "gpt_oss_names"]
 
 ARCHITECTURE = "gpt-oss"
-
-
-def _number(metadata: dict[str, object], key: str, path: str, default: float | None = None) -> float:
-    value = metadata.get(f"{ARCHITECTURE}.{key}", default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be a number, found {value!r}")
-    return value
-
-
-def _int(metadata: dict[str, object], key: str, path: str, default: int | None = None) -> int:
-    value = _number(metadata, key, path, default)
-    if not isinstance(value, int):
-        raise FormatError(f"{path}: {ARCHITECTURE}.{key} must be an integer, found {value!r}")
-    return value
 
 
 def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
@@ -48,37 +34,32 @@ def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], tr
     FormatError
         A size the model needs is missing or not a number.
     """
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = metadata.get(f"{ARCHITECTURE}.vocab_size", len(tokens) if isinstance(tokens, list) else None)
-    rope_parameters: dict[str, object] = {
-        "rope_type": "default",
-        "rope_theta": _number(metadata, "rope.freq_base", path, 150000.0),
-    }
-    if metadata.get(f"{ARCHITECTURE}.rope.scaling.type") == "yarn":
+    meta = ArchMetadata(path, ARCHITECTURE, metadata)
+    rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 150000.0)}
+    if meta.get("rope.scaling.type") == "yarn":
         rope_parameters |= {
             "rope_type": "yarn",
-            "factor": float(_number(metadata, "rope.scaling.factor", path)),
-            "original_max_position_embeddings": _int(metadata, "rope.scaling.original_context_length", path),
-            "beta_fast": float(_number(metadata, "rope.scaling.yarn_beta_fast", path, 32.0)),
-            "beta_slow": float(_number(metadata, "rope.scaling.yarn_beta_slow", path, 1.0)),
+            "factor": meta.number("rope.scaling.factor"),
+            "original_max_position_embeddings": meta.integer("rope.scaling.original_context_length"),
+            "beta_fast": meta.number("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": meta.number("rope.scaling.yarn_beta_slow", 1.0),
             "truncate": False,
         }
     return transformers.GptOssConfig(
-        vocab_size=vocab,
-        hidden_size=_int(metadata, "embedding_length", path),
-        intermediate_size=_int(metadata, "expert_feed_forward_length", path),
-        num_hidden_layers=_int(metadata, "block_count", path),
-        num_attention_heads=_int(metadata, "attention.head_count", path),
-        num_key_value_heads=_int(metadata, "attention.head_count_kv", path),
-        head_dim=_int(metadata, "attention.key_length", path),
-        num_local_experts=_int(metadata, "expert_count", path),
-        num_experts_per_tok=_int(metadata, "expert_used_count", path),
-        sliding_window=_int(metadata, "attention.sliding_window", path, 128),
-        rms_norm_eps=float(_number(metadata, "attention.layer_norm_rms_epsilon", path, 1e-5)),
-        max_position_embeddings=_int(metadata, "context_length", path),
+        vocab_size=meta.vocab_size(),
+        hidden_size=meta.integer("embedding_length"),
+        intermediate_size=meta.integer("expert_feed_forward_length"),
+        num_hidden_layers=meta.integer("block_count"),
+        num_attention_heads=meta.integer("attention.head_count"),
+        num_key_value_heads=meta.integer("attention.head_count_kv"),
+        head_dim=meta.integer("attention.key_length"),
+        num_local_experts=meta.integer("expert_count"),
+        num_experts_per_tok=meta.integer("expert_used_count"),
+        sliding_window=meta.integer("attention.sliding_window", 128),
+        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-5),
+        max_position_embeddings=meta.integer("context_length"),
         rope_parameters=rope_parameters,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        **meta.special_tokens(),
     )
 
 
