@@ -762,3 +762,18 @@ def test_run_takes_prompt_ids_where_transformers_reads_no_tokenizer_from_the_fil
     assert main(["run", path, "--device", "cpu", "--prompt", "hello", "--quiet"]) == 1
     assert "no usable tokenizer for --prompt" in capsys.readouterr().err
     assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("architecture", ["deepseek2", "glm4moe", "gpt-oss"])
+def test_hostile_sizes_in_the_metadata_are_a_format_error(tmp_path, architecture):
+    """A zero or negative size (a head count of 0 would divide by zero) is refused by name, never a crash."""
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_head_count(0)
+    writer.add_embedding_length(64)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
+    _close(writer)
+    with pytest.raises(FormatError, match=rf"model\.gguf: {architecture}\.[a-z_.]+ must be an integer of at least"):
+        load_model(path, capacity=2)

@@ -67,10 +67,13 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
             f"{path}: {ARCHITECTURE}.expert_gating_func is {gating} (softmax routing, DeepSeek-V2); transformers' "
             "DeepSeek-V3 model routes with sigmoid scores"
         )
-    heads, rope = meta.integer("attention.head_count"), meta.integer("rope.dimension_count")
-    key = meta.integer("attention.key_length_mla" if meta.has("attention.key_length_mla") else "attention.key_length")
+    heads, rope = meta.integer("attention.head_count", minimum=1), meta.integer("rope.dimension_count", minimum=1)
+    key = meta.integer(
+        "attention.key_length_mla" if meta.has("attention.key_length_mla") else "attention.key_length", minimum=1
+    )
     value = meta.integer(
-        "attention.value_length_mla" if meta.has("attention.value_length_mla") else "attention.value_length"
+        "attention.value_length_mla" if meta.has("attention.value_length_mla") else "attention.value_length",
+        minimum=1,
     )
     q_lora = meta.integer("attention.q_lora_rank", 0)
     rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 1e4)}
@@ -85,7 +88,7 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
             "beta_fast": meta.number("rope.scaling.yarn_beta_fast", 32.0),  # Kimi-K2 writes 1.0
             "beta_slow": meta.number("rope.scaling.yarn_beta_slow", 1.0),
         }
-    experts = meta.integer("expert_count")
+    experts = meta.integer("expert_count", minimum=1)
     if not meta.has("expert_group_count") and experts >= 64:
         _log.warning(
             "%s: no %s.expert_group_count: experts are chosen without group limits, as llama.cpp chooses them "
@@ -95,28 +98,28 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
         )
     return transformers.DeepseekV3Config(
         vocab_size=meta.vocab_size(),
-        hidden_size=meta.integer("embedding_length"),
-        intermediate_size=meta.integer("feed_forward_length"),
-        moe_intermediate_size=meta.integer("expert_feed_forward_length"),
-        num_hidden_layers=meta.integer("block_count")
+        hidden_size=meta.integer("embedding_length", minimum=1),
+        intermediate_size=meta.integer("feed_forward_length", minimum=1),
+        moe_intermediate_size=meta.integer("expert_feed_forward_length", minimum=1),
+        num_hidden_layers=meta.integer("block_count", minimum=1)
         - meta.integer("nextn_predict_layers", 0),  # MTP blocks: not the model's
         num_attention_heads=heads,
         num_key_value_heads=heads,  # MLA: the GGUF's one "head" is the compressed latent
         n_shared_experts=meta.integer("expert_shared_count", 0),
         n_routed_experts=experts,
-        num_experts_per_tok=meta.integer("expert_used_count"),
+        num_experts_per_tok=meta.integer("expert_used_count", minimum=1),
         routed_scaling_factor=meta.number("expert_weights_scale", 1.0),
         norm_topk_prob=bool(meta.get("expert_weights_norm", False)),
         n_group=meta.integer("expert_group_count", 1),
         topk_group=meta.integer("expert_group_used_count", 1),
-        kv_lora_rank=meta.integer("attention.kv_lora_rank"),
+        kv_lora_rank=meta.integer("attention.kv_lora_rank", minimum=1),
         q_lora_rank=q_lora if q_lora > 0 else None,
         qk_rope_head_dim=rope,
         qk_nope_head_dim=key - rope,
         v_head_dim=value,
         first_k_dense_replace=meta.integer("leading_dense_block_count", 0),
         rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-6),
-        max_position_embeddings=meta.integer("context_length"),
+        max_position_embeddings=meta.integer("context_length", minimum=1),
         rope_parameters=rope_parameters,
         **meta.special_tokens(),
     )

@@ -34,20 +34,20 @@ def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], tr
         A size the model needs is missing or not a number.
     """
     meta = ArchMetadata(path, ARCHITECTURE, metadata)
-    heads, hidden = meta.integer("attention.head_count"), meta.integer("embedding_length")
-    head_dim = meta.integer("attention.key_length", hidden // heads)
+    heads, hidden = meta.integer("attention.head_count", minimum=1), meta.integer("embedding_length", minimum=1)
+    head_dim = meta.integer("attention.key_length", hidden // heads, minimum=1)
     rope = meta.integer("rope.dimension_count", head_dim // 2)
     return transformers.Glm4MoeConfig(
         vocab_size=meta.vocab_size(),
         hidden_size=hidden,
-        intermediate_size=meta.integer("feed_forward_length"),
-        moe_intermediate_size=meta.integer("expert_feed_forward_length"),
-        num_hidden_layers=meta.integer("block_count") - meta.integer("nextn_predict_layers", 0),
+        intermediate_size=meta.integer("feed_forward_length", minimum=1),
+        moe_intermediate_size=meta.integer("expert_feed_forward_length", minimum=1),
+        num_hidden_layers=meta.integer("block_count", minimum=1) - meta.integer("nextn_predict_layers", 0),
         num_attention_heads=heads,
-        num_key_value_heads=meta.integer("attention.head_count_kv"),
+        num_key_value_heads=meta.integer("attention.head_count_kv", minimum=1),
         head_dim=head_dim,
-        n_routed_experts=meta.integer("expert_count"),
-        num_experts_per_tok=meta.integer("expert_used_count"),
+        n_routed_experts=meta.integer("expert_count", minimum=1),
+        num_experts_per_tok=meta.integer("expert_used_count", minimum=1),
         n_shared_experts=meta.integer("expert_shared_count", 0),
         first_k_dense_replace=meta.integer("leading_dense_block_count", 0),
         routed_scaling_factor=meta.number("expert_weights_scale", 1.0),
@@ -55,7 +55,7 @@ def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], tr
         n_group=meta.integer("expert_group_count", 1),
         topk_group=meta.integer("expert_group_used_count", 1),
         rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-5),
-        max_position_embeddings=meta.integer("context_length"),
+        max_position_embeddings=meta.integer("context_length", minimum=1),
         rope_parameters={
             "rope_type": "default",
             "rope_theta": meta.number("rope.freq_base", 10000.0),

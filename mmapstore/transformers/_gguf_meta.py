@@ -37,11 +37,14 @@ class ArchMetadata:
             raise FormatError(f"{self.path}: {self.architecture}.{key} must be a number, found {value!r}")
         return float(value)
 
-    def integer(self, key: str, default: int | None = None) -> int:
-        """``{arch}.{key}`` as an integer; ``default`` where absent (:class:`FormatError` otherwise)."""
+    def integer(self, key: str, default: int | None = None, *, minimum: int = 0) -> int:
+        """``{arch}.{key}`` as an integer of at least ``minimum``; ``default`` where absent
+        (:class:`FormatError` where absent with no default, or not such an integer)."""
         value = self.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise FormatError(f"{self.path}: {self.architecture}.{key} must be an integer, found {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise FormatError(
+                f"{self.path}: {self.architecture}.{key} must be an integer of at least {minimum}, found {value!r}"
+            )
         return value
 
     def vocab_size(self) -> int | None:
