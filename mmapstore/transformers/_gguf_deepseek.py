@@ -75,6 +75,8 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
         "attention.value_length_mla" if meta.has("attention.value_length_mla") else "attention.value_length",
         minimum=1,
     )
+    if key <= rope:
+        raise FormatError(f"{path}: {ARCHITECTURE} key length {key} leaves no room beside {rope} RoPE dimensions")
     q_lora = meta.integer("attention.q_lora_rank", 0)
     rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 1e4)}
     if meta.get("rope.scaling.type") == "yarn":
