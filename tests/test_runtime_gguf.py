@@ -777,3 +777,80 @@ def test_hostile_sizes_in_the_metadata_are_a_format_error(tmp_path, architecture
     _close(writer)
     with pytest.raises(FormatError, match=rf"model\.gguf: {architecture}\.[a-z_.]+ must be an integer of at least"):
         load_model(path, capacity=2)
+
+
+def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's Q/K row order (``LlamaModel.permute``): each head's rotary halves interleaved."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def mixtral_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, legacy: bool = False):
+    """A Mixtral GGUF written as llama.cpp's converter writes one (``llama`` with ``expert_count``: Q and K rows
+    permuted for its RoPE, experts merged per projection).  Returns the transformers model it holds."""
+    config = transformers.MixtralConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+        intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name:
+                parameter.normal_(0.0, 0.2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(HIDDEN // 4)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_vocab_size(VOCAB)
+    add = _Adder(writer, np.random.default_rng(seed))
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("mlp.experts.gate_up_proj") and legacy:  # older files: one tensor per expert
+            for expert in range(EXPERTS):
+                add(f"blk.{layer}.ffn_gate.{expert}.weight", array[expert, :32], experts_type)
+                add(f"blk.{layer}.ffn_up.{expert}.weight", array[expert, 32:], experts_type)
+        elif key.endswith("mlp.experts.down_proj") and legacy:
+            for expert in range(EXPERTS):
+                add(f"blk.{layer}.ffn_down.{expert}.weight", array[expert], experts_type)
+        elif key.endswith("mlp.experts.gate_up_proj"):
+            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
+        elif key.endswith("mlp.experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
+        elif key.endswith("q_proj.weight"):
+            add(f"blk.{layer}.attn_q.weight", _llama_permute(array, 4))
+        elif key.endswith("k_proj.weight"):
+            add(f"blk.{layer}.attn_k.weight", _llama_permute(array, 2))
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    _close(writer)
+    return model
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["stacked", "per-expert"])
+def test_mixtral_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, legacy):
+    """transformers reads a llama GGUF as dense Llama; one with experts is Mixtral, Q/K rows un-permuted."""
+    path = str(tmp_path / "model.gguf")
+    stock = mixtral_gguf(path, legacy=legacy)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(17))
+    want = logits(stock, ids)
+    for capacity in (2, EXPERTS):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == "MixtralForCausalLM"
+            assert torch.equal(logits(loaded.model, ids), want), capacity

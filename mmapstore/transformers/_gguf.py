@@ -39,6 +39,7 @@ from ..formats._checkpoint import INDEX_NAME
 from . import _gguf_deepseek as deepseek
 from . import _gguf_glm4moe as glm4moe
 from . import _gguf_gpt_oss as gpt_oss
+from . import _gguf_mixtral as mixtral
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -94,7 +95,7 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     names = {record.name for header in headers for record in header.tensors}
     metadata = headers[0].metadata
     architecture = str(metadata.get("general.architecture", ""))
-    own = _OWN.get(architecture)
+    own = _reader_for(metadata)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
         try:
             config = own.config(path, metadata, names, transformers)
@@ -147,13 +148,26 @@ class _Reader:
 
     config: Callable[[str, dict[str, object], set[str], Any], Any]
     names: Callable[[Any, set[str]], tuple[dict[str, str], dict[str, str]]]
+    process: Callable[[Any], _Process] | None = None  # per-tensor fix-ups, from the built model
 
+
+_Process = Callable[[npt.NDArray[np.float32], str], tuple[npt.NDArray[np.float32], str | None]]
 
 _OWN = {
     deepseek.ARCHITECTURE: _Reader(deepseek.deepseek_config, deepseek.deepseek_names),
     gpt_oss.ARCHITECTURE: _Reader(gpt_oss.gpt_oss_config, gpt_oss.gpt_oss_names),
     glm4moe.ARCHITECTURE: _Reader(glm4moe.glm4moe_config, glm4moe.glm4moe_names),
 }
+_MIXTRAL = _Reader(mixtral.mixtral_config, mixtral.mixtral_names, mixtral.mixtral_process)
+
+
+def _reader_for(metadata: dict[str, object]) -> _Reader | None:
+    """The reader of an architecture read here (a ``llama`` file with experts is Mixtral), or None."""
+    architecture = str(metadata.get("general.architecture", ""))
+    if architecture == mixtral.ARCHITECTURE and mixtral.is_mixtral(metadata):
+        return _MIXTRAL
+    return _OWN.get(architecture)
+
 
 # Expert widths llama.cpp writes and transformers' GGUF config mapping leaves
 # out for the MoE architectures (a Qwen3-235B-A22B file would otherwise get
@@ -177,11 +191,13 @@ class GgufSource:
     def for_model(cls, path: str, model: Any, store: ExpertStore) -> GgufSource:
         """The name map and processor transformers' own GGUF loader would use
         (for the architectures read here: their own modules')."""
-        architecture = str((store.checkpoint.metadata or {}).get("general.architecture", ""))
-        own = _OWN.get(architecture)
+        metadata = store.checkpoint.metadata or {}
+        architecture = str(metadata.get("general.architecture", ""))
+        own = _reader_for(metadata)
         if own is not None:
             joined, pairs = own.names(model, set(store.tensors))
-            return cls(path, joined, lambda values, name: (values, name), pairs)
+            fix_up: _Process = own.process(model) if own.process is not None else (lambda values, name: (values, name))
+            return cls(path, joined, fix_up, pairs)
         try:
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,
