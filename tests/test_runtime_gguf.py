@@ -854,3 +854,57 @@ def test_mixtral_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_
         with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
             assert type(loaded.model).__name__ == "MixtralForCausalLM"
             assert torch.equal(logits(loaded.model, ids), want), capacity
+
+
+def olmoe_gguf(path: str, *, seed: int = 0):
+    """An OLMoE GGUF written as llama.cpp's converter writes one (``olmoe``: llama.cpp's names, unpermuted,
+    experts merged per projection).  Returns the transformers model it holds."""
+    config = transformers.OlmoeConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+        intermediate_size=32, num_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "experts" in name or "norm" in name:
+                parameter.normal_(0.5 if "norm" in name else 0.0, 0.2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OLMOE, 2)
+    writer = gguf.GGUFWriter(path, "olmoe")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_vocab_size(VOCAB)
+    add = _Adder(writer, np.random.default_rng(seed))
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("mlp.experts.gate_up_proj"):
+            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32])
+            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:])
+        elif key.endswith("mlp.experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", array)
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    _close(writer)
+    return model
+
+
+def test_olmoe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path):
+    path = str(tmp_path / "model.gguf")
+    stock = olmoe_gguf(path)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(18))
+    want = logits(stock, ids)
+    for capacity in (2, EXPERTS):
+        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
+            assert type(loaded.model).__name__ == "OlmoeForCausalLM"
+            assert torch.equal(logits(loaded.model, ids), want), capacity

@@ -40,6 +40,7 @@ from . import _gguf_deepseek as deepseek
 from . import _gguf_glm4moe as glm4moe
 from . import _gguf_gpt_oss as gpt_oss
 from . import _gguf_mixtral as mixtral
+from . import _gguf_olmoe as olmoe
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -157,6 +158,7 @@ _OWN = {
     deepseek.ARCHITECTURE: _Reader(deepseek.deepseek_config, deepseek.deepseek_names),
     gpt_oss.ARCHITECTURE: _Reader(gpt_oss.gpt_oss_config, gpt_oss.gpt_oss_names),
     glm4moe.ARCHITECTURE: _Reader(glm4moe.glm4moe_config, glm4moe.glm4moe_names),
+    olmoe.ARCHITECTURE: _Reader(olmoe.olmoe_config, olmoe.olmoe_names),
 }
 _MIXTRAL = _Reader(mixtral.mixtral_config, mixtral.mixtral_names, mixtral.mixtral_process)
 
