@@ -89,8 +89,12 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
     Raises
     ------
     UnsupportedModelError
-        transformers does not read this GGUF architecture (or the gguf
-        package is missing).
+        Neither transformers nor a reader here builds this GGUF architecture
+        (or the gguf package is missing); a routing transformers' model
+        does not have (DeepSeek-V2's softmax).
+    FormatError
+        Metadata a reader here needs are missing, not positive integers, or
+        make no valid config.
     """
     headers = read_gguf_files(path)
     names = {record.name for header in headers for record in header.tensors}
