@@ -41,6 +41,7 @@ from . import _gguf_glm4moe as glm4moe
 from . import _gguf_gpt_oss as gpt_oss
 from . import _gguf_mixtral as mixtral
 from . import _gguf_olmoe as olmoe
+from ._gguf_meta import plain_names
 
 __all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
 
@@ -162,9 +163,9 @@ _OWN = {
     deepseek.ARCHITECTURE: _Reader(deepseek.deepseek_config, deepseek.deepseek_names),
     gpt_oss.ARCHITECTURE: _Reader(gpt_oss.gpt_oss_config, gpt_oss.gpt_oss_names),
     glm4moe.ARCHITECTURE: _Reader(glm4moe.glm4moe_config, glm4moe.glm4moe_names),
-    olmoe.ARCHITECTURE: _Reader(olmoe.olmoe_config, olmoe.olmoe_names),
+    olmoe.ARCHITECTURE: _Reader(olmoe.olmoe_config, plain_names(olmoe.ARCHITECTURE)),
 }
-_MIXTRAL = _Reader(mixtral.mixtral_config, mixtral.mixtral_names, mixtral.mixtral_process)
+_MIXTRAL = _Reader(mixtral.mixtral_config, plain_names(mixtral.ARCHITECTURE), mixtral.mixtral_process)
 
 
 def _reader_for(metadata: dict[str, object]) -> _Reader | None:

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import FormatError, UnsupportedModelError
-from ._gguf_meta import ArchMetadata
+from ._gguf_meta import ArchMetadata, name_map
 
 __all__ = ["ARCHITECTURE", "deepseek_config", "deepseek_names", "join_kv_b"]
 
@@ -98,18 +98,15 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
             path,
             ARCHITECTURE,
         )
+    common = meta.common(eps=1e-6, rope_theta=1e4)
+    common["rope_parameters"] = rope_parameters
+    common["num_key_value_heads"] = heads  # MLA: the GGUF's one "head" is the compressed latent
     return transformers.DeepseekV3Config(
-        vocab_size=meta.vocab_size(),
-        hidden_size=meta.integer("embedding_length", minimum=1),
+        **common,
         intermediate_size=meta.integer("feed_forward_length", minimum=1),
         moe_intermediate_size=meta.integer("expert_feed_forward_length", minimum=1),
-        num_hidden_layers=meta.integer("block_count", minimum=1)
-        - meta.integer("nextn_predict_layers", 0),  # MTP blocks: not the model's
-        num_attention_heads=heads,
-        num_key_value_heads=heads,  # MLA: the GGUF's one "head" is the compressed latent
         n_shared_experts=meta.integer("expert_shared_count", 0),
         n_routed_experts=experts,
-        num_experts_per_tok=meta.integer("expert_used_count", minimum=1),
         routed_scaling_factor=meta.number("expert_weights_scale", 1.0),
         norm_topk_prob=bool(meta.get("expert_weights_norm", False)),
         n_group=meta.integer("expert_group_count", 1),
@@ -120,22 +117,15 @@ def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], t
         qk_nope_head_dim=key - rope,
         v_head_dim=value,
         first_k_dense_replace=meta.integer("leading_dense_block_count", 0),
-        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-6),
-        max_position_embeddings=meta.integer("context_length", minimum=1),
-        rope_parameters=rope_parameters,
-        **meta.special_tokens(),
     )
 
 
 def deepseek_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
     """``GGUF tensor -> model key`` for a DeepSeek-V3 model, and each ``attn_k_b``
     tensor's ``attn_v_b`` partner (their join is ``kv_b_proj``)."""
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
-
-    names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
+    names = name_map(model, ARCHITECTURE, router_bias=True)
     pairs: dict[str, str] = {}
     for layer in range(int(model.config.num_hidden_layers)):
-        names[f"blk.{layer}.exp_probs_b.bias"] = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
         k_b, v_b = f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"
         if f"blk.{layer}.attn_kv_b.weight" not in tensors and k_b in tensors and v_b in tensors:
             names[k_b] = f"model.layers.{layer}.self_attn.kv_b_proj.weight"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._gguf_meta import ArchMetadata
+from ._gguf_meta import ArchMetadata, name_map
 
 __all__ = ["ARCHITECTURE", "gpt_oss_config", "gpt_oss_names"]
 
@@ -35,9 +35,9 @@ def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], tr
         A size the model needs is missing or not a number.
     """
     meta = ArchMetadata(path, ARCHITECTURE, metadata)
-    rope_parameters: dict[str, object] = {"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 150000.0)}
+    common = meta.common(eps=1e-5, rope_theta=150000.0)
     if meta.get("rope.scaling.type") == "yarn":
-        rope_parameters |= {
+        common["rope_parameters"] |= {
             "rope_type": "yarn",
             "factor": meta.number("rope.scaling.factor"),
             "original_max_position_embeddings": meta.integer("rope.scaling.original_context_length"),
@@ -46,29 +46,17 @@ def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], tr
             "truncate": False,
         }
     return transformers.GptOssConfig(
-        vocab_size=meta.vocab_size(),
-        hidden_size=meta.integer("embedding_length", minimum=1),
+        **common,
         intermediate_size=meta.integer("expert_feed_forward_length", minimum=1),
-        num_hidden_layers=meta.integer("block_count", minimum=1),
-        num_attention_heads=meta.integer("attention.head_count", minimum=1),
-        num_key_value_heads=meta.integer("attention.head_count_kv", minimum=1),
         head_dim=meta.integer("attention.key_length", minimum=1),
         num_local_experts=meta.integer("expert_count", minimum=1),
-        num_experts_per_tok=meta.integer("expert_used_count", minimum=1),
         sliding_window=meta.integer("attention.sliding_window", 128),
-        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-5),
-        max_position_embeddings=meta.integer("context_length", minimum=1),
-        rope_parameters=rope_parameters,
-        **meta.special_tokens(),
     )
 
 
 def gpt_oss_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``GGUF tensor -> model key`` for a GPT-OSS model (the experts are the store's), and no
-    tensors to join."""
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
-
-    names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
+    """``GGUF tensor -> model key`` for a GPT-OSS model (the experts are the store's), and no tensors to join."""
+    names = name_map(model, ARCHITECTURE)
     for layer in range(int(model.config.num_hidden_layers)):
         names.pop(f"blk.{layer}.attn_sinks", None)  # the converter appends ".weight"
         names[f"blk.{layer}.attn_sinks.weight"] = f"model.layers.{layer}.self_attn.sinks"

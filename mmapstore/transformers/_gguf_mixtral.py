@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from ._gguf_meta import ArchMetadata
 
-__all__ = ["ARCHITECTURE", "is_mixtral", "mixtral_config", "mixtral_names", "mixtral_process"]
+__all__ = ["ARCHITECTURE", "is_mixtral", "mixtral_config", "mixtral_process"]
 
 ARCHITECTURE = "llama"
 
@@ -43,31 +43,16 @@ def mixtral_config(path: str, metadata: dict[str, object], tensors: set[str], tr
         A size the model needs is missing or not a positive integer.
     """
     meta = ArchMetadata(path, ARCHITECTURE, metadata)
-    heads, hidden = meta.integer("attention.head_count", minimum=1), meta.integer("embedding_length", minimum=1)
+    common = meta.common(eps=1e-5, rope_theta=1e6)
     return transformers.MixtralConfig(
-        vocab_size=meta.vocab_size(),
-        hidden_size=hidden,
+        **common,
         intermediate_size=meta.integer("feed_forward_length", minimum=1),
-        num_hidden_layers=meta.integer("block_count", minimum=1),
-        num_attention_heads=heads,
-        num_key_value_heads=meta.integer("attention.head_count_kv", heads, minimum=1),
-        head_dim=meta.integer("rope.dimension_count", hidden // heads, minimum=1),
+        head_dim=meta.integer(
+            "rope.dimension_count", common["hidden_size"] // common["num_attention_heads"], minimum=1
+        ),
         num_local_experts=meta.integer("expert_count", minimum=1),
-        num_experts_per_tok=meta.integer("expert_used_count", minimum=1),
-        rms_norm_eps=meta.number("attention.layer_norm_rms_epsilon", 1e-5),
-        max_position_embeddings=meta.integer("context_length", minimum=1),
-        rope_parameters={"rope_type": "default", "rope_theta": meta.number("rope.freq_base", 1e6)},
         sliding_window=None,
-        **meta.special_tokens(),
     )
-
-
-def mixtral_names(model: Any, tensors: set[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``GGUF tensor -> model key`` for a Mixtral model (the experts are the store's), and no tensors to join."""
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
-
-    names: dict[str, str] = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=ARCHITECTURE)
-    return names, {}
 
 
 def mixtral_process(
