@@ -251,7 +251,8 @@ def _bare_gguf(path, architecture: str, gating=None) -> None:
     writer.add_block_count(1)
     if gating is not None:
         writer.add_expert_gating_func(gating)
-    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
+    for proj in ("gate", "up", "down"):  # a whole MoE layer: the store opens it, the config is what fails
+        writer.add_tensor(f"blk.0.ffn_{proj}_exps.weight", np.zeros((4, 32, 32), np.float32))
     _close(writer)
 
 
@@ -298,11 +299,12 @@ def test_the_expert_width_the_file_states_is_used(tmp_path):
     loaded into a stock model built with that width."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from mmapstore.formats import read_checkpoint
     from mmapstore.transformers._gguf import read_gguf_config
 
     path = str(tmp_path / "model.gguf")
     moe_gguf(path, Q.Q8_0, Q.F16, width=256)
-    config = read_gguf_config(path, transformers)
+    config = read_gguf_config(read_checkpoint(path), transformers)
     assert config.moe_intermediate_size == 256
     assert transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="model.gguf").moe_intermediate_size == 768
     stock = transformers.Qwen3MoeForCausalLM(config).eval()
@@ -773,7 +775,8 @@ def test_hostile_sizes_in_the_metadata_are_a_format_error(tmp_path, architecture
     writer.add_head_count(0)
     writer.add_embedding_length(64)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 32), np.float32))
+    for proj in ("gate", "up", "down"):  # a whole MoE layer: the store opens it, the config is what fails
+        writer.add_tensor(f"blk.0.ffn_{proj}_exps.weight", np.zeros((4, 32, 32), np.float32))
     _close(writer)
     with pytest.raises(FormatError, match=rf"model\.gguf: {architecture}\.[a-z_.]+ must be an integer of at least"):
         load_model(path, capacity=2)
@@ -908,3 +911,19 @@ def test_olmoe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_pa
         with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
             assert type(loaded.model).__name__ == "OlmoeForCausalLM"
             assert torch.equal(logits(loaded.model, ids), want), capacity
+
+
+def test_the_gguf_headers_are_read_once_by_the_store_and_serve_as_the_config(gguf_files, monkeypatch):
+    from mmapstore.formats import _checkpoint
+
+    reads: list[str] = []
+    original = _checkpoint.read_gguf_files
+
+    def counting(path):
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(_checkpoint, "read_gguf_files", counting)
+    with load_model(gguf_files["split"], capacity=2, dtype=torch.float32) as loaded:
+        assert loaded.model.config.tie_word_embeddings is False
+    assert len(reads) == 1, reads

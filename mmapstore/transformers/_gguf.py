@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .._errors import FormatError, MmapStoreError, UnsupportedEncodingError, UnsupportedModelError
 from .._store import ExpertStore
 from ..dequant import DEQUANTIZABLE, can_dequantize
-from ..formats import MANIFEST_NAME, is_gguf, read_gguf_files
+from ..formats import MANIFEST_NAME, Checkpoint, is_gguf
 from ..formats._checkpoint import INDEX_NAME
 from . import _gguf_deepseek as deepseek
 from . import _gguf_glm4moe as glm4moe
@@ -43,41 +43,33 @@ from . import _gguf_mixtral as mixtral
 from . import _gguf_olmoe as olmoe
 from ._gguf_meta import plain_names
 
-__all__ = ["GgufSource", "gguf_file", "read_gguf_config"]
+__all__ = ["GgufSource", "is_gguf_checkpoint", "read_gguf_config"]
 
 # The routed experts' tensors: served by the pools, never loaded into the model.
 _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight|bias)")
 
 
-def gguf_file(path: str) -> str | None:
-    """The first part of the GGUF checkpoint at ``path``, or None where the
-    store opens something else there (the same rule as
-    :func:`~mmapstore.formats.read_checkpoint`): a file that starts with the
-    GGUF magic (a single file or any part of a split set), or a directory
-    with no manifest, index or ``*.safetensors`` file that holds one GGUF
-    file or one split set.  A ``config.json`` beside GGUF files does not
-    change that: the tensors are the GGUF's, so its metadata is the config.
-
-    Raises
-    ------
-    FormatError
-        A GGUF checkpoint that is not whole (see :func:`read_gguf_files`).
-    """
+def is_gguf_checkpoint(path: str) -> bool:
+    """Whether the store opens ``path`` as a GGUF checkpoint (the same rule
+    as :func:`~mmapstore.formats.read_checkpoint`): a file that starts with
+    the GGUF magic (a single file or any part of a split set), or a
+    directory with no manifest, index or ``*.safetensors`` file that holds
+    ``.gguf`` files.  A ``config.json`` beside GGUF files does not change
+    that: the tensors are the GGUF's, so its metadata is the config."""
     if os.path.isfile(path):
-        return read_gguf_files(path)[0].path if is_gguf(path) else None
+        return is_gguf(path)
     if not os.path.isdir(path):
-        return None
+        return False
     names = os.listdir(path)
     if MANIFEST_NAME in names or INDEX_NAME in names or any(name.endswith(".safetensors") for name in names):
-        return None
-    if not any(name.endswith(".gguf") for name in names):
-        return None
-    return read_gguf_files(path)[0].path
+        return False
+    return any(name.endswith(".gguf") for name in names)
 
 
-def read_gguf_config(path: str, transformers: Any) -> Any:
-    """The model config transformers builds from the metadata of ``path``
-    (the first part of a checkpoint), with two corrections:
+def read_gguf_config(checkpoint: Checkpoint, transformers: Any) -> Any:
+    """The model config of a GGUF checkpoint (its headers, as the store read
+    them): built here for the architectures of :data:`_OWN`, else by
+    transformers from the first part's metadata, with two corrections:
 
     - ``tie_word_embeddings`` decided by transformers' own rule (no
       ``output.weight``) over *every* part: transformers looks at the first
@@ -97,9 +89,9 @@ def read_gguf_config(path: str, transformers: Any) -> Any:
         Metadata a reader here needs are missing, not positive integers, or
         make no valid config.
     """
-    headers = read_gguf_files(path)
-    names = {record.name for header in headers for record in header.tensors}
-    metadata = headers[0].metadata
+    path = checkpoint.files[0]  # the first part: it holds the metadata
+    names = set(checkpoint.tensors)
+    metadata = checkpoint.metadata or {}
     architecture = str(metadata.get("general.architecture", ""))
     own = _reader_for(metadata)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
@@ -195,9 +187,10 @@ class GgufSource:
     pairs: dict[str, str] = field(default_factory=dict)  # attn_k_b -> attn_v_b: joined into kv_b_proj
 
     @classmethod
-    def for_model(cls, path: str, model: Any, store: ExpertStore) -> GgufSource:
+    def for_model(cls, model: Any, store: ExpertStore) -> GgufSource:
         """The name map and processor transformers' own GGUF loader would use
         (for the architectures read here: their own modules')."""
+        path = store.checkpoint.files[0]
         metadata = store.checkpoint.metadata or {}
         architecture = str(metadata.get("general.architecture", ""))
         own = _reader_for(metadata)

@@ -26,7 +26,7 @@ from ..gpu._jobs import SOURCES, Source
 from . import _hf
 from ._backend import BACKEND_NAME, LAYER_ATTRIBUTE, register_backend
 from ._capture import TraceRecorder
-from ._gguf import GgufSource, gguf_file, read_gguf_config
+from ._gguf import GgufSource, is_gguf_checkpoint, read_gguf_config
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from ._llama4 import adapt_llama4
 from ._runtime import OffloadedModel
@@ -138,19 +138,32 @@ def load_model(
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
-    gguf = gguf_file(path)
-    config, quantized = (read_gguf_config(gguf, transformers), None) if gguf else _read_config(path, transformers)
+    gguf = is_gguf_checkpoint(path)
+    if gguf:  # the store's headers are the config: read them once
+        store = open_store(path)
+        try:
+            config, quantized = read_gguf_config(store.checkpoint, transformers), None
+        except BaseException:
+            store.close()
+            raise
+    else:
+        config, quantized = _read_config(path, transformers)
     if dtype is None and gguf and target.type == "cuda":
         dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
-    compute_dtype = _dtype(dtype, config)
-    model = _meta_model(path, config, compute_dtype, transformers)
-
-    store = open_store(path)
     writer: SlotWriter | None = None
+    try:
+        compute_dtype = _dtype(dtype, config)
+        model = _meta_model(path, config, compute_dtype, transformers)
+        if not gguf:
+            store = open_store(path)
+    except BaseException:
+        if gguf:
+            store.close()
+        raise
     try:
         layers = _match_layers(path, model, store, config)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
-        gguf_source = GgufSource.for_model(gguf, model, store) if gguf else None
+        gguf_source = GgufSource.for_model(model, store) if gguf else None
         plan = _weight_plan(path, model, store, layers, quantized, gguf_source)
         # -- nothing was read but headers up to here; from here weights move --
         non_expert_nbytes = _load_non_experts(model, store, plan, target, gguf_source)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from .._errors import RuntimeConfigError
-from ._gguf import gguf_file, read_gguf_config
+from ..formats import read_checkpoint
+from ._gguf import is_gguf_checkpoint, read_gguf_config
 from ._loader import load_model
 
 __all__ = ["memory_now", "run_command"]
@@ -84,9 +85,8 @@ def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
     from transformers import AutoTokenizer
 
     try:
-        first = gguf_file(args.checkpoint)
-        if first is not None:  # the tokenizer GGUF files carry in their metadata
-            directory, name = os.path.split(first)
+        if is_gguf_checkpoint(args.checkpoint):  # the tokenizer GGUF files carry in their metadata
+            directory, name = os.path.split(read_checkpoint(args.checkpoint).files[0])
             tokenizer = AutoTokenizer.from_pretrained(directory or ".", gguf_file=name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -107,12 +107,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise RuntimeConfigError("--max-new-tokens must be positive")
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompt, tokenizer = None, None
-    first = gguf_file(args.checkpoint)
-    if first is not None or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+    gguf = is_gguf_checkpoint(args.checkpoint)
+    if gguf or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         import transformers  # else load_model names the problem
 
-        if first is not None:
-            config = read_gguf_config(first, transformers)
+        if gguf:
+            config = read_gguf_config(read_checkpoint(args.checkpoint), transformers)
         else:
             config = transformers.AutoConfig.from_pretrained(args.checkpoint)
         vocab = int(config.get_text_config().vocab_size)
