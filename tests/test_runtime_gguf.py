@@ -387,6 +387,87 @@ def test_a_tensor_in_a_type_without_a_decoder_is_refused_before_any_weight_is_re
         load_model(gguf_files["q8_0-experts-f16"], capacity=2, dtype=torch.float32)
 
 
+def _source_model(config, seed: int, spread=lambda name: (0.0, 0.2) if "experts" in name else None):
+    """A random transformers model, the reference a GGUF file is written from; ``spread(name)`` gives the
+    ``(mean, std)`` some parameters are drawn from (the experts spread apart, so a wrong one shows)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            draw = spread(name)
+            if draw is not None:
+                parameter.normal_(*draw)
+    return model
+
+
+def _write_source(
+    path: str,
+    model,
+    architecture: str,
+    gguf_arch,
+    metadata: dict,
+    *,
+    special=None,
+    experts_type=Q.F32,
+    seed: int = 0,
+    blocks: int | None = None,
+    extra=None,
+) -> dict:
+    """Write ``model`` as llama.cpp's converter writes it: ``metadata`` through the writer's ``add_*``
+    methods, the tensors under gguf-py's names, the concatenated ``gate_up_proj`` split into gate and up
+    experts, the router bias as ``exp_probs_b.bias``; ``special(add, key, array, layer)`` writes a tensor its
+    own way (returning True), ``extra(add)`` adds tensors the model does not have.  Returns what the
+    quantized tensors decode to."""  # fmt: skip
+    writer = gguf.GGUFWriter(path, architecture)
+    for method, value in metadata.items():
+        getattr(writer, f"add_{method}")(value)
+    add = _Adder(writer, np.random.default_rng(seed))
+    names = gguf.get_tensor_name_map(gguf_arch, blocks or model.config.num_hidden_layers)
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if special is not None and special(add, key, array, layer):
+            continue
+        if key.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows, then up rows
+            half = array.shape[1] // 2
+            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :half], experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", array[:, half:], experts_type)
+        elif key.endswith("mlp.experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
+        elif key.endswith("e_score_correction_bias"):
+            add(f"blk.{layer}.exp_probs_b.bias", array)
+        else:
+            base, suffix = key.rsplit(".", 1)
+            add(f"{names.get_name(base)}.{suffix}", array)
+    if extra is not None:
+        extra(add)
+    _close(writer)
+    return add.decoded
+
+
+def _mtp_block(block: int, width: int, experts_type):
+    """The multi-token-prediction block a converter appends: a MoE layer of its own and its projection."""
+
+    def extra(add: _Adder) -> None:
+        for proj, shape in (("gate", (EXPERTS, width, HIDDEN)), ("up", (EXPERTS, width, HIDDEN)),
+                            ("down", (EXPERTS, HIDDEN, width))):  # fmt: skip
+            add(f"blk.{block}.ffn_{proj}_exps.weight", add.rng.normal(0, 0.2, shape).astype(np.float32), experts_type)
+        add(f"blk.{block}.nextn.eh_proj.weight", add.rng.normal(0, 0.2, (HIDDEN, 2 * HIDDEN)).astype(np.float32))
+
+    return extra
+
+
+def _hold_decoded(model, decoded: dict) -> None:
+    """Quantized experts: the reference (concatenated ``gate_up_proj``) holds the values the file decodes to."""
+    with torch.no_grad():
+        for layer, block in enumerate(model.model.layers):
+            if f"blk.{layer}.ffn_gate_exps.weight" in decoded:
+                gate, up, down = (torch.from_numpy(decoded[f"blk.{layer}.ffn_{p}_exps.weight"])
+                                  for p in ("gate", "up", "down"))  # fmt: skip
+                block.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+                block.mlp.experts.down_proj.copy_(down)
+
+
 def deepseek_gguf(
     path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0, yarn: bool = False, kimi: bool = False,
     nextn: bool = False,
@@ -404,90 +485,38 @@ def deepseek_gguf(
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                       "mscale_all_dim": 0.7, "beta_fast": 1 if kimi else 32, "beta_slow": 1} if yarn else None,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name or "e_score_correction_bias" in name:
-                parameter.normal_(0.0, 0.2 if "experts" in name else 0.02)
-    rng = np.random.default_rng(seed)
-    layers = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, layers)
-    writer = gguf.GGUFWriter(path, "deepseek2")
-    writer.add_block_count(layers + nextn)  # a multi-token-prediction block counts (GLM-4.7-Flash's files)
+    model = _source_model(config, seed, lambda name: (0.0, 0.2) if "experts" in name else
+                          (0.0, 0.02) if "e_score_correction_bias" in name else None)  # fmt: skip
+    metadata = {
+        "block_count": 3 + nextn,  # a multi-token-prediction block counts (GLM-4.7-Flash's files)
+        "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 96, "head_count": 4,
+        "head_count_kv": 1, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-6, "vocab_size": VOCAB,
+        "leading_dense_block_count": 1, "q_lora_rank": 48, "kv_lora_rank": 32, "key_length": 32 + 8,
+        "value_length": 32, "key_length_mla": 16 + 8, "value_length_mla": 16, "expert_feed_forward_length": 32,
+        "expert_count": EXPERTS, "expert_shared_count": 1, "expert_weights_scale": 2.5, "expert_weights_norm": True,
+        "rope_dimension_count": 8, "expert_used_count": TOP_K, "expert_group_count": 2,
+        "expert_group_used_count": 1, "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID,
+    }  # fmt: skip
     if nextn:
-        writer.add_nextn_predict_layers(1)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(96)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(1)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_vocab_size(VOCAB)
-    writer.add_leading_dense_block_count(1)
-    writer.add_q_lora_rank(48)
-    writer.add_kv_lora_rank(32)
-    writer.add_key_length(32 + 8)
-    writer.add_value_length(32)
-    writer.add_key_length_mla(16 + 8)
-    writer.add_value_length_mla(16)
-    writer.add_expert_feed_forward_length(32)
-    writer.add_expert_count(EXPERTS)
-    writer.add_expert_shared_count(1)
-    writer.add_expert_weights_scale(2.5)
-    writer.add_expert_weights_norm(True)
-    writer.add_rope_dimension_count(8)
-    writer.add_expert_used_count(TOP_K)
-    writer.add_expert_group_count(2)
-    writer.add_expert_group_used_count(1)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        metadata["nextn_predict_layers"] = 1
     if yarn:  # as the converter writes DeepSeek-V3's YaRN: the log multiplier is 0.1 * mscale_all_dim
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(4.0)
-        writer.add_rope_scaling_orig_ctx_len(64)
-        writer.add_rope_scaling_yarn_log_mul(0.1 * 0.7)
+        metadata |= {"rope_scaling_type": gguf.RopeScalingType.YARN, "rope_scaling_factor": 4.0,
+                     "rope_scaling_orig_ctx_len": 64, "rope_scaling_yarn_log_mul": 0.1 * 0.7}  # fmt: skip
         if kimi:  # Kimi-K2's betas are 1 and 1; the converter writes them where the config has them
-            writer.add_rope_scaling_yarn_beta_fast(1.0)
-            writer.add_rope_scaling_yarn_beta_slow(1.0)
+            metadata |= {"rope_scaling_yarn_beta_fast": 1.0, "rope_scaling_yarn_beta_slow": 1.0}
 
-    add = _Adder(writer, rng)
-    decoded = add.decoded
+    def split_kv_b_proj(add, key, array, layer) -> bool:  # the converter's split, k_b transposed
+        if not (split_kv_b and key.endswith("kv_b_proj.weight")):
+            return False
+        kv_b = array.reshape(4, 16 + 16, 32)
+        add(f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :16].transpose(0, 2, 1)))
+        add(f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, 16:]))
+        return True
 
-    for key, value in model.state_dict().items():
-        array = value.numpy()
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("mlp.experts.gate_up_proj"):
-            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
-            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
-        elif key.endswith("mlp.experts.down_proj"):
-            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
-        elif key.endswith("e_score_correction_bias"):
-            add(f"blk.{layer}.exp_probs_b.bias", array)
-        elif key.endswith("kv_b_proj.weight") and split_kv_b:  # the converter's split, k_b transposed
-            kv_b = array.reshape(4, 16 + 16, 32)
-            add(f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :16].transpose(0, 2, 1)))
-            add(f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, 16:]))
-        else:
-            base, suffix = key.rsplit(".", 1)
-            add(f"{names.get_name(base)}.{suffix}", array)
-    if nextn:  # the extra block: a MoE layer of its own, which the model does not have
-        for proj, shape in (
-            ("gate", (EXPERTS, 32, HIDDEN)),
-            ("up", (EXPERTS, 32, HIDDEN)),
-            ("down", (EXPERTS, HIDDEN, 32)),
-        ):
-            add(f"blk.{layers}.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape).astype(np.float32), experts_type)
-        add(f"blk.{layers}.nextn.eh_proj.weight", rng.normal(0, 0.2, (HIDDEN, 2 * HIDDEN)).astype(np.float32))
-    _close(writer)
-    with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
-        for layer, block in enumerate(model.model.layers):
-            if f"blk.{layer}.ffn_gate_exps.weight" in decoded:
-                gate, up, down = (
-                    torch.from_numpy(decoded[f"blk.{layer}.ffn_{p}_exps.weight"]) for p in ("gate", "up", "down")
-                )
-                block.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
-                block.mlp.experts.down_proj.copy_(down)
+    decoded = _write_source(path, model, "deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, metadata, special=split_kv_b_proj,
+                            experts_type=experts_type, seed=seed,
+                            extra=_mtp_block(3, 32, experts_type) if nextn else None)  # fmt: skip
+    _hold_decoded(model, decoded)
     return model
 
 
@@ -499,28 +528,6 @@ DEEPSEEK_VARIANTS = {
     "q8_0-experts": {"split_kv_b": True, "experts_type": Q.Q8_0},
     "mtp-block": {"split_kv_b": True, "nextn": True},
 }
-
-
-@pytest.mark.parametrize("variant", list(DEEPSEEK_VARIANTS))
-def test_deepseek_v3_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, variant):
-    """transformers builds no model from a deepseek2 GGUF; the runtime reads it as llama.cpp writes it."""
-    path = str(tmp_path / "model.gguf")
-    stock = deepseek_gguf(path, **DEEPSEEK_VARIANTS[variant])
-    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
-    want = logits(stock, ids)
-    for capacity in (2, EXPERTS):
-        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == "DeepseekV3ForCausalLM"
-            config = loaded.model.config
-            assert (config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank, config.q_lora_rank) == (
-                16,
-                16,
-                32,
-                48,
-            )
-            assert torch.equal(logits(loaded.model, ids), want), capacity
-            assert len(loaded.layers) == 2  # the first layer is dense
-    assert torch.equal(greedy_tokens(path, ids), greedy_tokens_of(stock, ids))
 
 
 def greedy_tokens(path: str, ids):
@@ -552,41 +559,20 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, vocab: bool = 
         vocab_size=VOCAB, intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name or "sinks" in name:
-                parameter.normal_(0.0, 0.2)
-    rng = np.random.default_rng(seed)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, 2)
-    writer = gguf.GGUFWriter(path, "gpt-oss")
-    writer.add_block_count(2)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_key_length(16)
-    writer.add_value_length(16)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_expert_count(EXPERTS)
-    writer.add_expert_used_count(TOP_K)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_expert_feed_forward_length(32)
-    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(config.rope_parameters["factor"])
-    writer.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
+    model = _source_model(config, seed, lambda name: (0.0, 0.2) if "experts" in name or "sinks" in name else None)
+    metadata = {
+        "block_count": 2, "context_length": config.max_position_embeddings, "embedding_length": HIDDEN,
+        "feed_forward_length": 32, "head_count": 4, "head_count_kv": 2, "key_length": 16, "value_length": 16,
+        "rope_freq_base": config.rope_parameters["rope_theta"], "layer_norm_rms_eps": config.rms_norm_eps,
+        "expert_count": EXPERTS, "expert_used_count": TOP_K, "sliding_window": config.sliding_window,
+        "expert_feed_forward_length": 32, "rope_scaling_type": gguf.RopeScalingType.YARN,
+        "rope_scaling_factor": config.rope_parameters["factor"],
+        "rope_scaling_orig_ctx_len": config.rope_parameters["original_max_position_embeddings"],
+    }  # fmt: skip
     if vocab:  # real files carry no gpt-oss.vocab_size: the vocabulary is the token list's length
-        writer.add_token_list([f"<t{index}>" for index in range(VOCAB)])
+        metadata["token_list"] = [f"<t{index}>" for index in range(VOCAB)]
 
-    add = _Adder(writer, rng)
-    decoded = add.decoded
-
-    for key, value in model.state_dict().items():
-        array = value.numpy()
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+    def experts_and_sinks(add, key, array, layer) -> bool:
         if key.endswith("experts.gate_up_proj"):  # [E, H, 2I] interleaved -> [E, 2I, H], then even/odd rows
             rows = array.transpose(0, 2, 1)
             add(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(rows[:, ::2]), experts_type)
@@ -601,9 +587,11 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, vocab: bool = 
         elif key.endswith("self_attn.sinks"):
             add(f"blk.{layer}.attn_sinks.weight", array)
         else:
-            base, suffix = key.rsplit(".", 1)
-            add(f"{names.get_name(base)}.{suffix}", array)
-    _close(writer)
+            return False
+        return True
+
+    decoded = _write_source(path, model, "gpt-oss", gguf.MODEL_ARCH.GPT_OSS, metadata, special=experts_and_sinks,
+                            experts_type=experts_type, seed=seed)  # fmt: skip
     with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
         for layer, block in enumerate(model.model.layers):
             experts = block.mlp.experts
@@ -613,19 +601,6 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, vocab: bool = 
                 experts.gate_up_proj[:, :, 1::2] = up.transpose(1, 2)
                 experts.down_proj.copy_(torch.from_numpy(decoded[f"blk.{layer}.ffn_down_exps.weight"]).transpose(1, 2))
     return model
-
-
-@pytest.mark.parametrize("experts_type", [Q.F32, Q.MXFP4], ids=["f32", "mxfp4"])
-def test_gpt_oss_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, experts_type):
-    """transformers' GGUF reading of GPT-OSS fails on llama.cpp's files; the runtime reads them."""
-    path = str(tmp_path / "model.gguf")
-    stock = gpt_oss_gguf(path, experts_type=experts_type)
-    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(13))
-    want = logits(stock, ids)
-    for capacity in (2, EXPERTS):
-        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == "GptOssForCausalLM"
-            assert torch.equal(logits(loaded.model, ids), want), capacity
 
 
 def test_gpt_oss_mxfp4_blocks_cross_to_the_device_encoded(tmp_path):
@@ -676,79 +651,22 @@ def glm4moe_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
         num_experts_per_tok=TOP_K, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, attention_bias=True, max_position_embeddings=256, tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name or "e_score_correction_bias" in name or name.endswith(".bias"):
-                parameter.normal_(0.0, 0.2 if "experts" in name else 0.02)
-    rng = np.random.default_rng(seed)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, 4)
-    writer = gguf.GGUFWriter(path, "glm4moe")
-    writer.add_block_count(4)  # 3 layers and the multi-token-prediction one
-    writer.add_nextn_predict_layers(1)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(96)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_key_length(16)
-    writer.add_value_length(16)
-    writer.add_rope_dimension_count(8)  # head_dim * partial_rotary_factor (0.5)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(VOCAB)
-    writer.add_expert_count(EXPERTS)
-    writer.add_expert_used_count(TOP_K)
-    writer.add_expert_feed_forward_length(32)
-    writer.add_expert_shared_count(1)
-    writer.add_leading_dense_block_count(1)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_expert_weights_scale(2.5)
-    writer.add_expert_weights_norm(True)
-    add = _Adder(writer, rng)
-    for key, value in model.state_dict().items():
-        array = value.numpy()
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("mlp.experts.gate_up_proj"):
-            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
-            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
-        elif key.endswith("mlp.experts.down_proj"):
-            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
-        elif key.endswith("e_score_correction_bias"):
-            add(f"blk.{layer}.exp_probs_b.bias", array)
-        else:
-            base, suffix = key.rsplit(".", 1)
-            add(f"{names.get_name(base)}.{suffix}", array)
-    # The multi-token-prediction block: a MoE layer of its own (and its projection), which the model does not have.
-    for proj, shape in (
-        ("gate", (EXPERTS, 32, HIDDEN)),
-        ("up", (EXPERTS, 32, HIDDEN)),
-        ("down", (EXPERTS, HIDDEN, 32)),
-    ):
-        add(f"blk.3.ffn_{proj}_exps.weight", rng.normal(0, 0.2, shape).astype(np.float32), experts_type)
-    add("blk.3.nextn.eh_proj.weight", rng.normal(0, 0.2, (HIDDEN, 2 * HIDDEN)).astype(np.float32))
-    _close(writer)
+    model = _source_model(config, seed, lambda name: (0.0, 0.2) if "experts" in name else
+                          (0.0, 0.02) if "e_score_correction_bias" in name or name.endswith(".bias") else None)  # fmt: skip
+    metadata = {
+        "block_count": 4, "nextn_predict_layers": 1,  # 3 layers and the multi-token-prediction one
+        "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 96, "head_count": 4,
+        "head_count_kv": 2, "key_length": 16, "value_length": 16,
+        "rope_dimension_count": 8,  # head_dim * partial_rotary_factor (0.5)
+        "rope_freq_base": config.rope_parameters["rope_theta"], "layer_norm_rms_eps": config.rms_norm_eps,
+        "vocab_size": VOCAB, "expert_count": EXPERTS, "expert_used_count": TOP_K, "expert_feed_forward_length": 32,
+        "expert_shared_count": 1, "leading_dense_block_count": 1,
+        "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID, "expert_weights_scale": 2.5,
+        "expert_weights_norm": True,
+    }  # fmt: skip
+    _write_source(path, model, "glm4moe", gguf.MODEL_ARCH.GLM4_MOE, metadata, experts_type=experts_type, seed=seed,
+                  blocks=4, extra=_mtp_block(3, 32, experts_type))  # fmt: skip
     return model
-
-
-def test_glm4moe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path):
-    """transformers builds no model from a glm4moe GGUF; the runtime reads it as llama.cpp writes it."""
-    path = str(tmp_path / "model.gguf")
-    stock = glm4moe_gguf(path)
-    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(16))
-    want = logits(stock, ids)
-    for capacity in (2, EXPERTS):
-        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == "Glm4MoeForCausalLM"
-            config = loaded.model.config
-            assert (
-                config.num_hidden_layers,
-                config.attention_bias,
-                config.rope_parameters["partial_rotary_factor"],
-            ) == (3, True, 0.5)
-            assert [layer.experts.layer_index for layer in loaded.layers] == [1, 2]  # not the MTP block's
-            assert torch.equal(logits(loaded.model, ids), want), capacity
 
 
 def test_metadata_that_make_no_valid_config_are_a_format_error(tmp_path):
@@ -793,70 +711,39 @@ def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 def mixtral_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, legacy: bool = False):
     """A Mixtral GGUF written as llama.cpp's converter writes one (``llama`` with ``expert_count``: Q and K rows
-    permuted for its RoPE, experts merged per projection).  Returns the transformers model it holds."""
+    permuted for its RoPE, experts merged per projection, or one tensor per expert in older files).  Returns
+    the transformers model it holds."""
     config = transformers.MixtralConfig(
         hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
         intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name:
-                parameter.normal_(0.0, 0.2)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_rope_dimension_count(HIDDEN // 4)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_expert_count(EXPERTS)
-    writer.add_expert_used_count(TOP_K)
-    writer.add_vocab_size(VOCAB)
-    add = _Adder(writer, np.random.default_rng(seed))
-    for key, value in model.state_dict().items():
-        array = value.numpy()
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("mlp.experts.gate_up_proj") and legacy:  # older files: one tensor per expert
+    model = _source_model(config, seed)
+    metadata = {
+        "block_count": 2, "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 32,
+        "head_count": 4, "head_count_kv": 2, "rope_dimension_count": HIDDEN // 4,
+        "rope_freq_base": config.rope_parameters["rope_theta"], "layer_norm_rms_eps": config.rms_norm_eps,
+        "expert_count": EXPERTS, "expert_used_count": TOP_K, "vocab_size": VOCAB,
+    }  # fmt: skip
+
+    def permuted_and_per_expert(add, key, array, layer) -> bool:
+        if key.endswith("q_proj.weight") or key.endswith("k_proj.weight"):
+            heads = 4 if key.endswith("q_proj.weight") else 2
+            add(f"blk.{layer}.attn_{key.split('.')[-2][0]}.weight", _llama_permute(array, heads))
+        elif legacy and key.endswith("mlp.experts.gate_up_proj"):  # older files: one tensor per expert
             for expert in range(EXPERTS):
                 add(f"blk.{layer}.ffn_gate.{expert}.weight", array[expert, :32], experts_type)
                 add(f"blk.{layer}.ffn_up.{expert}.weight", array[expert, 32:], experts_type)
-        elif key.endswith("mlp.experts.down_proj") and legacy:
+        elif legacy and key.endswith("mlp.experts.down_proj"):
             for expert in range(EXPERTS):
                 add(f"blk.{layer}.ffn_down.{expert}.weight", array[expert], experts_type)
-        elif key.endswith("mlp.experts.gate_up_proj"):
-            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32], experts_type)
-            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:], experts_type)
-        elif key.endswith("mlp.experts.down_proj"):
-            add(f"blk.{layer}.ffn_down_exps.weight", array, experts_type)
-        elif key.endswith("q_proj.weight"):
-            add(f"blk.{layer}.attn_q.weight", _llama_permute(array, 4))
-        elif key.endswith("k_proj.weight"):
-            add(f"blk.{layer}.attn_k.weight", _llama_permute(array, 2))
         else:
-            base, suffix = key.rsplit(".", 1)
-            add(f"{names.get_name(base)}.{suffix}", array)
-    _close(writer)
+            return False
+        return True
+
+    _write_source(path, model, "llama", gguf.MODEL_ARCH.LLAMA, metadata, special=permuted_and_per_expert,
+                  experts_type=experts_type, seed=seed)  # fmt: skip
     return model
-
-
-@pytest.mark.parametrize("legacy", [False, True], ids=["stacked", "per-expert"])
-def test_mixtral_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, legacy):
-    """transformers reads a llama GGUF as dense Llama; one with experts is Mixtral, Q/K rows un-permuted."""
-    path = str(tmp_path / "model.gguf")
-    stock = mixtral_gguf(path, legacy=legacy)
-    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(17))
-    want = logits(stock, ids)
-    for capacity in (2, EXPERTS):
-        with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == "MixtralForCausalLM"
-            assert torch.equal(logits(loaded.model, ids), want), capacity
 
 
 def olmoe_gguf(path: str, *, seed: int = 0):
@@ -867,50 +754,63 @@ def olmoe_gguf(path: str, *, seed: int = 0):
         intermediate_size=32, num_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "experts" in name or "norm" in name:
-                parameter.normal_(0.5 if "norm" in name else 0.0, 0.2)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OLMOE, 2)
-    writer = gguf.GGUFWriter(path, "olmoe")
-    writer.add_block_count(2)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(4)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_expert_count(EXPERTS)
-    writer.add_expert_used_count(TOP_K)
-    writer.add_vocab_size(VOCAB)
-    add = _Adder(writer, np.random.default_rng(seed))
-    for key, value in model.state_dict().items():
-        array = value.numpy()
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
-        if key.endswith("mlp.experts.gate_up_proj"):
-            add(f"blk.{layer}.ffn_gate_exps.weight", array[:, :32])
-            add(f"blk.{layer}.ffn_up_exps.weight", array[:, 32:])
-        elif key.endswith("mlp.experts.down_proj"):
-            add(f"blk.{layer}.ffn_down_exps.weight", array)
-        else:
-            base, suffix = key.rsplit(".", 1)
-            add(f"{names.get_name(base)}.{suffix}", array)
-    _close(writer)
+    model = _source_model(config, seed, lambda name: (0.0, 0.2) if "experts" in name else
+                          (0.5, 0.2) if "norm" in name else None)  # fmt: skip
+    metadata = {
+        "block_count": 2, "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 32,
+        "head_count": 4, "head_count_kv": 4, "rope_freq_base": config.rope_parameters["rope_theta"],
+        "layer_norm_rms_eps": 1e-5, "expert_count": EXPERTS, "expert_used_count": TOP_K, "vocab_size": VOCAB,
+    }  # fmt: skip
+    _write_source(path, model, "olmoe", gguf.MODEL_ARCH.OLMOE, metadata, seed=seed)
     return model
 
 
-def test_olmoe_gguf_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path):
+# Files written from a transformers model, as llama.cpp writes them, for architectures transformers builds
+# no model from GGUF (or reads wrongly): (builder, its arguments, the model class the runtime builds).
+SOURCES = {
+    "mixtral": (mixtral_gguf, {}, "MixtralForCausalLM"),
+    "mixtral-per-expert": (mixtral_gguf, {"legacy": True}, "MixtralForCausalLM"),
+    "olmoe": (olmoe_gguf, {}, "OlmoeForCausalLM"),
+    "glm4moe": (glm4moe_gguf, {}, "Glm4MoeForCausalLM"),
+    "gpt_oss-f32": (gpt_oss_gguf, {}, "GptOssForCausalLM"),
+    "gpt_oss-mxfp4": (gpt_oss_gguf, {"experts_type": Q.MXFP4}, "GptOssForCausalLM"),
+    **{
+        f"deepseek-{name}": (deepseek_gguf, kwargs, "DeepseekV3ForCausalLM")
+        for name, kwargs in DEEPSEEK_VARIANTS.items()
+    },
+}
+
+
+def _check_config(source: str, loaded) -> None:
+    config = loaded.model.config
+    if source.startswith("deepseek"):
+        assert (config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank, config.q_lora_rank) == (16, 16, 32, 48)
+        assert len(loaded.layers) == 2  # the first layer is dense
+    elif source == "glm4moe":
+        assert (config.num_hidden_layers, config.attention_bias, config.rope_parameters["partial_rotary_factor"]) == (
+            3,
+            True,
+            0.5,
+        )
+        assert [layer.experts.layer_index for layer in loaded.layers] == [1, 2]  # not the MTP block's
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_a_gguf_file_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, source):
+    """transformers reads these files not at all (or wrongly); the runtime reads them as llama.cpp writes them,
+    bit for bit (with quantized experts, the reference holds what the blocks decode to)."""
+    builder, kwargs, model_class = SOURCES[source]
     path = str(tmp_path / "model.gguf")
-    stock = olmoe_gguf(path)
-    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(18))
+    stock = builder(path, **kwargs)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
     want = logits(stock, ids)
     for capacity in (2, EXPERTS):
         with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
-            assert type(loaded.model).__name__ == "OlmoeForCausalLM"
+            assert type(loaded.model).__name__ == model_class
+            _check_config(source, loaded)
             assert torch.equal(logits(loaded.model, ids), want), capacity
+    if source.startswith("deepseek"):
+        assert torch.equal(greedy_tokens(path, ids), greedy_tokens_of(stock, ids))
 
 
 def test_the_gguf_headers_are_read_once_by_the_store_and_serve_as_the_config(gguf_files, monkeypatch):
