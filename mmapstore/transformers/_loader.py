@@ -461,7 +461,8 @@ def _load_non_experts(
                 f"is {list(empty.shape)}"
             )
         dtype = override(key) or empty.dtype
-        value = source.to(device=device, dtype=dtype, copy=True)  # never alias the read-only mapping
+        # Never alias the read-only mapping; decoded GGUF values are a fresh array already.
+        value = source.to(device=device, dtype=dtype, copy=gguf is None)
         _set_tensor(model, key, value)
         placed += value.numel() * value.element_size()
     return placed
