@@ -470,14 +470,16 @@ def _hold_decoded(model, decoded: dict) -> None:
 
 def deepseek_gguf(
     path: str, *, split_kv_b: bool, experts_type=Q.F32, seed: int = 0, yarn: bool = False, kimi: bool = False,
-    nextn: bool = False,
+    nextn: bool = False, tokenizer: dict | None = None,
 ):  # fmt: skip
     """A DeepSeek-V3 GGUF written as llama.cpp's converter writes one (``deepseek2``: MLA as one key/value
     head, ``kv_b_proj`` split into ``attn_k_b`` (transposed per head) and ``attn_v_b`` unless ``split_kv_b``
     is false (older files), ``exp_probs_b.bias``, experts stacked per projection).  Returns the random
-    transformers model whose weights it holds: the reference."""
+    transformers model whose weights it holds: the reference.  ``tokenizer``: metadata from
+    :func:`tokenizer_metadata`, whose vocabulary the model then has."""
+    vocab = VOCAB if tokenizer is None else len(tokenizer["token_list"])
     config = transformers.DeepseekV3Config(
-        hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+        hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
         moe_intermediate_size=32, intermediate_size=96, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K,
         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True,
@@ -490,7 +492,7 @@ def deepseek_gguf(
     metadata = {
         "block_count": 3 + nextn,  # a multi-token-prediction block counts (GLM-4.7-Flash's files)
         "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 96, "head_count": 4,
-        "head_count_kv": 1, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-6, "vocab_size": VOCAB,
+        "head_count_kv": 1, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-6, "vocab_size": vocab,
         "leading_dense_block_count": 1, "q_lora_rank": 48, "kv_lora_rank": 32, "key_length": 32 + 8,
         "value_length": 32, "key_length_mla": 16 + 8, "value_length_mla": 16, "expert_feed_forward_length": 32,
         "expert_count": EXPERTS, "expert_shared_count": 1, "expert_weights_scale": 2.5, "expert_weights_norm": True,
@@ -499,6 +501,7 @@ def deepseek_gguf(
     }  # fmt: skip
     if nextn:
         metadata["nextn_predict_layers"] = 1
+    metadata |= tokenizer or {}
     if yarn:  # as the converter writes DeepSeek-V3's YaRN: the log multiplier is 0.1 * mscale_all_dim
         metadata |= {"rope_scaling_type": gguf.RopeScalingType.YARN, "rope_scaling_factor": 4.0,
                      "rope_scaling_orig_ctx_len": 64, "rope_scaling_yarn_log_mul": 0.1 * 0.7}  # fmt: skip
@@ -641,13 +644,14 @@ def test_gguf_files_transformers_cannot_read_run_on_cuda(tmp_path, family):
             torch.testing.assert_close(logits(loaded.model, ids), logits(stock, ids), rtol=1e-4, atol=1e-4)
 
 
-def glm4moe_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
+def glm4moe_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, tokenizer: dict | None = None):
     """A GLM-4.5 GGUF written as llama.cpp's converter writes one (``glm4moe``: one more block for the
     multi-token-prediction layer, partial RoPE in ``rope.dimension_count``, attention biases as tensors,
     ``exp_probs_b.bias``, experts stacked per projection).  Returns the transformers model it holds."""
+    vocab = VOCAB if tokenizer is None else len(tokenizer["token_list"])
     config = transformers.Glm4MoeConfig(
         hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        vocab_size=VOCAB, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=EXPERTS,
+        vocab_size=vocab, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=EXPERTS,
         num_experts_per_tok=TOP_K, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, attention_bias=True, max_position_embeddings=256, tie_word_embeddings=False,
     )  # fmt: skip
@@ -659,11 +663,11 @@ def glm4moe_gguf(path: str, *, experts_type=Q.F32, seed: int = 0):
         "head_count_kv": 2, "key_length": 16, "value_length": 16,
         "rope_dimension_count": 8,  # head_dim * partial_rotary_factor (0.5)
         "rope_freq_base": config.rope_parameters["rope_theta"], "layer_norm_rms_eps": config.rms_norm_eps,
-        "vocab_size": VOCAB, "expert_count": EXPERTS, "expert_used_count": TOP_K, "expert_feed_forward_length": 32,
+        "vocab_size": vocab, "expert_count": EXPERTS, "expert_used_count": TOP_K, "expert_feed_forward_length": 32,
         "expert_shared_count": 1, "leading_dense_block_count": 1,
         "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID, "expert_weights_scale": 2.5,
         "expert_weights_norm": True,
-    }  # fmt: skip
+    } | (tokenizer or {})  # fmt: skip
     _write_source(path, model, "glm4moe", gguf.MODEL_ARCH.GLM4_MOE, metadata, experts_type=experts_type, seed=seed,
                   blocks=4, extra=_mtp_block(3, 32, experts_type))  # fmt: skip
     return model
@@ -676,12 +680,125 @@ def test_metadata_that_make_no_valid_config_are_a_format_error(tmp_path):
         load_model(path, capacity=2)
 
 
-def test_run_takes_prompt_ids_where_transformers_reads_no_tokenizer_from_the_file(tmp_path, capsys):
+def test_run_takes_prompt_ids_where_the_file_carries_no_tokenizer(tmp_path, capsys):
     path = str(tmp_path / "model.gguf")
     deepseek_gguf(path, split_kv_b=True)
     assert main(["run", path, "--device", "cpu", "--prompt", "hello", "--quiet"]) == 1
     assert "no usable tokenizer for --prompt" in capsys.readouterr().err
     assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet"]) == 0
+
+
+# How the models' own tokenizers split text before the merges, as their tokenizer.json or tiktoken code
+# write it (not as llama.cpp adapts it): patterns applied one after the other, each match its own piece.
+MODEL_SPLITS = {
+    "deepseek-v3": [  # DeepSeek-V3's tokenizer.json: three Split pre-tokenizers before the byte-level one
+        r"\p{N}{1,3}",
+        "[一-龥\u3040-ゟ゠-ヿ]+",
+        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ],
+    "glm4": [  # GLM-4.5's tokenizer.json
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    ],
+    "kimi-k2": [  # Kimi-K2's tokenization_kimi.py (tiktoken): letters that are not Han, with set intersection
+        "|".join(
+            [
+                r"[\p{Han}]+",
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+                r"\p{N}{1,3}",
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+                r"\s*[\r\n]+",
+                r"\s+(?!\S)",
+                r"\s+",
+            ]
+        )
+    ],
+}
+PROMPTS = [
+    "def _init(self): return 12345 .Hello",
+    "你好世界 Hello你好 it'S THEY'RE ドラゴン",
+    "a\n\n  b\r\n c   x=1234567;y=.5e10",
+]
+
+
+def model_split(text: str, pre: str) -> list[str]:
+    """``text`` cut as the model's own tokenizer cuts it (the ``regex`` module: it has Kimi's ``&&``)."""
+    regex = pytest.importorskip("regex", reason="the regex module splits text as the models' tokenizers do")
+    pieces = [text]
+    for pattern in MODEL_SPLITS[pre]:
+        compiled, cut = regex.compile(pattern, flags=regex.V1), []
+        for piece in pieces:
+            at = 0
+            for match in compiled.finditer(piece):
+                cut += [piece[at : match.start()]] if match.start() > at else []
+                cut += [match.group()] if match.group() else []
+                at = match.end()
+            cut += [piece[at:]] if at < len(piece) else []
+        pieces = cut
+    return pieces
+
+
+def model_bpe(pre: str):
+    """A byte-level BPE learned on ``PROMPTS`` as cut by ``pre``'s rule (no merge crosses a cut): the
+    tokenizer, and its GGUF metadata as llama.cpp's converter writes them."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library trains the GGUF's vocabulary")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin|>", "<|end|>"],
+    )  # fmt: skip
+    bpe.train_from_iterator([piece for text in PROMPTS for piece in model_split(text, pre)] * 20, trainer)
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = [" ".join(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    metadata = {
+        "tokenizer_model": "gpt2", "tokenizer_pre": pre, "token_list": tokens, "token_merges": merges,
+        "token_types": [3 if token.startswith("<|") else 1 for token in tokens], "bos_token_id": 0,
+        "eos_token_id": 1, "add_bos_token": pre == "deepseek-v3",  # DeepSeek's tokenizer adds its BOS
+    }  # fmt: skip
+    return bpe, metadata
+
+
+@pytest.mark.parametrize("pre", sorted(MODEL_SPLITS))
+def test_a_text_prompt_is_split_as_the_models_own_tokenizer_splits_it(tmp_path, capsys, pre):
+    """DeepSeek-V3, Kimi-K2 (``deepseek2``) and GLM-4.5 files: transformers builds no config for them, and
+    knows none of these split rules (it would cut digits, CJK and ``_init`` by GPT-2's rule)."""
+    from mmapstore.formats import read_checkpoint
+    from mmapstore.transformers._gguf_tokenizer import gguf_tokenizer
+
+    bpe, metadata = model_bpe(pre)
+    path = str(tmp_path / "model.gguf")
+    if pre == "glm4":
+        glm4moe_gguf(path, tokenizer=metadata)
+    else:
+        deepseek_gguf(path, split_kv_b=True, tokenizer=metadata)
+    tokenizer = gguf_tokenizer(read_checkpoint(path))
+    bos = [0] if metadata["add_bos_token"] else []
+    for text in PROMPTS:
+        expected = bos + [i for piece in model_split(text, pre) for i in bpe.encode(piece).ids]
+        assert tokenizer(text).input_ids == expected, text
+        assert tokenizer.decode(expected, skip_special_tokens=True) == text
+    args = ["run", path, "--device", "cpu", "--prompt", PROMPTS[0], "--max-new-tokens", "2", "--quiet", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == len(tokenizer(PROMPTS[0]).input_ids)
+
+
+def test_a_split_rule_known_nowhere_is_named_in_a_warning(tmp_path, caplog):
+    from mmapstore.formats import read_checkpoint
+    from mmapstore.transformers._gguf_tokenizer import gguf_tokenizer
+
+    _, metadata = model_bpe("glm4")
+    path = str(tmp_path / "model.gguf")
+    deepseek_gguf(path, split_kv_b=True, tokenizer=metadata | {"tokenizer_pre": "made-up-v9"})
+    with caplog.at_level("WARNING"):
+        tokenizer = gguf_tokenizer(read_checkpoint(path))
+    assert "tokenizer.ggml.pre 'made-up-v9' is not a rule known here" in caplog.text
+    assert tokenizer("hello").input_ids  # still a tokenizer: GPT-2's rule, as llama.cpp falls back to a default
 
 
 @pytest.mark.parametrize("architecture", ["deepseek2", "glm4moe", "gpt-oss"])

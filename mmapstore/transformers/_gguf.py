@@ -43,7 +43,7 @@ from . import _gguf_mixtral as mixtral
 from . import _gguf_olmoe as olmoe
 from ._gguf_meta import plain_names
 
-__all__ = ["GgufSource", "is_gguf_checkpoint", "read_gguf_config"]
+__all__ = ["GgufSource", "is_gguf_checkpoint", "own_architecture", "read_gguf_config"]
 
 # The routed experts' tensors: served by the pools, never loaded into the model.
 _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.(?:weight|bias)")
@@ -158,6 +158,11 @@ _OWN = {
     olmoe.ARCHITECTURE: _Reader(olmoe.olmoe_config, plain_names(olmoe.ARCHITECTURE)),
 }
 _MIXTRAL = _Reader(mixtral.mixtral_config, plain_names(mixtral.ARCHITECTURE), mixtral.mixtral_process)
+
+
+def own_architecture(metadata: dict[str, object]) -> bool:
+    """Whether the config of a GGUF file with these metadata is built here (transformers builds none)."""
+    return _reader_for(metadata) is not None
 
 
 def _reader_for(metadata: dict[str, object]) -> _Reader | None:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from .._errors import RuntimeConfigError
-from ..formats import read_checkpoint
+from ..formats import Checkpoint, read_checkpoint
 from ._gguf import is_gguf_checkpoint, read_gguf_config
+from ._gguf_tokenizer import gguf_tokenizer
 from ._loader import load_model
 
 __all__ = ["memory_now", "run_command"]
@@ -63,7 +64,9 @@ def memory_now() -> dict[str, int]:
     return usage
 
 
-def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
+def _prompt(args: argparse.Namespace, vocab: int, checkpoint: Checkpoint | None) -> tuple[torch.Tensor, Any]:
+    """The prompt's ids and the tokenizer that made them (None for ids given or drawn); ``checkpoint``
+    is the GGUF checkpoint whose metadata carry the tokenizer, None for a transformers directory."""
     tokenizer = None
     if args.prompt_ids is not None:
         try:
@@ -85,9 +88,8 @@ def _prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, Any]:
     from transformers import AutoTokenizer
 
     try:
-        if is_gguf_checkpoint(args.checkpoint):  # the tokenizer GGUF files carry in their metadata
-            directory, name = os.path.split(read_checkpoint(args.checkpoint).files[0])
-            tokenizer = AutoTokenizer.from_pretrained(directory or ".", gguf_file=name)
+        if checkpoint is not None:  # the tokenizer GGUF files carry in their metadata
+            tokenizer = gguf_tokenizer(checkpoint)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     except (OSError, ValueError, KeyError, NotImplementedError, TypeError, AttributeError, IndexError) as exc:
@@ -111,12 +113,13 @@ def run_command(args: argparse.Namespace) -> int:
     if gguf or os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         import transformers  # else load_model names the problem
 
-        if gguf:
-            config = read_gguf_config(read_checkpoint(args.checkpoint), transformers)
+        checkpoint = read_checkpoint(args.checkpoint) if gguf else None
+        if checkpoint is not None:
+            config = read_gguf_config(checkpoint, transformers)
         else:
             config = transformers.AutoConfig.from_pretrained(args.checkpoint)
         vocab = int(config.get_text_config().vocab_size)
-        prompt, tokenizer = _prompt(args, vocab)
+        prompt, tokenizer = _prompt(args, vocab, checkpoint)
     started = time.perf_counter()
     loaded = load_model(
         args.checkpoint,
