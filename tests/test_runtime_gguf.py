@@ -882,6 +882,124 @@ def olmoe_gguf(path: str, *, seed: int = 0):
     return model
 
 
+def llama4_rope_freqs(rope: dict, dim: int) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for Llama-3 scaling (its code, float32 tensors)."""
+    factor, low, high, old = (rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"))  # fmt: skip
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            divisors.append(1)
+        elif wavelen > old / low:
+            divisors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(divisors, dtype=torch.float32).numpy()
+
+
+def llama4_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, scaled: bool = True):
+    """A Llama-4 GGUF written as llama.cpp's converter writes one (``llama4``: Q/K unpermuted, the transposed
+    ``gate_up_proj`` split into gate and up experts, Llama-3 RoPE scaling as a ``rope_freqs`` tensor).  Four
+    layers, experts in every second, the fourth without RoPE.  Returns the transformers model it holds."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}  # fmt: skip
+    config = transformers.Llama4TextConfig(
+        hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        vocab_size=VOCAB, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=EXPERTS,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, max_position_embeddings=4096,
+        rope_parameters=rope if scaled else {"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    model = _source_model(config, seed)
+    metadata = {
+        "block_count": 4, "context_length": 4096, "embedding_length": HIDDEN, "feed_forward_length": 96,
+        "head_count": 2, "head_count_kv": 1, "key_length": 32, "value_length": 32, "rope_dimension_count": 32,
+        "rope_freq_base": 10000.0, "layer_norm_rms_eps": config.rms_norm_eps, "vocab_size": VOCAB,
+        "expert_count": EXPERTS, "expert_used_count": 1, "expert_feed_forward_length": 32,
+        "interleave_moe_layer_step": 2,
+    }  # fmt: skip
+
+    def experts(add, key, array, layer) -> bool:  # [E, H, 2I] and [E, I, H]: transposed, gate_up split
+        if key.endswith("experts.gate_up_proj"):
+            rows = array.transpose(0, 2, 1)
+            half = rows.shape[1] // 2
+            add(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(rows[:, :half]), experts_type)
+            add(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(rows[:, half:]), experts_type)
+        elif key.endswith("experts.down_proj"):
+            add(f"blk.{layer}.ffn_down_exps.weight", np.ascontiguousarray(array.transpose(0, 2, 1)), experts_type)
+        else:
+            return False
+        return True
+
+    def rope_freqs(add) -> None:
+        if scaled:
+            add("rope_freqs.weight", llama4_rope_freqs(rope, 32))
+
+    decoded = _write_source(path, model, "llama4", gguf.MODEL_ARCH.LLAMA4, metadata, special=experts,
+                            experts_type=experts_type, seed=seed, extra=rope_freqs)  # fmt: skip
+    with torch.no_grad():  # quantized experts: the reference holds the values the file decodes to
+        for layer, block in enumerate(model.model.layers):
+            if f"blk.{layer}.ffn_gate_exps.weight" in decoded:
+                gate, up, down = (torch.from_numpy(decoded[f"blk.{layer}.ffn_{p}_exps.weight"])
+                                  for p in ("gate", "up", "down"))  # fmt: skip
+                block.feed_forward.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1).transpose(1, 2))
+                block.feed_forward.experts.down_proj.copy_(down.transpose(1, 2))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("theta", "dim", "rope"),
+    [
+        (5e5, 128, {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}),  # Llama-4 Scout
+        (5e5, 128, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}),  # Llama-3.1
+        (1e4, 64, {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                   "original_max_position_embeddings": 2048}),  # another low factor: another curve, same shape
+    ],
+)  # fmt: skip
+def test_llama3_scaling_is_recovered_from_the_divisors_llama_cpp_writes(theta, dim, rope):
+    from mmapstore.transformers._gguf_llama4 import llama3_divisors, rope_from_freqs
+
+    freqs = llama4_rope_freqs({"rope_theta": theta, **rope}, dim)
+    got = rope_from_freqs(freqs, theta, dim, {"max_position_embeddings": 1 << 20})
+    assert got["rope_type"] == "llama3"
+    if rope["low_freq_factor"] == 1.0:  # the parameters themselves where the file's choice is the usual one
+        assert got == {"rope_type": "llama3", "rope_theta": theta, **rope}
+    args = (got[key] for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+    np.testing.assert_allclose(llama3_divisors(theta, dim, *args), freqs, rtol=2e-6)  # every divisor, either way
+
+
+def test_divisors_of_another_shape_become_longrope_and_none_default():
+    from mmapstore.transformers._gguf_llama4 import rope_from_freqs
+
+    odd = np.array([1.0, 3.0, 1.5, 2.0], np.float32)  # not monotone: no Llama-3 curve gives it
+    got = rope_from_freqs(odd, 1e4, 8, {"max_position_embeddings": 4096})
+    assert got["rope_type"] == "longrope" and got["attention_factor"] == 1.0
+    assert got["short_factor"] == got["long_factor"] == odd.tolist()
+    assert rope_from_freqs(np.ones(4, np.float32), 1e4, 8, {}) == {"rope_type": "default", "rope_theta": 1e4}
+    step = np.array([1.0, 1.0, 8.0, 8.0], np.float32)  # no divisor in the band: thresholds anywhere between
+    assert rope_from_freqs(step, 1e4, 8, {})["rope_type"] == "llama3"
+
+
+def test_a_rope_freqs_tensor_of_the_wrong_shape_is_a_format_error(tmp_path):
+    path = str(tmp_path / "model.gguf")
+    llama4_gguf(path)
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama4")
+    for field in reader.fields.values():
+        if field.name.startswith("llama4.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(field.name, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        values = np.ones(8, np.float32) if tensor.name == "rope_freqs.weight" else np.array(tensor.data)
+        writer.add_tensor(tensor.name, values, raw_dtype=tensor.tensor_type if values.dtype == np.uint8 else None)
+    _close(writer)
+    with pytest.raises(FormatError, match=r"bad\.gguf: tensor 'rope_freqs\.weight' must be F32 of shape \(16,\)"):
+        load_model(tmp_path / "bad.gguf", capacity=2)
+
+
 # Files written from a transformers model, as llama.cpp writes them, for architectures transformers builds
 # no model from GGUF (or reads wrongly): (builder, its arguments, the model class the runtime builds).
 SOURCES = {
@@ -889,6 +1007,8 @@ SOURCES = {
     "mixtral-per-expert": (mixtral_gguf, {"legacy": True}, "MixtralForCausalLM"),
     "olmoe": (olmoe_gguf, {}, "OlmoeForCausalLM"),
     "glm4moe": (glm4moe_gguf, {}, "Glm4MoeForCausalLM"),
+    "llama4": (llama4_gguf, {}, "Llama4ForCausalLM"),
+    "llama4-q8_0-unscaled": (llama4_gguf, {"experts_type": Q.Q8_0, "scaled": False}, "Llama4ForCausalLM"),
     "gpt_oss-f32": (gpt_oss_gguf, {}, "GptOssForCausalLM"),
     "gpt_oss-mxfp4": (gpt_oss_gguf, {"experts_type": Q.MXFP4}, "GptOssForCausalLM"),
     **{
@@ -910,12 +1030,20 @@ def _check_config(source: str, loaded) -> None:
             0.5,
         )
         assert [layer.experts.layer_index for layer in loaded.layers] == [1, 2]  # not the MTP block's
+    elif source.startswith("llama4"):
+        assert config.no_rope_layers == [1, 1, 1, 0] and config.attention_chunk_size == 8192
+        assert [layer.experts.layer_index for layer in loaded.layers] == [1, 3]
+        want = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024} if source == "llama4" else {"rope_type": "default"}  # fmt: skip
+        assert {key: config.rope_parameters[key] for key in want} == want
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
 def test_a_gguf_file_runs_with_the_logits_of_the_model_it_was_written_from(tmp_path, source):
     """transformers reads these files not at all (or wrongly); the runtime reads them as llama.cpp writes them,
-    bit for bit (with quantized experts, the reference holds what the blocks decode to)."""
+    bit for bit (with quantized experts, the reference holds what the blocks decode to; Llama-4's stock block
+    computes every expert for every token, so there the logits agree to rounding and the greedy tokens
+    exactly)."""
     builder, kwargs, model_class = SOURCES[source]
     path = str(tmp_path / "model.gguf")
     stock = builder(path, **kwargs)
@@ -925,8 +1053,11 @@ def test_a_gguf_file_runs_with_the_logits_of_the_model_it_was_written_from(tmp_p
         with load_model(path, capacity=capacity, on_miss="fetch", dtype=torch.float32) as loaded:
             assert type(loaded.model).__name__ == model_class
             _check_config(source, loaded)
-            assert torch.equal(logits(loaded.model, ids), want), capacity
-    if source.startswith("deepseek"):
+            if source.startswith("llama4"):  # the stock block runs every expert on every token: kernels round
+                torch.testing.assert_close(logits(loaded.model, ids), want, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(logits(loaded.model, ids), want), capacity
+    if source.startswith(("deepseek", "llama4")):
         assert torch.equal(greedy_tokens(path, ids), greedy_tokens_of(stock, ids))
 
 

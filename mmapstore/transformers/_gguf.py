@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +34,12 @@ import numpy.typing as npt
 from .._errors import FormatError, MmapStoreError, UnsupportedEncodingError, UnsupportedModelError
 from .._store import ExpertStore
 from ..dequant import DEQUANTIZABLE, can_dequantize
-from ..formats import MANIFEST_NAME, Checkpoint, is_gguf
+from ..formats import MANIFEST_NAME, Checkpoint, TensorRecord, is_gguf
 from ..formats._checkpoint import INDEX_NAME
 from . import _gguf_deepseek as deepseek
 from . import _gguf_glm4moe as glm4moe
 from . import _gguf_gpt_oss as gpt_oss
+from . import _gguf_llama4 as llama4
 from . import _gguf_mixtral as mixtral
 from . import _gguf_olmoe as olmoe
 from ._gguf_meta import plain_names
@@ -90,7 +91,7 @@ def read_gguf_config(checkpoint: Checkpoint, transformers: Any) -> Any:
         make no valid config.
     """
     path = checkpoint.files[0]  # the first part: it holds the metadata
-    names = set(checkpoint.tensors)
+    names = checkpoint.tensors
     metadata = checkpoint.metadata or {}
     architecture = str(metadata.get("general.architecture", ""))
     own = _reader_for(metadata)
@@ -144,7 +145,7 @@ class _Reader:
     config from the metadata (and which tensors the file holds), and its
     ``GGUF tensor -> model key`` map with the tensors joined in pairs."""
 
-    config: Callable[[str, dict[str, object], set[str], Any], Any]
+    config: Callable[[str, dict[str, object], Mapping[str, TensorRecord], Any], Any]
     names: Callable[[Any, set[str]], tuple[dict[str, str], dict[str, str]]]
     process: Callable[[Any], _Process] | None = None  # per-tensor fix-ups, from the built model
 
@@ -156,6 +157,7 @@ _OWN = {
     gpt_oss.ARCHITECTURE: _Reader(gpt_oss.gpt_oss_config, gpt_oss.gpt_oss_names),
     glm4moe.ARCHITECTURE: _Reader(glm4moe.glm4moe_config, glm4moe.glm4moe_names),
     olmoe.ARCHITECTURE: _Reader(olmoe.olmoe_config, plain_names(olmoe.ARCHITECTURE)),
+    llama4.ARCHITECTURE: _Reader(llama4.llama4_config, plain_names(llama4.ARCHITECTURE)),
 }
 _MIXTRAL = _Reader(mixtral.mixtral_config, plain_names(mixtral.ARCHITECTURE), mixtral.mixtral_process)
 

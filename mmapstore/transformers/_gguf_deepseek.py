@@ -31,6 +31,7 @@ transformers' DeepSeek-V3 model routes with sigmoid scores.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ ARCHITECTURE = "deepseek2"
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
 
 
-def deepseek_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
+def deepseek_config(path: str, metadata: dict[str, object], tensors: Collection[str], transformers: Any) -> Any:
     """A ``DeepseekV3Config`` from a ``deepseek2`` GGUF file's metadata (and which tensors it holds).
 
     Raises

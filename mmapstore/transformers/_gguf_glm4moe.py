@@ -16,6 +16,7 @@ reads what llama.cpp's converter (``Glm4MoeModel``) writes back into a
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ._gguf_meta import ArchMetadata, name_map
@@ -25,7 +26,7 @@ __all__ = ["ARCHITECTURE", "glm4moe_config", "glm4moe_names"]
 ARCHITECTURE = "glm4moe"
 
 
-def glm4moe_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
+def glm4moe_config(path: str, metadata: dict[str, object], tensors: Collection[str], transformers: Any) -> Any:
     """A ``Glm4MoeConfig`` from a ``glm4moe`` GGUF file's metadata (and which tensors it holds).
 
     Raises

@@ -17,6 +17,7 @@ into a ``GptOssConfig`` and the model's weights:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ._gguf_meta import ArchMetadata, name_map
@@ -26,7 +27,7 @@ __all__ = ["ARCHITECTURE", "gpt_oss_config", "gpt_oss_names"]
 ARCHITECTURE = "gpt-oss"
 
 
-def gpt_oss_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
+def gpt_oss_config(path: str, metadata: dict[str, object], tensors: Collection[str], transformers: Any) -> Any:
     """A ``GptOssConfig`` from a ``gpt-oss`` GGUF file's metadata.
 
     Raises

@@ -15,7 +15,7 @@ llama.cpp's RoPE; the processor undoes it):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ def is_mixtral(metadata: dict[str, object]) -> bool:
     return isinstance(count, int) and not isinstance(count, bool) and count > 0
 
 
-def mixtral_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
+def mixtral_config(path: str, metadata: dict[str, object], tensors: Collection[str], transformers: Any) -> Any:
     """A ``MixtralConfig`` from a ``llama`` GGUF file with experts.
 
     Raises

@@ -10,6 +10,7 @@ does not renormalize its top-k weights).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ._gguf_meta import ArchMetadata
@@ -19,7 +20,7 @@ __all__ = ["ARCHITECTURE", "olmoe_config"]
 ARCHITECTURE = "olmoe"
 
 
-def olmoe_config(path: str, metadata: dict[str, object], tensors: set[str], transformers: Any) -> Any:
+def olmoe_config(path: str, metadata: dict[str, object], tensors: Collection[str], transformers: Any) -> Any:
     """An ``OlmoeConfig`` from an ``olmoe`` GGUF file's metadata.
 
     Raises
