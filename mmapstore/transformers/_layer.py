@@ -11,10 +11,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._errors import StaleRefreshError
 from .._pool import ExecMode, ExpertPool, count_hits
 from .._store import ExpertStack, LayerExperts
 from ._fetch import FetchChunk, plan_fetch
 from ._hf import grouped_linear
+from ._prefetch import Prefetcher, Router, ranked
 from ._slots import SlotWriter
 from ._torch import as_tensor
 
@@ -106,6 +108,8 @@ class LayerCounters:
     promotions: int = 0
     copied_nbytes: int = 0
     cpu_read_nbytes: int = 0
+    prefetched_experts: int = 0
+    prefetch_used: int = 0
 
 
 Recorder = Callable[[int, npt.NDArray[np.int64]], None]
@@ -175,6 +179,12 @@ class LayerRuntime:
         self.slot_map = np.full(layout.num_experts, -1, dtype=np.int64)
         self._last_used = np.zeros(layout.num_experts, dtype=np.int64)
         self._cpu_weights: dict[int, _Weights] = {}
+        # Next-layer prefetch (``OnMiss.FETCH``): this layer's router, the next MoE layer, the worker.
+        self.router: Router | None = None
+        self.next: LayerRuntime | None = None
+        self.prefetcher: Prefetcher | None = None
+        self._prefetched = np.zeros(layout.num_experts, dtype=bool)  # brought in by the last prefetch
+        self._broken: str | None = None  # an earlier fill failed part-way: the slots cannot be trusted
 
     # -- pool contents ---------------------------------------------------
     def pool_tensors(self) -> dict[str, torch.Tensor]:
@@ -193,9 +203,12 @@ class LayerRuntime:
         self.slot_map[experts] = slots
         return copied
 
-    def _fill(self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]) -> int:
+    def _fill(
+        self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64], writer: SlotWriter | None = None
+    ) -> int:
         """Copy ``experts[i]`` into ``slots[i]`` (every part), in stream order; return bytes written."""
-        layout, writer, copied = self.layout, self.writer, 0
+        layout, copied = self.layout, 0
+        writer = self.writer if writer is None else writer
         gate, up, down = self.experts.gate, self.experts.up, self.experts.down
         fused_axis = 1 if layout.transposed else 0  # the 2I axis of one slot
         orientation = "kn" if layout.transposed else "nk"
@@ -212,20 +225,43 @@ class LayerRuntime:
         writer.flush()
         return copied
 
-    def _bring_in(self, target: npt.NDArray[np.int64], heat: npt.NDArray[np.int64]) -> int:
-        """Make ``target`` resident (the coldest by ``heat`` leave), commit the pool; return the experts copied."""
+    def _bring_in(
+        self, target: npt.NDArray[np.int64], heat: npt.NDArray[np.int64], writer: SlotWriter | None = None
+    ) -> int:
+        """Make ``target`` resident (the coldest by ``heat`` leave), commit the pool; return the experts copied.
+
+        A fill that fails part-way leaves slots of demoted experts partly
+        overwritten: the layer refuses every later forward
+        (:class:`StaleRefreshError`) rather than serve those bytes.
+        """
         pool = self.pool
         result = pool.propose(target, heat)
         if not result.promoted:
             return 0
         promoted = np.asarray(result.promoted, dtype=np.int64)
         slots = np.asarray(result.slots, dtype=np.int64)
-        self.counters.copied_nbytes += self._fill(promoted, slots)
+        try:
+            self.counters.copied_nbytes += self._fill(promoted, slots, writer)
+        except BaseException as exc:
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise
         pool.commit(result)  # after the copies are queued: kernels queued later see the new experts
         self.slot_map[np.asarray(result.demoted, dtype=np.int64)] = -1
         self.slot_map[promoted] = slots
         self.counters.promotions += promoted.size
         return int(promoted.size)
+
+    def prefetch(self, experts: npt.NDArray[np.int64], writer: SlotWriter) -> None:
+        """Bring ``experts`` (at most the capacity) in through ``writer``, the least
+        recently used residents leaving (never one of ``experts``); the prefetcher's worker calls this."""
+        if self._broken is not None or not (self.slot_map[experts] < 0).any():
+            return
+        heat = self._last_used.copy()
+        heat[experts] = int(heat.max()) + 1
+        before = self.slot_map < 0
+        brought = self._bring_in(experts, heat, writer)
+        self._prefetched |= before & (self.slot_map >= 0)
+        self.counters.prefetched_experts += brought
 
     def _refresh(self, hits: npt.NDArray[np.int64]) -> None:
         """TIDE's refresh (``OnMiss.CPU``), when the policy says one is due."""
@@ -249,14 +285,25 @@ class LayerRuntime:
         each pair's input); the trace records those.
         """
         num_tokens, top_k = top_k_index.shape
+        if self.prefetcher is not None:
+            self.prefetcher.wait()  # a prefetch into this pool lands before anything reads it
+        if self._broken is not None:
+            raise StaleRefreshError(
+                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
+                f"({self._broken}); its slots may hold partial experts: load the model again"
+            )
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
+        upcoming = self._predict_next(hidden, top_k if router_ids is None else int(router_ids.shape[1]))
         ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
         flat = ids.reshape(-1)
         rank = np.empty(flat.size, dtype=np.int64)
         rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)
         hits = count_hits(flat, self.layout.num_experts)
+        if self._prefetched.any():
+            self.counters.prefetch_used += int(np.count_nonzero(self._prefetched & (hits > 0)))
+            self._prefetched[:] = False
         if self.recorder is not None:
             recorded = ids if router_ids is None else router_ids.detach().to("cpu", torch.int64).numpy()
             self.recorder(self.position, recorded)
@@ -272,8 +319,21 @@ class LayerRuntime:
             if self.pool.offload:
                 self._refresh(hits)
             self._forward_cpu_on_miss(hidden, routed, out)
+        if upcoming is not None and self.next is not None and self.prefetcher is not None:  # this layer is queued
+            experts = ranked(upcoming.to("cpu").numpy(), self.next.pool.capacity)
+            self.prefetcher.submit(self.next, experts)
         weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
         return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
+
+    def _predict_next(self, hidden: torch.Tensor, top_k: int) -> torch.Tensor | None:
+        """The next MoE layer's router on this layer's input, queued before the sync (decode steps,
+        ``OnMiss.FETCH``, a next layer that offloads and has a router), else None."""
+        upcoming = self.next
+        if self.prefetcher is None or upcoming is None or upcoming.router is None or self.state.prefill:
+            return None
+        if not upcoming.pool.offload or upcoming.on_miss is not OnMiss.FETCH:
+            return None
+        return upcoming.router.predict(hidden.detach(), top_k)
 
     def _forward_fetch(
         self, hidden: torch.Tensor, routed: _Routed, hits: npt.NDArray[np.int64], out: torch.Tensor

@@ -29,6 +29,7 @@ from ._capture import TraceRecorder
 from ._gguf import GgufSource, is_gguf_checkpoint, read_gguf_config
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from ._llama4 import adapt_llama4
+from ._prefetch import Prefetcher, find_router
 from ._runtime import OffloadedModel
 from ._slots import SlotWriter
 from ._torch import as_tensor, resolve_device
@@ -62,6 +63,7 @@ def load_model(
     trace_path: str | os.PathLike[str] | None = None,
     capture_trace: bool = False,
     source: Source = "auto",
+    prefetch: bool = False,
 ) -> OffloadedModel:
     """Open a Hugging Face MoE checkpoint (or GGUF file) with its routed experts served from the store.
 
@@ -107,6 +109,14 @@ def load_model(
         registered page-cache windows for resident ranges, ``pread`` through
         a pinned ring for cold ones; ``"direct"``: a pageable torch copy);
         see :data:`mmapstore.gpu._jobs.Source`.
+    prefetch
+        With ``on_miss="fetch"``: at each decode step, each MoE layer applies
+        the next MoE layer's router to its own input and a worker thread copies
+        the predicted experts into the next layer's pool (on a CUDA stream of
+        its own) while this layer and the next one's attention run
+        (:mod:`mmapstore.transformers._prefetch`).  Outputs are unchanged; a
+        wrong prediction costs a copy.  ``stats()`` counts the experts
+        prefetched and those the next forward used.
 
     Returns
     -------
@@ -137,6 +147,10 @@ def load_model(
         raise RuntimeConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
+    if type(prefetch) is not bool:
+        raise RuntimeConfigError(f"prefetch must be True or False, got {prefetch!r}")
+    if prefetch and mode is not OnMiss.FETCH:
+        raise RuntimeConfigError("prefetch needs on_miss='fetch' (with 'cpu' the pools change only on refreshes)")
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = is_gguf_checkpoint(path)
     if gguf:  # the store's headers are the config: read them once
@@ -151,6 +165,7 @@ def load_model(
     if dtype is None and gguf and target.type == "cuda":
         dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
     writer: SlotWriter | None = None
+    prefetcher: Prefetcher | None = None
     try:
         compute_dtype = _dtype(dtype, config)
         model = _meta_model(path, config, compute_dtype, transformers)
@@ -196,6 +211,8 @@ def load_model(
             runtimes.append(runtime)
         _finish(model, target, path)
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
+        if prefetch:
+            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target, source))
         register_backend()
         if type(model)._can_set_experts_implementation():  # an adapted Llama-4 block calls the layers itself
             model.set_experts_implementation(BACKEND_NAME)
@@ -213,12 +230,30 @@ def load_model(
             trace_path=trace_file,
             initial_nbytes=initial_nbytes,
             non_expert_nbytes=non_expert_nbytes,
+            prefetcher=prefetcher,
         )
     except BaseException:
+        if prefetcher is not None:
+            prefetcher.close()
         if writer is not None:
             writer.close()
         store.close()
         raise
+
+
+def _link_for_prefetch(
+    model: Any, layers: Sequence[_MoeLayer], runtimes: Sequence[LayerRuntime], prefetcher: Prefetcher
+) -> Prefetcher:
+    """Give every runtime the prefetcher, its successor and its router (found beside its experts module)."""
+    hidden = int(model.config.get_text_config().hidden_size)
+    for index, (layer, runtime) in enumerate(zip(layers, runtimes, strict=True)):
+        runtime.prefetcher = prefetcher
+        runtime.next = runtimes[index + 1] if index + 1 < len(runtimes) else None
+        block = model.get_submodule(layer.name.rpartition(".")[0])
+        runtime.router = find_router(block, layer.layout.num_experts, hidden)
+        if runtime.router is None:
+            log.info("MoE layer %s: no router found beside %s; it is not prefetched", layer.name, layer.name)
+    return prefetcher
 
 
 # -- checks (no weights read) ---------------------------------------------------

@@ -15,6 +15,7 @@ from .._store import ExpertStore
 from .._trace import Phase, Trace, save_trace
 from ._capture import TraceRecorder
 from ._layer import LayerRuntime, StepState
+from ._prefetch import Prefetcher
 from ._slots import SlotWriter
 
 __all__ = ["OffloadedModel", "RunStats"]
@@ -37,7 +38,10 @@ class RunStats:
     that copied experts in (``on_miss="fetch"``: one per chunk that fetched).
     ``copied_nbytes`` entered the pools (refreshes and fetches; the initial
     fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
-    CPU path multiplied by (read from the page cache).
+    CPU path multiplied by (read from the page cache).  With ``prefetch``,
+    ``prefetched_experts`` were copied in ahead of their layer's forward (their
+    bytes are in ``copied_nbytes`` too) and ``prefetch_used`` of them were
+    routed to by that forward.
     """
 
     forwards: int
@@ -53,6 +57,8 @@ class RunStats:
     promotions: int
     copied_nbytes: int
     cpu_read_nbytes: int
+    prefetched_experts: int
+    prefetch_used: int
     initial_nbytes: int
     pool_nbytes: int
     capacities: tuple[int, ...]
@@ -87,6 +93,7 @@ class OffloadedModel:
         trace_path: str | None,
         initial_nbytes: int,
         non_expert_nbytes: int,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -97,6 +104,7 @@ class OffloadedModel:
         self.trace_path = trace_path
         self.initial_nbytes = initial_nbytes
         self.non_expert_nbytes = non_expert_nbytes
+        self.prefetcher = prefetcher
         self._prefills = 0
         self._decodes = 0
         self._closed = False
@@ -131,6 +139,8 @@ class OffloadedModel:
     # -- results --------------------------------------------------------------
     def stats(self) -> RunStats:
         """Totals since load or the last :meth:`reset_stats`."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait()  # its layer's counters settle
         counters = [layer.counters for layer in self.layers]
         return RunStats(
             forwards=self._prefills + self._decodes,
@@ -146,6 +156,8 @@ class OffloadedModel:
             promotions=sum(c.promotions for c in counters),
             copied_nbytes=sum(c.copied_nbytes for c in counters),
             cpu_read_nbytes=sum(c.cpu_read_nbytes for c in counters),
+            prefetched_experts=sum(c.prefetched_experts for c in counters),
+            prefetch_used=sum(c.prefetch_used for c in counters),
             initial_nbytes=self.initial_nbytes,
             pool_nbytes=sum(
                 sum(t.numel() * t.element_size() for t in layer.pool_tensors().values()) for layer in self.layers
@@ -190,6 +202,8 @@ class OffloadedModel:
             if self.recorder is not None and self.trace_path is not None:
                 self.save_trace()
         finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()  # its copies land before the mappings go
             for hook in self._hooks:
                 hook.remove()
             for layer in self.layers:

@@ -1,0 +1,160 @@
+"""Next-layer prefetch in the transformers runtime: the next MoE layer's router predicts, a worker thread
+copies, the next forward joins it; outputs never change, only which experts are resident."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the transformers runtime needs torch (the dev extra installs it)")
+transformers = pytest.importorskip("transformers", reason="the transformers runtime needs transformers 5")
+
+from mmapstore._errors import RuntimeConfigError, StaleRefreshError  # noqa: E402
+from mmapstore.cli import main  # noqa: E402
+from mmapstore.transformers import load_model  # noqa: E402
+from mmapstore.transformers._layer import LayerRuntime  # noqa: E402
+
+EXPERTS, CAPACITY = 16, 4
+SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+
+
+def configs() -> dict[str, object]:
+    """Four MoE layers (three for DeepSeek-V3, whose first is dense), each family's router kind: plain
+    (Qwen3-MoE), sigmoid with a correction bias (DeepSeek-V3), with a bias (GPT-OSS), Llama-4's."""
+    t = transformers
+    return {
+        "qwen3_moe": t.Qwen3MoeConfig(**SMALL, moe_intermediate_size=16, intermediate_size=24, num_experts=EXPERTS,
+                                      num_experts_per_tok=2, head_dim=8),
+        "deepseek_v3": t.DeepseekV3Config(**SMALL, moe_intermediate_size=16, intermediate_size=24,
+                                          n_routed_experts=EXPERTS, num_experts_per_tok=2, n_shared_experts=1,
+                                          first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=8,
+                                          q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+        "gpt_oss": t.GptOssConfig(**SMALL, intermediate_size=16, num_local_experts=EXPERTS, num_experts_per_tok=2,
+                                  head_dim=8),
+        "llama4": t.Llama4TextConfig(**SMALL, intermediate_size=16, intermediate_size_mlp=24,
+                                     num_local_experts=EXPERTS, head_dim=8, num_experts_per_tok=1),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefetch")
+    paths = {}
+    for index, (family, config) in enumerate(configs().items()):
+        torch.manual_seed(index)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "experts" in name:
+                    parameter.normal_(0.0, 0.2)
+        paths[family] = str(root / family)
+        model.save_pretrained(paths[family])
+    return paths
+
+
+def greedy(model, ids, new_tokens: int = 16):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+
+
+IDS = torch.randint(0, SMALL["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(0))
+
+
+def run(path: str, prefetch: bool):
+    with load_model(path, capacity=CAPACITY, on_miss="fetch", prefetch=prefetch) as loaded:
+        return greedy(loaded.model, IDS), loaded.stats()
+
+
+@pytest.mark.parametrize("family", list(configs()))
+def test_prefetch_turns_misses_into_hits_and_changes_no_token(checkpoints, family):
+    stock = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).eval()
+    plain, plain_stats = run(checkpoints[family], prefetch=False)
+    ahead, stats = run(checkpoints[family], prefetch=True)
+    assert torch.equal(ahead, plain) and torch.equal(ahead, greedy(stock, IDS))
+    assert plain_stats.prefetched_experts == plain_stats.prefetch_used == 0
+    assert stats.prefetched_experts > 0 and 0 < stats.prefetch_used <= stats.prefetched_experts
+    assert stats.resident_pairs > plain_stats.resident_pairs  # the router's guesses were right often enough
+    assert stats.pairs == plain_stats.pairs
+
+
+def test_the_copies_run_on_the_worker_and_each_forward_waits_for_them(checkpoints, monkeypatch):
+    """A slow worker (it sleeps before copying): a forward that did not join it would find its pool
+    still being written."""
+    threads: list[str] = []
+    writing: set[int] = set()
+    prefetch, forward_fetch = LayerRuntime.prefetch, LayerRuntime._forward_fetch
+
+    def slow(self, experts, writer):
+        threads.append(threading.current_thread().name)
+        writing.add(id(self))
+        try:
+            time.sleep(0.02)
+            prefetch(self, experts, writer)
+        finally:
+            writing.discard(id(self))
+
+    def checked(self, *args):
+        assert id(self) not in writing, "a forward read a pool its prefetch was still writing"
+        return forward_fetch(self, *args)
+
+    monkeypatch.setattr(LayerRuntime, "prefetch", slow)
+    monkeypatch.setattr(LayerRuntime, "_forward_fetch", checked)
+    ahead, stats = run(checkpoints["qwen3_moe"], prefetch=True)
+    monkeypatch.undo()
+    assert torch.equal(ahead, run(checkpoints["qwen3_moe"], prefetch=False)[0])
+    assert threads and all(name.startswith("mmapstore-prefetch") for name in threads)
+    assert stats.prefetched_experts > 0
+
+
+def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(checkpoints):
+    with load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch=True) as loaded:
+        writer = loaded.prefetcher.writer
+        slab, calls = type(writer).slab, []
+
+        def failing(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:  # the second slab of the first prefetched expert: a slot half rewritten
+                raise OSError("injected read error")
+            return slab(writer, *args, **kwargs)
+
+        writer.slab = failing
+        with pytest.raises(OSError, match="injected read error"):
+            greedy(loaded.model, IDS)
+        broken = [layer for layer in loaded.layers if layer._broken is not None]
+        assert len(broken) == 1
+        with pytest.raises(StaleRefreshError, match=rf"MoE layer {broken[0].experts.layer_index}: an earlier copy"):
+            greedy(loaded.model, IDS)
+
+
+def test_prefetch_needs_fetch(checkpoints):
+    with pytest.raises(RuntimeConfigError, match="prefetch needs on_miss='fetch'"):
+        load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="cpu", prefetch=True)
+    with pytest.raises(RuntimeConfigError, match="prefetch must be True or False"):
+        load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch="yes")
+
+
+def test_run_prefetch_reports_what_it_copied(checkpoints, capsys):
+    args = ["run", checkpoints["gpt_oss"], "--device", "cpu", "--on-miss", "fetch", "--capacity", str(CAPACITY),
+            "--prompt-tokens", "5", "--max-new-tokens", "8", "--quiet"]  # fmt: skip
+    assert main([*args, "--prefetch", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prefetch"] is True and report["stats"]["prefetched_experts"] > 0
+    assert main([*args, "--prefetch"]) == 0
+    assert "experts copied ahead of their layer" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_prefetch_on_cuda_copies_on_its_own_stream_and_changes_no_token(checkpoints, family):
+    outputs, stats = {}, {}
+    for prefetch in (False, True):
+        with load_model(checkpoints[family], capacity=CAPACITY, device="cuda", prefetch=prefetch) as loaded:
+            outputs[prefetch] = greedy(loaded.model, IDS.cuda())
+            stats[prefetch] = loaded.stats()
+    assert torch.equal(outputs[True], outputs[False])
+    assert stats[True].prefetch_used > 0 and stats[True].resident_pairs > stats[False].resident_pairs
