@@ -82,19 +82,26 @@ def test_prefetch_turns_misses_into_hits_and_changes_no_token(checkpoints, famil
     assert stats.pairs == plain_stats.pairs
 
 
-def test_the_copies_run_on_the_worker_and_each_forward_waits_for_them(checkpoints, monkeypatch):
-    """A slow worker (it sleeps before copying): a forward that did not join it would find its pool
-    still being written."""
+def test_the_copies_run_on_the_worker_and_each_forward_stops_and_joins_them(checkpoints, monkeypatch):
+    """A slow worker (50 ms between experts): a forward that did not join it would find its pool still
+    being written, and one that did not stop it would wait for every predicted expert."""
     threads: list[str] = []
     writing: set[int] = set()
     prefetch, forward_fetch = LayerRuntime.prefetch, LayerRuntime._forward_fetch
 
-    def slow(self, experts, writer):
+    def slow(self, experts, writer, cancelled):
         threads.append(threading.current_thread().name)
+        checks = []
+
+        def late() -> bool:  # asked before each expert: the first always copies, then the worker dawdles
+            checks.append(None)
+            if len(checks) > 1:
+                time.sleep(0.05)
+            return cancelled()
+
         writing.add(id(self))
         try:
-            time.sleep(0.02)
-            prefetch(self, experts, writer)
+            prefetch(self, experts, writer, late)
         finally:
             writing.discard(id(self))
 
@@ -108,7 +115,7 @@ def test_the_copies_run_on_the_worker_and_each_forward_waits_for_them(checkpoint
     monkeypatch.undo()
     assert torch.equal(ahead, run(checkpoints["qwen3_moe"], prefetch=False)[0])
     assert threads and all(name.startswith("mmapstore-prefetch") for name in threads)
-    assert stats.prefetched_experts > 0
+    assert 0 < stats.prefetched_experts <= len(threads)  # stopped after the expert in progress
 
 
 def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(checkpoints):

@@ -251,17 +251,22 @@ class LayerRuntime:
         self.counters.promotions += promoted.size
         return int(promoted.size)
 
-    def prefetch(self, experts: npt.NDArray[np.int64], writer: SlotWriter) -> None:
-        """Bring ``experts`` (at most the capacity) in through ``writer``, the least
-        recently used residents leaving (never one of ``experts``); the prefetcher's worker calls this."""
-        if self._broken is not None or not (self.slot_map[experts] < 0).any():
-            return
+    def prefetch(
+        self, experts: npt.NDArray[np.int64], writer: SlotWriter, cancelled: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Bring ``experts`` (most likely first, at most the capacity) in through ``writer``, one at a
+        time until ``cancelled()``, the least recently used residents leaving (never one of
+        ``experts``); the prefetcher's worker calls this."""
         heat = self._last_used.copy()
         heat[experts] = int(heat.max()) + 1
-        before = self.slot_map < 0
-        brought = self._bring_in(experts, heat, writer)
-        self._prefetched |= before & (self.slot_map >= 0)
-        self.counters.prefetched_experts += brought
+        for expert in experts.tolist():
+            if self._broken is not None or cancelled():
+                return
+            if self.slot_map[expert] >= 0:
+                continue
+            self._bring_in(np.array([expert], dtype=np.int64), heat, writer)
+            self._prefetched[expert] = True
+            self.counters.prefetched_experts += 1
 
     def _refresh(self, hits: npt.NDArray[np.int64]) -> None:
         """TIDE's refresh (``OnMiss.CPU``), when the policy says one is due."""
@@ -285,18 +290,18 @@ class LayerRuntime:
         each pair's input); the trace records those.
         """
         num_tokens, top_k = top_k_index.shape
-        if self.prefetcher is not None:
-            self.prefetcher.wait()  # a prefetch into this pool lands before anything reads it
-        if self._broken is not None:
-            raise StaleRefreshError(
-                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
-                f"({self._broken}); its slots may hold partial experts: load the model again"
-            )
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
         upcoming = self._predict_next(hidden, top_k if router_ids is None else int(router_ids.shape[1]))
         ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
+        if self.prefetcher is not None:  # a prefetch into this pool ran through the sync; it lands before any read
+            self.prefetcher.wait()
+        if self._broken is not None:
+            raise StaleRefreshError(
+                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
+                f"({self._broken}); its slots may hold partial experts: load the model again"
+            )
         flat = ids.reshape(-1)
         rank = np.empty(flat.size, dtype=np.int64)
         rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)

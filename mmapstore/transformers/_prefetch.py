@@ -6,11 +6,15 @@ At each decode step a layer's forward already waits for the router's ids
 layer's router to its own input (the residual stream changes little across
 one layer, so the next router ranks nearly the same experts on it: the
 "pre-gating" of Pre-gated MoE, MoE-Infinity and AdapMoE), and after its own
-experts are queued it hands the predicted, non-resident experts to one
-worker thread.  The worker copies them into the next layer's pool through a
-:class:`~mmapstore.transformers._slots.SlotWriter` of its own, on a CUDA
-stream of its own, and records an event; the next layer's forward joins the
-worker and makes its stream wait for that event before it reads the pool.
+experts are queued it hands the predicted experts, most likely first, to one
+worker thread.  The worker copies them one by one into the next layer's pool
+through a :class:`~mmapstore.transformers._slots.SlotWriter` of its own, on
+a CUDA stream of its own, and records an event.  It runs while this layer's
+experts, the next layer's attention and that layer's wait for its router's
+ids run; right after that wait, the next layer's forward stops the worker
+after the expert in progress (a prefetch never holds a forward up by more
+than one expert's copy), joins it, and makes its stream wait for the event
+before it reads the pool.
 
 A prefetch changes only which experts are resident, never a value: a wrong
 prediction costs a copy and the slot of the least recently used expert, and
@@ -23,6 +27,7 @@ started it, and its next reader joins it first.
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,10 +83,16 @@ def find_router(block: torch.nn.Module, num_experts: int, hidden: int) -> Router
 
 
 def ranked(predicted: npt.NDArray[np.int64], limit: int) -> npt.NDArray[np.int64]:
-    """The experts of ``predicted`` (ids of any shape), most predicted first (lower id on ties), at most ``limit``."""
-    counts = np.bincount(predicted.reshape(-1))
-    hot = np.flatnonzero(counts)
-    order = np.argsort(-counts[hot], kind="stable")
+    """The experts of ``predicted`` (``[rows, top_k]``, each row best first), most likely first: by the
+    rows that predict them, then by their best place in a row, then by id; at most ``limit``."""
+    rows, top_k = predicted.shape
+    experts = predicted.reshape(-1)
+    places = np.tile(np.arange(top_k), rows)
+    votes = np.bincount(experts)
+    best = np.full(votes.size, top_k, dtype=np.int64)
+    np.minimum.at(best, experts, places)
+    hot = np.flatnonzero(votes)
+    order = np.lexsort((hot, best[hot], -votes[hot]))
     return hot[order[:limit]].astype(np.int64)
 
 
@@ -103,31 +114,37 @@ class Prefetcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmapstore-prefetch")
         self._pending: Future[None] | None = None
         self._event: torch.cuda.Event | None = None
+        self._cancel = threading.Event()
 
     def submit(self, layer: LayerRuntime, experts: npt.NDArray[np.int64]) -> None:
         """Start copying ``experts`` into ``layer``'s pool (after joining the prefetch in flight)."""
         self.wait()
+        self._cancel.clear()
         event = torch.cuda.Event() if self._stream is not None else None  # type: ignore[no-untyped-call]
+        cancelled = self._cancel.is_set
 
         def run() -> None:
             stream = self._stream
             if stream is None:
-                layer.prefetch(experts, self.writer)
+                layer.prefetch(experts, self.writer, cancelled)
                 return
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                layer.prefetch(experts, self.writer)
-                assert event is not None
-                event.record(stream)
+                try:
+                    layer.prefetch(experts, self.writer, cancelled)
+                finally:
+                    assert event is not None
+                    event.record(stream)
 
         self._event = event
         self._pending = self._worker.submit(run)
 
     def wait(self) -> None:
-        """Join the prefetch in flight (raising what it raised); later work on the
-        current stream waits for its copies."""
+        """Stop the prefetch in flight after the expert it is copying, join it (raising what it
+        raised); later work on the current stream waits for its copies."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        self._cancel.set()
         pending.result()
         if self._event is not None:
             torch.cuda.current_stream(self.device).wait_event(self._event)
