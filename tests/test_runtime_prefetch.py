@@ -4,9 +4,8 @@ copies, the next forward joins it; outputs never change, only which experts are 
 from __future__ import annotations
 
 import json
-import threading
-import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the transformers runtime needs torch (the dev extra installs it)")
@@ -82,51 +81,59 @@ def test_prefetch_turns_misses_into_hits_and_changes_no_token(checkpoints, famil
     assert stats.pairs == plain_stats.pairs
 
 
-def test_the_copies_run_on_the_worker_and_each_forward_stops_and_joins_them(checkpoints, monkeypatch):
-    """A slow worker (50 ms between experts): a forward that did not join it would find its pool still
-    being written, and one that did not stop it would wait for every predicted expert."""
-    threads: list[str] = []
-    writing: set[int] = set()
+def test_the_next_layer_copies_the_prediction_before_it_reads_its_pool(checkpoints, monkeypatch):
+    """Each layer (but the first) is handed the experts its predecessor's sync predicted, and copies them
+    at its own entry, before its pool is read; they come most likely first."""
+    events: list[tuple[str, int, tuple[int, ...]]] = []
     prefetch, forward_fetch = LayerRuntime.prefetch, LayerRuntime._forward_fetch
 
-    def slow(self, experts, writer, cancelled):
-        threads.append(threading.current_thread().name)
-        checks = []
+    def recording_prefetch(self, experts):
+        events.append(("prefetch", self.position, tuple(experts.tolist())))
+        prefetch(self, experts)
 
-        def late() -> bool:  # asked before each expert: the first always copies, then the worker dawdles
-            checks.append(None)
-            if len(checks) > 1:
-                time.sleep(0.05)
-            return cancelled()
-
-        writing.add(id(self))
-        try:
-            prefetch(self, experts, writer, late)
-        finally:
-            writing.discard(id(self))
-
-    def checked(self, *args):
-        assert id(self) not in writing, "a forward read a pool its prefetch was still writing"
+    def recording_fetch(self, *args):
+        events.append(("fetch", self.position, ()))
         return forward_fetch(self, *args)
 
-    monkeypatch.setattr(LayerRuntime, "prefetch", slow)
-    monkeypatch.setattr(LayerRuntime, "_forward_fetch", checked)
-    ahead, stats = run(checkpoints["qwen3_moe"], prefetch=True)
-    monkeypatch.undo()
-    assert torch.equal(ahead, run(checkpoints["qwen3_moe"], prefetch=False)[0])
-    assert threads and all(name.startswith("mmapstore-prefetch") for name in threads)
-    assert 0 < stats.prefetched_experts <= len(threads)  # stopped after the expert in progress
+    monkeypatch.setattr(LayerRuntime, "prefetch", recording_prefetch)
+    monkeypatch.setattr(LayerRuntime, "_forward_fetch", recording_fetch)
+    run(checkpoints["qwen3_moe"], prefetch=True)
+    prefetches = [index for index, event in enumerate(events) if event[0] == "prefetch"]
+    assert prefetches and all(events[i][1] > 0 for i in prefetches)  # the first MoE layer has no predecessor
+    assert all(events[i + 1][:2] == ("fetch", events[i][1]) for i in prefetches)
+    assert all(len(events[i][2]) == 2 for i in prefetches)  # the router's top-2 for one decoded token
 
 
-def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(checkpoints):
+def test_ranked_puts_the_most_predicted_experts_first():
+    from mmapstore.transformers._prefetch import ranked
+
+    predicted = np.array([[5, 2], [7, 2], [9, 5], [1, 3]])  # rows best first
+    # 5 and 2 twice (5 once first: ahead of 2, never first), then the singles by their best place, then id
+    assert ranked(predicted, 8).tolist() == [5, 2, 1, 7, 9, 3]
+    assert ranked(predicted, 3).tolist() == [5, 2, 1]
+
+
+def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(checkpoints, monkeypatch):
+    inside = []
+    prefetch = LayerRuntime.prefetch
+
+    def flagged(self, experts):
+        inside.append(True)
+        try:
+            prefetch(self, experts)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(LayerRuntime, "prefetch", flagged)
     with load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch=True) as loaded:
-        writer = loaded.prefetcher.writer
+        writer = loaded.layers[0].writer
         slab, calls = type(writer).slab, []
 
         def failing(*args, **kwargs):
-            calls.append(args)
-            if len(calls) == 2:  # the second slab of the first prefetched expert: a slot half rewritten
-                raise OSError("injected read error")
+            if inside:
+                calls.append(args)
+                if len(calls) == 2:  # the second slab of the first prefetched expert: a slot half rewritten
+                    raise OSError("injected read error")
             return slab(writer, *args, **kwargs)
 
         writer.slab = failing
@@ -157,11 +164,24 @@ def test_run_prefetch_reports_what_it_copied(checkpoints, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_prefetch_on_cuda_copies_on_its_own_stream_and_changes_no_token(checkpoints, family):
+def test_prefetch_on_cuda_copies_on_its_own_stream_and_changes_no_token(checkpoints, family, monkeypatch):
+    """The prefetch stream is held back (a GPU sleep before its copies): a layer that did not wait for its
+    event would read slots the copies have not reached."""
+    streams = []
+    prefetch = LayerRuntime.prefetch
+
+    def slow(self, experts):
+        streams.append(torch.cuda.current_stream())
+        torch.cuda._sleep(20_000_000)  # on the prefetch stream, ahead of its copies
+        prefetch(self, experts)
+
     outputs, stats = {}, {}
-    for prefetch in (False, True):
-        with load_model(checkpoints[family], capacity=CAPACITY, device="cuda", prefetch=prefetch) as loaded:
-            outputs[prefetch] = greedy(loaded.model, IDS.cuda())
-            stats[prefetch] = loaded.stats()
+    for ahead in (False, True):
+        if ahead:
+            monkeypatch.setattr(LayerRuntime, "prefetch", slow)
+        with load_model(checkpoints[family], capacity=CAPACITY, device="cuda", prefetch=ahead) as loaded:
+            outputs[ahead] = greedy(loaded.model, IDS.cuda())
+            stats[ahead] = loaded.stats()
     assert torch.equal(outputs[True], outputs[False])
+    assert streams and all(stream != torch.cuda.default_stream() for stream in streams)
     assert stats[True].prefetch_used > 0 and stats[True].resident_pairs > stats[False].resident_pairs

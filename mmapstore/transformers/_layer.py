@@ -184,6 +184,7 @@ class LayerRuntime:
         self.next: LayerRuntime | None = None
         self.prefetcher: Prefetcher | None = None
         self._prefetched = np.zeros(layout.num_experts, dtype=bool)  # brought in by the last prefetch
+        self._upcoming: npt.NDArray[np.int64] | None = None  # predicted by the previous MoE layer
         self._broken: str | None = None  # an earlier fill failed part-way: the slots cannot be trusted
 
     # -- pool contents ---------------------------------------------------
@@ -251,22 +252,18 @@ class LayerRuntime:
         self.counters.promotions += promoted.size
         return int(promoted.size)
 
-    def prefetch(
-        self, experts: npt.NDArray[np.int64], writer: SlotWriter, cancelled: Callable[[], bool] = lambda: False
-    ) -> None:
-        """Bring ``experts`` (most likely first, at most the capacity) in through ``writer``, one at a
-        time until ``cancelled()``, the least recently used residents leaving (never one of
-        ``experts``); the prefetcher's worker calls this."""
+    def prefetch(self, experts: npt.NDArray[np.int64]) -> None:
+        """Bring ``experts`` (most likely first, at most the capacity) in, the least recently
+        used residents leaving (never one of ``experts``)."""
         heat = self._last_used.copy()
         heat[experts] = int(heat.max()) + 1
-        for expert in experts.tolist():
-            if self._broken is not None or cancelled():
-                return
-            if self.slot_map[expert] >= 0:
-                continue
-            self._bring_in(np.array([expert], dtype=np.int64), heat, writer)
-            self._prefetched[expert] = True
-            self.counters.prefetched_experts += 1
+        missing = experts[self.slot_map[experts] < 0]
+        if self._broken is not None or not missing.size:
+            return
+        before = self.slot_map < 0
+        self._bring_in(experts, heat)
+        self._prefetched |= before & (self.slot_map >= 0)
+        self.counters.prefetched_experts += int(missing.size)
 
     def _refresh(self, hits: npt.NDArray[np.int64]) -> None:
         """TIDE's refresh (``OnMiss.CPU``), when the policy says one is due."""
@@ -290,18 +287,19 @@ class LayerRuntime:
         each pair's input); the trace records those.
         """
         num_tokens, top_k = top_k_index.shape
+        self._check_whole()
+        upcoming_here, self._upcoming = self._upcoming, None
+        if upcoming_here is not None and self.prefetcher is not None:  # before the sync: beside the queued work
+            self.prefetcher.run(self, upcoming_here)
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
         upcoming = self._predict_next(hidden, top_k if router_ids is None else int(router_ids.shape[1]))
         ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
-        if self.prefetcher is not None:  # a prefetch into this pool ran through the sync; it lands before any read
+        if self.prefetcher is not None:  # the prefetch's copies land before anything reads or rewrites the pool
             self.prefetcher.wait()
-        if self._broken is not None:
-            raise StaleRefreshError(
-                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
-                f"({self._broken}); its slots may hold partial experts: load the model again"
-            )
+        if upcoming is not None and self.next is not None:
+            self.next._upcoming = ranked(upcoming.to("cpu").numpy(), self.next.pool.capacity)
         flat = ids.reshape(-1)
         rank = np.empty(flat.size, dtype=np.int64)
         rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)
@@ -324,11 +322,15 @@ class LayerRuntime:
             if self.pool.offload:
                 self._refresh(hits)
             self._forward_cpu_on_miss(hidden, routed, out)
-        if upcoming is not None and self.next is not None and self.prefetcher is not None:  # this layer is queued
-            experts = ranked(upcoming.to("cpu").numpy(), self.next.pool.capacity)
-            self.prefetcher.submit(self.next, experts)
         weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
         return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
+
+    def _check_whole(self) -> None:
+        if self._broken is not None:
+            raise StaleRefreshError(
+                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
+                f"({self._broken}); its slots may hold partial experts: load the model again"
+            )
 
     def _predict_next(self, hidden: torch.Tensor, top_k: int) -> torch.Tensor | None:
         """The next MoE layer's router on this layer's input, queued before the sync (decode steps,

@@ -111,12 +111,12 @@ def load_model(
         see :data:`mmapstore.gpu._jobs.Source`.
     prefetch
         With ``on_miss="fetch"``: at each decode step, each MoE layer applies
-        the next MoE layer's router to its own input and a worker thread copies
-        the predicted experts into the next layer's pool (on a CUDA stream of
-        its own) while this layer and the next one's attention run
-        (:mod:`mmapstore.transformers._prefetch`).  Outputs are unchanged; a
-        wrong prediction costs a copy.  ``stats()`` counts the experts
-        prefetched and those the next forward used.
+        the next MoE layer's router to its own input, and the next layer
+        copies the predicted experts into its pool (on a CUDA stream of its
+        own) before it waits for its own router, while the GPU still runs its
+        attention (:mod:`mmapstore.transformers._prefetch`).  Outputs are
+        unchanged; a wrong prediction costs a copy.  ``stats()`` counts the
+        experts prefetched and those their layer then routed to.
 
     Returns
     -------
@@ -212,7 +212,7 @@ def load_model(
         _finish(model, target, path)
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
         if prefetch:
-            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target, source))
+            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target))
         register_backend()
         if type(model)._can_set_experts_implementation():  # an adapted Llama-4 block calls the layers itself
             model.set_experts_implementation(BACKEND_NAME)
@@ -233,8 +233,6 @@ def load_model(
             prefetcher=prefetcher,
         )
     except BaseException:
-        if prefetcher is not None:
-            prefetcher.close()
         if writer is not None:
             writer.close()
         store.close()

@@ -1,34 +1,32 @@
 """Next-layer prefetch: the experts the next MoE layer will likely route to,
-copied into its pool while this layer and the next one's attention run.
+copied into its pool while the GPU still runs the work queued before them.
 
-At each decode step a layer's forward already waits for the router's ids
-(the one host sync).  Just before that sync it applies the *next* MoE
-layer's router to its own input (the residual stream changes little across
+At each decode step a layer's forward waits for its router's ids (the one
+host sync per layer).  Just before that sync it also queues the *next* MoE
+layer's router on its own input (the residual stream changes little across
 one layer, so the next router ranks nearly the same experts on it: the
-"pre-gating" of Pre-gated MoE, MoE-Infinity and AdapMoE), and after its own
-experts are queued it hands the predicted experts, most likely first, to one
-worker thread.  The worker copies them one by one into the next layer's pool
-through a :class:`~mmapstore.transformers._slots.SlotWriter` of its own, on
-a CUDA stream of its own, and records an event.  It runs while this layer's
-experts, the next layer's attention and that layer's wait for its router's
-ids run; right after that wait, the next layer's forward stops the worker
-after the expert in progress (a prefetch never holds a forward up by more
-than one expert's copy), joins it, and makes its stream wait for the event
-before it reads the pool.
+"pre-gating" of Pre-gated MoE, MoE-Infinity and AdapMoE) and, after the
+sync, hands the predicted experts, most likely first, to the next layer.
 
-A prefetch changes only which experts are resident, never a value: a wrong
-prediction costs a copy and the slot of the least recently used expert, and
-the next forward fetches what it still misses, as without prefetch.  At most
-one prefetch is in flight, and nothing else touches its layer's pool until
-it is joined: the layer's previous readers finished before the sync that
-started it, and its next reader joins it first.
+The next layer's forward starts by copying those of them that are not
+resident into its pool, on a CUDA stream of its own, *before* its own sync:
+the host reads and stages their bytes while the GPU still runs that layer's
+attention and router, and the device copies (and ggml decoding) run beside
+them.  After the sync, the layer's stream waits for the prefetch's event
+before anything reads or rewrites the pool, then fetches what it still
+misses, as without prefetch.
+
+Everything runs on the calling thread (a worker thread was measured slower:
+it holds the interpreter lock while the main thread needs it to launch
+kernels).  A prefetch changes only which experts are resident, never a
+value: a wrong prediction costs a copy and the slot of the least recently
+used expert.  The pool's previous readers finished before the sync that
+produced the prediction, and its next readers are queued after the event.
+On the CPU there is nothing to overlap: the copies simply happen earlier.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,10 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ._slots import SlotWriter
-
 if TYPE_CHECKING:
-    from ..gpu._jobs import Source
     from ._layer import LayerRuntime
 
 __all__ = ["Prefetcher", "Router", "find_router"]
@@ -97,62 +92,31 @@ def ranked(predicted: npt.NDArray[np.int64], limit: int) -> npt.NDArray[np.int64
 
 
 class Prefetcher:
-    """One worker thread that copies predicted experts into the next layer's pool.
+    """The stream a model's prefetches run on (CUDA), and the event the next reader waits for."""
 
-    Parameters
-    ----------
-    device
-        Where the pools live; on CUDA the copies run on a stream of their own.
-    source
-        How its :class:`SlotWriter` moves bytes (as ``load_model``'s ``source``).
-    """
-
-    def __init__(self, device: torch.device, source: Source = "auto") -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.writer = SlotWriter(device, source)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmapstore-prefetch")
-        self._pending: Future[None] | None = None
         self._event: torch.cuda.Event | None = None
-        self._cancel = threading.Event()
 
-    def submit(self, layer: LayerRuntime, experts: npt.NDArray[np.int64]) -> None:
-        """Start copying ``experts`` into ``layer``'s pool (after joining the prefetch in flight)."""
-        self.wait()
-        self._cancel.clear()
-        event = torch.cuda.Event() if self._stream is not None else None  # type: ignore[no-untyped-call]
-        cancelled = self._cancel.is_set
-
-        def run() -> None:
-            stream = self._stream
-            if stream is None:
-                layer.prefetch(experts, self.writer, cancelled)
-                return
-            with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                try:
-                    layer.prefetch(experts, self.writer, cancelled)
-                finally:
-                    assert event is not None
-                    event.record(stream)
-
-        self._event = event
-        self._pending = self._worker.submit(run)
+    def run(self, layer: LayerRuntime, experts: npt.NDArray[np.int64]) -> None:
+        """Copy ``experts`` into ``layer``'s pool, on the prefetch stream beside the work queued so far."""
+        stream = self._stream
+        if stream is None:
+            layer.prefetch(experts)
+            return
+        # No wait for the current stream: nothing queued on it since the sync that made the prediction
+        # reads this pool (its last readers, the previous step's, finished before that sync).
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        try:
+            with torch.cuda.stream(stream):
+                layer.prefetch(experts)
+        finally:
+            event.record(stream)
+            self._event = event
 
     def wait(self) -> None:
-        """Stop the prefetch in flight after the expert it is copying, join it (raising what it
-        raised); later work on the current stream waits for its copies."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        self._cancel.set()
-        pending.result()
-        if self._event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._event)
-            self._event = None
-
-    def close(self) -> None:
-        """Join the prefetch in flight (its error, if any, is dropped: the model is closing), stop the worker."""
-        with contextlib.suppress(Exception):
-            self.wait()
-        self._worker.shutdown(wait=True)
-        self.writer.close()
+        """Later work on the current stream waits for the last prefetch's copies."""
+        event, self._event = self._event, None
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)

@@ -139,8 +139,6 @@ class OffloadedModel:
     # -- results --------------------------------------------------------------
     def stats(self) -> RunStats:
         """Totals since load or the last :meth:`reset_stats`."""
-        if self.prefetcher is not None:
-            self.prefetcher.wait()  # its layer's counters settle
         counters = [layer.counters for layer in self.layers]
         return RunStats(
             forwards=self._prefills + self._decodes,
@@ -202,8 +200,6 @@ class OffloadedModel:
             if self.recorder is not None and self.trace_path is not None:
                 self.save_trace()
         finally:
-            if self.prefetcher is not None:
-                self.prefetcher.close()  # its copies land before the mappings go
             for hook in self._hooks:
                 hook.remove()
             for layer in self.layers:
