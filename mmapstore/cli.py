@@ -540,8 +540,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--prefetch",
-        action="store_true",
-        help="with fetch: copy the experts the next MoE layer's router predicts while this layer runs",
+        nargs="?",
+        const=True,
+        default=False,
+        type=float,
+        metavar="PRECISION",
+        help="with fetch: copy the experts the previous layer predicts for a layer before it waits for its "
+        "router, once its recent predictions were right this often (default 0.9; 0: always)",
     )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present)")
     run.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: config.json's)")

@@ -64,8 +64,10 @@ def greedy(model, ids, new_tokens: int = 16):
 IDS = torch.randint(0, SMALL["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(0))
 
 
-def run(path: str, prefetch: bool):
-    with load_model(path, capacity=CAPACITY, on_miss="fetch", prefetch=prefetch) as loaded:
+def run(path: str, prefetch: bool | float):
+    """Greedy tokens and stats; ``prefetch=True`` acts on every prediction (random weights route too
+    unpredictably for the default precision gate ever to open)."""
+    with load_model(path, capacity=CAPACITY, on_miss="fetch", prefetch=0.0 if prefetch is True else prefetch) as loaded:
         return greedy(loaded.model, IDS), loaded.stats()
 
 
@@ -125,7 +127,7 @@ def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_aga
             inside.pop()
 
     monkeypatch.setattr(LayerRuntime, "prefetch", flagged)
-    with load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch=True) as loaded:
+    with load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch=0.0) as loaded:
         writer = loaded.layers[0].writer
         slab, calls = type(writer).slab, []
 
@@ -148,18 +150,40 @@ def test_a_prefetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_aga
 def test_prefetch_needs_fetch(checkpoints):
     with pytest.raises(RuntimeConfigError, match="prefetch needs on_miss='fetch'"):
         load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="cpu", prefetch=True)
-    with pytest.raises(RuntimeConfigError, match="prefetch must be True or False"):
-        load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch="yes")
+    for wrong in ("yes", 1.5, -0.1):
+        with pytest.raises(RuntimeConfigError, match=r"prefetch must be True, False or a precision in \[0, 1\]"):
+            load_model(checkpoints["qwen3_moe"], capacity=CAPACITY, on_miss="fetch", prefetch=wrong)
+
+
+def test_a_layer_acts_on_predictions_only_once_they_have_been_right_often_enough(checkpoints):
+    """The default gate (0.9 over the last 16 predictions): random weights' routers guess far worse, so
+    nothing is copied ahead, yet every prediction is measured."""
+    tokens, stats = run(checkpoints["qwen3_moe"], prefetch=0.9)
+    assert torch.equal(tokens, run(checkpoints["qwen3_moe"], prefetch=False)[0])
+    assert stats.predicted_experts > 0 and stats.prefetched_experts == 0
+    assert stats.prediction_precision == stats.predicted_routed / stats.predicted_experts < 0.9
+    assert run(checkpoints["qwen3_moe"], prefetch=True)[1].prefetched_experts > 0  # gate open: copies
+
+
+def test_the_gate_opens_on_a_full_window_of_good_predictions():
+    from mmapstore.transformers._prefetch import PRECISION_WINDOW, Prefetcher
+
+    gate = Prefetcher(torch.device("cpu"), 0.75)
+    assert not gate.trusts([(2, 2)] * (PRECISION_WINDOW - 1))  # too few to judge
+    assert gate.trusts([(3, 4)] * PRECISION_WINDOW)  # 75% routed: at the threshold
+    assert not gate.trusts([(3, 4)] * (PRECISION_WINDOW - 1) + [(2, 4)])
+    assert Prefetcher(torch.device("cpu"), 0.0).trusts([])  # 0: always
 
 
 def test_run_prefetch_reports_what_it_copied(checkpoints, capsys):
     args = ["run", checkpoints["gpt_oss"], "--device", "cpu", "--on-miss", "fetch", "--capacity", str(CAPACITY),
             "--prompt-tokens", "5", "--max-new-tokens", "8", "--quiet"]  # fmt: skip
-    assert main([*args, "--prefetch", "--json"]) == 0
+    assert main([*args, "--prefetch", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prefetch"] is True and report["stats"]["prefetched_experts"] > 0
-    assert main([*args, "--prefetch"]) == 0
-    assert "experts copied ahead of their layer" in capsys.readouterr().out
+    assert 0 < report["stats"]["prediction_precision"] < 1
+    assert main([*args, "--prefetch"]) == 0  # the default gate: predictions measured, none acted on
+    assert "predicted experts routed to; 0 copied ahead of their layer" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -179,7 +203,9 @@ def test_prefetch_on_cuda_copies_on_its_own_stream_and_changes_no_token(checkpoi
     for ahead in (False, True):
         if ahead:
             monkeypatch.setattr(LayerRuntime, "prefetch", slow)
-        with load_model(checkpoints[family], capacity=CAPACITY, device="cuda", prefetch=ahead) as loaded:
+        with load_model(
+            checkpoints[family], capacity=CAPACITY, device="cuda", prefetch=0.0 if ahead else False
+        ) as loaded:
             outputs[ahead] = greedy(loaded.model, IDS.cuda())
             stats[ahead] = loaded.stats()
     assert torch.equal(outputs[True], outputs[False])

@@ -16,7 +16,9 @@ prefetched experts the next forward routed to.  So a third variant,
 ``oracle``, prefetches with the next layer's *actual* ids, recorded from a
 run without prefetch (greedy decoding routes the same way every run): what
 the overlap is worth when the prediction is right, the bound a trained
-model's router approaches.
+model's router approaches.  ``router`` is the default (a layer acts on its
+predictions once 90% of its last 16 were routed to), ``router-always`` acts
+on every prediction.
 
     python tools/bench_prefetch.py --dir /scratch --layers 8 --reps 3
 """
@@ -50,7 +52,7 @@ def decode(
     path: str,
     capacity: int,
     tokens: int,
-    prefetch: bool,
+    prefetch: bool | float,
     record: Recorded | None = None,
     oracle: bool = False,
     device: str = "cuda",
@@ -114,17 +116,22 @@ def main() -> None:
         write_gguf(path, args.layers, 2048, 128, 768)
     record: Recorded = {}
     decode(path, args.capacity, args.tokens, False, record, device=args.device)  # the ids the oracle replays
-    variants = {"off": {"prefetch": False}, "router": {"prefetch": True}, "oracle": {"prefetch": True, "oracle": True}}
+    variants: dict[str, dict[str, object]] = {
+        "off": {"prefetch": False},
+        "router": {"prefetch": True},  # the default gate: acts once a layer's predictions were 90% right
+        "router-always": {"prefetch": 0.0},  # acts on every prediction
+        "oracle": {"prefetch": True, "oracle": True},
+    }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     stats: dict[str, dict[str, object]] = {}
     outputs: dict[str, torch.Tensor] = {}
     names = list(variants)
     for rep in range(args.reps):
-        for name in names[rep % 3 :] + names[: rep % 3]:  # rotated: no variant always first
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotated: no variant always first
             kwargs = variants[name]
             oracle = bool(kwargs.get("oracle"))
             rate, outputs[name], stats[name] = decode(
-                path, args.capacity, args.tokens, bool(kwargs["prefetch"]), record if oracle else None, oracle,
+                path, args.capacity, args.tokens, kwargs["prefetch"], record if oracle else None, oracle,  # type: ignore[arg-type]
                 args.device,
             )  # fmt: skip
             rates[name].append(rate)
@@ -145,9 +152,10 @@ def main() -> None:
     for name in variants:
         s = stats[name]
         print(
-            f"{name:6s}: {median[name]:7.2f} tok/s ({median[name] / median['off']:.2f}x)  hit rate "
-            f"{s['hit_rate']:.3f}  fetched pairs {s['fetched_pairs']}  prefetched {s['prefetched_experts']} "
-            f"(used {s['prefetch_used']})  copied {s['copied_nbytes'] / 1e9:.2f} GB"
+            f"{name:13s}: {median[name]:7.2f} tok/s ({median[name] / median['off']:.2f}x)  hit rate "
+            f"{s['hit_rate']:.3f}  fetched pairs {s['fetched_pairs']}  prediction precision "
+            f"{s['prediction_precision'] or 0:.2f}  prefetched {s['prefetched_experts']} (used {s['prefetch_used']})  "
+            f"copied {s['copied_nbytes'] / 1e9:.2f} GB"
         )
     print(f"same greedy tokens: {same}")
     if args.json:

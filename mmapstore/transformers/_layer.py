@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from .._pool import ExecMode, ExpertPool, count_hits
 from .._store import ExpertStack, LayerExperts
 from ._fetch import FetchChunk, plan_fetch
 from ._hf import grouped_linear
-from ._prefetch import Prefetcher, Router, ranked
+from ._prefetch import PRECISION_WINDOW, Prefetcher, Router, ranked
 from ._slots import SlotWriter
 from ._torch import as_tensor
 
@@ -110,6 +111,8 @@ class LayerCounters:
     cpu_read_nbytes: int = 0
     prefetched_experts: int = 0
     prefetch_used: int = 0
+    predicted_experts: int = 0
+    predicted_routed: int = 0
 
 
 Recorder = Callable[[int, npt.NDArray[np.int64]], None]
@@ -185,6 +188,7 @@ class LayerRuntime:
         self.prefetcher: Prefetcher | None = None
         self._prefetched = np.zeros(layout.num_experts, dtype=bool)  # brought in by the last prefetch
         self._upcoming: npt.NDArray[np.int64] | None = None  # predicted by the previous MoE layer
+        self._record: deque[tuple[int, int]] = deque(maxlen=PRECISION_WINDOW)  # (routed, predicted) per step
         self._broken: str | None = None  # an earlier fill failed part-way: the slots cannot be trusted
 
     # -- pool contents ---------------------------------------------------
@@ -289,8 +293,8 @@ class LayerRuntime:
         num_tokens, top_k = top_k_index.shape
         self._check_whole()
         upcoming_here, self._upcoming = self._upcoming, None
-        if upcoming_here is not None and self.prefetcher is not None:  # before the sync: beside the queued work
-            self.prefetcher.run(self, upcoming_here)
+        if upcoming_here is not None and self.prefetcher is not None and self.prefetcher.trusts(self._record):
+            self.prefetcher.run(self, upcoming_here)  # before the sync: beside the work queued
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
@@ -307,6 +311,11 @@ class LayerRuntime:
         if self._prefetched.any():
             self.counters.prefetch_used += int(np.count_nonzero(self._prefetched & (hits > 0)))
             self._prefetched[:] = False
+        if upcoming_here is not None:  # how well the previous layer's prediction did, prefetched or not
+            right = int(np.count_nonzero(hits[upcoming_here]))
+            self._record.append((right, int(upcoming_here.size)))
+            self.counters.predicted_experts += int(upcoming_here.size)
+            self.counters.predicted_routed += right
         if self.recorder is not None:
             recorded = ids if router_ids is None else router_ids.detach().to("cpu", torch.int64).numpy()
             self.recorder(self.position, recorded)

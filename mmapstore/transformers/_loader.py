@@ -29,7 +29,7 @@ from ._capture import TraceRecorder
 from ._gguf import GgufSource, is_gguf_checkpoint, read_gguf_config
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from ._llama4 import adapt_llama4
-from ._prefetch import Prefetcher, find_router
+from ._prefetch import DEFAULT_PRECISION, Prefetcher, find_router
 from ._runtime import OffloadedModel
 from ._slots import SlotWriter
 from ._torch import as_tensor, resolve_device
@@ -63,7 +63,7 @@ def load_model(
     trace_path: str | os.PathLike[str] | None = None,
     capture_trace: bool = False,
     source: Source = "auto",
-    prefetch: bool = False,
+    prefetch: bool | float = False,
 ) -> OffloadedModel:
     """Open a Hugging Face MoE checkpoint (or GGUF file) with its routed experts served from the store.
 
@@ -115,8 +115,11 @@ def load_model(
         copies the predicted experts into its pool (on a CUDA stream of its
         own) before it waits for its own router, while the GPU still runs its
         attention (:mod:`mmapstore.transformers._prefetch`).  Outputs are
-        unchanged; a wrong prediction costs a copy.  ``stats()`` counts the
-        experts prefetched and those their layer then routed to.
+        unchanged.  A wrong prediction costs more than a right one saves, so
+        a layer acts on its predictions only once its last 16 had at least
+        this share of their experts routed to: ``True`` for 0.9, or a number
+        in [0, 1] (0: always).  ``stats()`` counts the predictions, how many
+        were routed to, the experts prefetched and those then used.
 
     Returns
     -------
@@ -147,9 +150,13 @@ def load_model(
         raise RuntimeConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
-    if type(prefetch) is not bool:
-        raise RuntimeConfigError(f"prefetch must be True or False, got {prefetch!r}")
-    if prefetch and mode is not OnMiss.FETCH:
+    if type(prefetch) is bool:
+        precision = DEFAULT_PRECISION if prefetch else None
+    elif type(prefetch) in (int, float) and 0 <= prefetch <= 1:
+        precision = float(prefetch)
+    else:
+        raise RuntimeConfigError(f"prefetch must be True, False or a precision in [0, 1], got {prefetch!r}")
+    if precision is not None and mode is not OnMiss.FETCH:
         raise RuntimeConfigError("prefetch needs on_miss='fetch' (with 'cpu' the pools change only on refreshes)")
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = is_gguf_checkpoint(path)
@@ -211,8 +218,8 @@ def load_model(
             runtimes.append(runtime)
         _finish(model, target, path)
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
-        if prefetch:
-            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target))
+        if precision is not None:
+            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target, precision))
         register_backend()
         if type(model)._can_set_experts_implementation():  # an adapted Llama-4 block calls the layers itself
             model.set_experts_implementation(BACKEND_NAME)

@@ -190,7 +190,7 @@ def _report(
         "capacities": sorted(set(stats.capacities)),
         "every": args.every,
         "on_miss": loaded.layers[0].on_miss.value if loaded.layers else args.on_miss,
-        "prefetch": args.prefetch,
+        "prefetch": args.prefetch is not False,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "new_tokens": len(new_ids),
@@ -237,8 +237,8 @@ def _print_report(report: dict[str, Any]) -> None:
     )
     if report["prefetch"]:
         print(
-            f"  prefetch: {stats['prefetched_experts']} experts copied ahead of their layer, "
-            f"{stats['prefetch_used']} of them routed to there"
+            f"  prefetch: {stats['predicted_routed']} of {stats['predicted_experts']} predicted experts routed to; "
+            f"{stats['prefetched_experts']} copied ahead of their layer, {stats['prefetch_used']} of them used"
         )
     print(
         f"  moved {stats['copied_nbytes'] / 1e6:.1f} MB into the pools "

@@ -39,9 +39,11 @@ class RunStats:
     ``copied_nbytes`` entered the pools (refreshes and fetches; the initial
     fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
     CPU path multiplied by (read from the page cache).  With ``prefetch``,
-    ``prefetched_experts`` were copied in ahead of their layer's forward (their
-    bytes are in ``copied_nbytes`` too) and ``prefetch_used`` of them were
-    routed to by that forward.
+    each layer's experts are predicted by the layer before it:
+    ``predicted_experts`` of them, ``predicted_routed`` of which the layer
+    then routed to; ``prefetched_experts`` were copied in ahead of their
+    layer's forward (their bytes are in ``copied_nbytes`` too) and
+    ``prefetch_used`` of them were routed to by that forward.
     """
 
     forwards: int
@@ -59,9 +61,16 @@ class RunStats:
     cpu_read_nbytes: int
     prefetched_experts: int
     prefetch_used: int
+    predicted_experts: int
+    predicted_routed: int
     initial_nbytes: int
     pool_nbytes: int
     capacities: tuple[int, ...]
+
+    @property
+    def prediction_precision(self) -> float | None:
+        """Share of predicted experts their layer routed to (None without predictions)."""
+        return self.predicted_routed / self.predicted_experts if self.predicted_experts else None
 
     @property
     def hit_rate(self) -> float:
@@ -70,7 +79,11 @@ class RunStats:
 
     def to_json(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in self.__slots__}
-        return fields | {"capacities": list(self.capacities), "hit_rate": self.hit_rate}
+        return fields | {
+            "capacities": list(self.capacities),
+            "hit_rate": self.hit_rate,
+            "prediction_precision": self.prediction_precision,
+        }
 
 
 class OffloadedModel:
@@ -156,6 +169,8 @@ class OffloadedModel:
             cpu_read_nbytes=sum(c.cpu_read_nbytes for c in counters),
             prefetched_experts=sum(c.prefetched_experts for c in counters),
             prefetch_used=sum(c.prefetch_used for c in counters),
+            predicted_experts=sum(c.predicted_experts for c in counters),
+            predicted_routed=sum(c.predicted_routed for c in counters),
             initial_nbytes=self.initial_nbytes,
             pool_nbytes=sum(
                 sum(t.numel() * t.element_size() for t in layer.pool_tensors().values()) for layer in self.layers
