@@ -293,8 +293,11 @@ class LayerRuntime:
         num_tokens, top_k = top_k_index.shape
         self._check_whole()
         upcoming_here, self._upcoming = self._upcoming, None
-        if upcoming_here is not None and self.prefetcher is not None and self.prefetcher.trusts(self._record):
-            self.prefetcher.run(self, upcoming_here)  # before the sync: beside the work queued
+        guessed = None  # the predicted experts not resident: what a prefetch copies, and what it is judged by
+        if upcoming_here is not None:
+            guessed = upcoming_here[self.slot_map[upcoming_here] < 0]
+            if guessed.size and self.prefetcher is not None and self.prefetcher.trusts(self._record):
+                self.prefetcher.run(self, upcoming_here)  # before the sync: beside the work queued
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
@@ -311,10 +314,10 @@ class LayerRuntime:
         if self._prefetched.any():
             self.counters.prefetch_used += int(np.count_nonzero(self._prefetched & (hits > 0)))
             self._prefetched[:] = False
-        if upcoming_here is not None:  # how well the previous layer's prediction did, prefetched or not
-            right = int(np.count_nonzero(hits[upcoming_here]))
-            self._record.append((right, int(upcoming_here.size)))
-            self.counters.predicted_experts += int(upcoming_here.size)
+        if guessed is not None and guessed.size:  # how well the prediction did, prefetched or not
+            right = int(np.count_nonzero(hits[guessed]))
+            self._record.append((right, int(guessed.size)))
+            self.counters.predicted_experts += int(guessed.size)
             self.counters.predicted_routed += right
         if self.recorder is not None:
             recorded = ids if router_ids is None else router_ids.detach().to("cpu", torch.int64).numpy()

@@ -21,8 +21,9 @@ it holds the interpreter lock while the main thread needs it to launch
 kernels).  A prefetch changes only which experts are resident, never a
 value.  A wrong prediction costs a copy and the slot of the least recently
 used expert, more than a right one saves; so a layer acts on predictions
-only once its last 16 were right often enough (:data:`DEFAULT_PRECISION`),
-and keeps predicting, and measuring, either way.  The pool's previous
+only once the experts its last 16 named and it did not hold were routed to
+often enough (:data:`DEFAULT_PRECISION`), and keeps predicting, and
+measuring, either way.  The pool's previous
 readers finished before the sync that produced the prediction, and its next
 readers are queued after the event.  On the CPU there is nothing to
 overlap: the copies simply happen earlier.
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_PRECISION", "PRECISION_WINDOW", "Prefetcher", "Router", "find_router"]
 
-# A layer prefetches once its last PRECISION_WINDOW predictions (at least that many decode steps) had at least
-# this share of their experts routed to.  Measured on an H200 (tools/bench_prefetch.py): a right prediction saved
+# A layer prefetches once, over its last PRECISION_WINDOW predictions that named experts it did not hold, at least
+# this share of those experts were routed to.  Measured on an H200 (tools/bench_prefetch.py): a right prediction saved
 # about 0.4 ms, a wrong one cost about 3.6 ms (its copy, and the resident expert it pushed out): break-even
 # near 90%.
 DEFAULT_PRECISION = 0.9

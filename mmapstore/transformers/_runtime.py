@@ -40,8 +40,9 @@ class RunStats:
     fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
     CPU path multiplied by (read from the page cache).  With ``prefetch``,
     each layer's experts are predicted by the layer before it:
-    ``predicted_experts`` of them, ``predicted_routed`` of which the layer
-    then routed to; ``prefetched_experts`` were copied in ahead of their
+    ``predicted_experts`` counts the predicted experts that were not
+    resident (what a prefetch copies), ``predicted_routed`` those of them the
+    layer then routed to; ``prefetched_experts`` were copied in ahead of their
     layer's forward (their bytes are in ``copied_nbytes`` too) and
     ``prefetch_used`` of them were routed to by that forward.
     """
@@ -69,7 +70,7 @@ class RunStats:
 
     @property
     def prediction_precision(self) -> float | None:
-        """Share of predicted experts their layer routed to (None without predictions)."""
+        """Share of the non-resident predicted experts their layer routed to (None without any)."""
         return self.predicted_routed / self.predicted_experts if self.predicted_experts else None
 
     @property
