@@ -538,16 +538,6 @@ def _parser() -> argparse.ArgumentParser:
         help="non-resident experts: fetch into the pool (default on a GPU: exact at any capacity), "
         "or compute on the CPU from the mapping (default on the CPU)",
     )
-    run.add_argument(
-        "--prefetch",
-        nargs="?",
-        const=True,
-        default=False,
-        type=float,
-        metavar="PRECISION",
-        help="with fetch: copy the experts the previous layer predicts for a layer before it waits for its "
-        "router, once its recent predictions were right this often (default 0.9; 0: always)",
-    )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present)")
     run.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: config.json's)")
     run.add_argument("--max-new-tokens", type=int, default=32)

@@ -17,7 +17,7 @@ if not hasattr(transformers, "integrations") or not hasattr(
     pytest.skip("transformers without the experts interface (needs 5.x)", allow_module_level=True)
 
 from mmapstore import FormatError, MmapStoreError  # noqa: E402
-from mmapstore._errors import RuntimeConfigError, UnsupportedModelError  # noqa: E402
+from mmapstore._errors import RuntimeConfigError, StaleRefreshError, UnsupportedModelError  # noqa: E402
 from mmapstore._store.store import ExpertStore  # noqa: E402
 from mmapstore._trace import Phase, load_trace  # noqa: E402
 from mmapstore.cli import main  # noqa: E402
@@ -507,3 +507,26 @@ def test_cuda_fetch_matches_the_stock_model_on_the_device(checkpoints, family):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(greedy(loaded.model, ids.cuda(), 5), greedy(reference, ids.cuda(), 5))
         assert loaded.stats().fetched_pairs > 0
+
+
+def test_a_fetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(checkpoints):
+    """A read error after the first slab of an expert: that slot holds half of the promoted expert while the
+    pool still lists the demoted one there, so the layer refuses to run again."""
+    with load_model(checkpoints["qwen3_moe"], capacity=2, on_miss="fetch") as loaded:
+        writer = loaded.layers[0].writer
+        slab, calls = type(writer).slab, []
+
+        def failing(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:
+                raise OSError("injected read error")
+            return slab(writer, *args, **kwargs)
+
+        writer.slab = failing
+        with pytest.raises(OSError, match="injected read error"):
+            greedy(loaded.model, prompt())
+        broken = [layer for layer in loaded.layers if layer._broken is not None]
+        assert len(broken) == 1
+        writer.slab = lambda *args, **kwargs: slab(writer, *args, **kwargs)  # the disk is fine again
+        with pytest.raises(StaleRefreshError, match=rf"MoE layer {broken[0].experts.layer_index}: an earlier copy"):
+            greedy(loaded.model, prompt())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,6 @@ from .._pool import ExecMode, ExpertPool, count_hits
 from .._store import ExpertStack, LayerExperts
 from ._fetch import FetchChunk, plan_fetch
 from ._hf import grouped_linear
-from ._prefetch import PRECISION_WINDOW, Prefetcher, Router, ranked
 from ._slots import SlotWriter
 from ._torch import as_tensor
 
@@ -109,10 +107,6 @@ class LayerCounters:
     promotions: int = 0
     copied_nbytes: int = 0
     cpu_read_nbytes: int = 0
-    prefetched_experts: int = 0
-    prefetch_used: int = 0
-    predicted_experts: int = 0
-    predicted_routed: int = 0
 
 
 Recorder = Callable[[int, npt.NDArray[np.int64]], None]
@@ -182,14 +176,7 @@ class LayerRuntime:
         self.slot_map = np.full(layout.num_experts, -1, dtype=np.int64)
         self._last_used = np.zeros(layout.num_experts, dtype=np.int64)
         self._cpu_weights: dict[int, _Weights] = {}
-        # Next-layer prefetch (``OnMiss.FETCH``): this layer's router, the next MoE layer, the worker.
-        self.router: Router | None = None
-        self.next: LayerRuntime | None = None
-        self.prefetcher: Prefetcher | None = None
-        self._prefetched = np.zeros(layout.num_experts, dtype=bool)  # brought in by the last prefetch
-        self._upcoming: npt.NDArray[np.int64] | None = None  # predicted by the previous MoE layer
-        self._record: deque[tuple[int, int]] = deque(maxlen=PRECISION_WINDOW)  # (routed, predicted) per step
-        self._broken: str | None = None  # an earlier fill failed part-way: the slots cannot be trusted
+        self._broken: str | None = None  # a fill failed part-way: the slots cannot be trusted
 
     # -- pool contents ---------------------------------------------------
     def pool_tensors(self) -> dict[str, torch.Tensor]:
@@ -208,12 +195,9 @@ class LayerRuntime:
         self.slot_map[experts] = slots
         return copied
 
-    def _fill(
-        self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64], writer: SlotWriter | None = None
-    ) -> int:
+    def _fill(self, experts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]) -> int:
         """Copy ``experts[i]`` into ``slots[i]`` (every part), in stream order; return bytes written."""
-        layout, copied = self.layout, 0
-        writer = self.writer if writer is None else writer
+        layout, writer, copied = self.layout, self.writer, 0
         gate, up, down = self.experts.gate, self.experts.up, self.experts.down
         fused_axis = 1 if layout.transposed else 0  # the 2I axis of one slot
         orientation = "kn" if layout.transposed else "nk"
@@ -230,13 +214,12 @@ class LayerRuntime:
         writer.flush()
         return copied
 
-    def _bring_in(
-        self, target: npt.NDArray[np.int64], heat: npt.NDArray[np.int64], writer: SlotWriter | None = None
-    ) -> int:
+    def _bring_in(self, target: npt.NDArray[np.int64], heat: npt.NDArray[np.int64]) -> int:
         """Make ``target`` resident (the coldest by ``heat`` leave), commit the pool; return the experts copied.
 
-        A fill that fails part-way leaves slots of demoted experts partly
-        overwritten: the layer refuses every later forward
+        A fill that fails part-way (a read error, a file cut short) leaves
+        slots of demoted experts partly overwritten while the pool still
+        lists them: the layer refuses every later forward
         (:class:`StaleRefreshError`) rather than serve those bytes.
         """
         pool = self.pool
@@ -246,7 +229,7 @@ class LayerRuntime:
         promoted = np.asarray(result.promoted, dtype=np.int64)
         slots = np.asarray(result.slots, dtype=np.int64)
         try:
-            self.counters.copied_nbytes += self._fill(promoted, slots, writer)
+            self.counters.copied_nbytes += self._fill(promoted, slots)
         except BaseException as exc:
             self._broken = f"{type(exc).__name__}: {exc}"
             raise
@@ -255,19 +238,6 @@ class LayerRuntime:
         self.slot_map[promoted] = slots
         self.counters.promotions += promoted.size
         return int(promoted.size)
-
-    def prefetch(self, experts: npt.NDArray[np.int64]) -> None:
-        """Bring ``experts`` (most likely first, at most the capacity) in, the least recently
-        used residents leaving (never one of ``experts``)."""
-        heat = self._last_used.copy()
-        heat[experts] = int(heat.max()) + 1
-        missing = experts[self.slot_map[experts] < 0]
-        if self._broken is not None or not missing.size:
-            return
-        before = self.slot_map < 0
-        self._bring_in(experts, heat)
-        self._prefetched |= before & (self.slot_map >= 0)
-        self.counters.prefetched_experts += int(missing.size)
 
     def _refresh(self, hits: npt.NDArray[np.int64]) -> None:
         """TIDE's refresh (``OnMiss.CPU``), when the policy says one is due."""
@@ -291,34 +261,19 @@ class LayerRuntime:
         each pair's input); the trace records those.
         """
         num_tokens, top_k = top_k_index.shape
-        self._check_whole()
-        upcoming_here, self._upcoming = self._upcoming, None
-        guessed = None  # the predicted experts not resident: what a prefetch copies, and what it is judged by
-        if upcoming_here is not None:
-            guessed = upcoming_here[self.slot_map[upcoming_here] < 0]
-            if guessed.size and self.prefetcher is not None and self.prefetcher.trusts(self._record):
-                self.prefetcher.run(self, upcoming_here)  # before the sync: beside the work queued
+        if self._broken is not None:
+            raise StaleRefreshError(
+                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
+                f"({self._broken}); its slots may hold partial experts: load the model again"
+            )
         # The stock backend's sort of the pairs by expert, on the same device: within an expert's group, pairs run
         # in its order (a CPU kernel's result for a row can depend on the row's place in the group).
         _, stock_order = torch.sort(top_k_index.reshape(-1))
-        upcoming = self._predict_next(hidden, top_k if router_ids is None else int(router_ids.shape[1]))
         ids = top_k_index.detach().to("cpu", torch.int64).numpy()  # the one sync: placement is decided on the host
-        if self.prefetcher is not None:  # the prefetch's copies land before anything reads or rewrites the pool
-            self.prefetcher.wait()
-        if upcoming is not None and self.next is not None:
-            self.next._upcoming = ranked(upcoming.to("cpu").numpy(), self.next.pool.capacity)
         flat = ids.reshape(-1)
         rank = np.empty(flat.size, dtype=np.int64)
         rank[stock_order.to("cpu").numpy()] = np.arange(flat.size)
         hits = count_hits(flat, self.layout.num_experts)
-        if self._prefetched.any():
-            self.counters.prefetch_used += int(np.count_nonzero(self._prefetched & (hits > 0)))
-            self._prefetched[:] = False
-        if guessed is not None and guessed.size:  # how well the prediction did, prefetched or not
-            right = int(np.count_nonzero(hits[guessed]))
-            self._record.append((right, int(guessed.size)))
-            self.counters.predicted_experts += int(guessed.size)
-            self.counters.predicted_routed += right
         if self.recorder is not None:
             recorded = ids if router_ids is None else router_ids.detach().to("cpu", torch.int64).numpy()
             self.recorder(self.position, recorded)
@@ -336,23 +291,6 @@ class LayerRuntime:
             self._forward_cpu_on_miss(hidden, routed, out)
         weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
         return weighted.view(num_tokens, top_k, self.layout.hidden).sum(dim=1).to(hidden.dtype)
-
-    def _check_whole(self) -> None:
-        if self._broken is not None:
-            raise StaleRefreshError(
-                f"MoE layer {self.experts.layer_index}: an earlier copy into its pool failed part-way "
-                f"({self._broken}); its slots may hold partial experts: load the model again"
-            )
-
-    def _predict_next(self, hidden: torch.Tensor, top_k: int) -> torch.Tensor | None:
-        """The next MoE layer's router on this layer's input, queued before the sync (decode steps,
-        ``OnMiss.FETCH``, a next layer that offloads and has a router), else None."""
-        upcoming = self.next
-        if self.prefetcher is None or upcoming is None or upcoming.router is None or self.state.prefill:
-            return None
-        if not upcoming.pool.offload or upcoming.on_miss is not OnMiss.FETCH:
-            return None
-        return upcoming.router.predict(hidden.detach(), top_k)
 
     def _forward_fetch(
         self, hidden: torch.Tensor, routed: _Routed, hits: npt.NDArray[np.int64], out: torch.Tensor

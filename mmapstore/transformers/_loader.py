@@ -29,7 +29,6 @@ from ._capture import TraceRecorder
 from ._gguf import GgufSource, is_gguf_checkpoint, read_gguf_config
 from ._layer import ExpertsLayout, LayerRuntime, OnMiss, StepState
 from ._llama4 import adapt_llama4
-from ._prefetch import DEFAULT_PRECISION, Prefetcher, find_router
 from ._runtime import OffloadedModel
 from ._slots import SlotWriter
 from ._torch import as_tensor, resolve_device
@@ -63,7 +62,6 @@ def load_model(
     trace_path: str | os.PathLike[str] | None = None,
     capture_trace: bool = False,
     source: Source = "auto",
-    prefetch: bool | float = False,
 ) -> OffloadedModel:
     """Open a Hugging Face MoE checkpoint (or GGUF file) with its routed experts served from the store.
 
@@ -109,17 +107,6 @@ def load_model(
         registered page-cache windows for resident ranges, ``pread`` through
         a pinned ring for cold ones; ``"direct"``: a pageable torch copy);
         see :data:`mmapstore.gpu._jobs.Source`.
-    prefetch
-        With ``on_miss="fetch"``: at each decode step, each MoE layer applies
-        the next MoE layer's router to its own input, and the next layer
-        copies the predicted experts into its pool (on a CUDA stream of its
-        own) before it waits for its own router, while the GPU still runs its
-        attention (:mod:`mmapstore.transformers._prefetch`).  Outputs are
-        unchanged.  A wrong prediction costs more than a right one saves, so
-        a layer acts on its predictions only once its last 16 had at least
-        this share of their experts routed to: ``True`` for 0.9, or a number
-        in [0, 1] (0: always).  ``stats()`` counts the predictions, how many
-        were routed to, the experts prefetched and those then used.
 
     Returns
     -------
@@ -150,14 +137,6 @@ def load_model(
         raise RuntimeConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
     target = resolve_device(device)
     mode = _on_miss(on_miss, target)
-    if type(prefetch) is bool:
-        precision = DEFAULT_PRECISION if prefetch else None
-    elif type(prefetch) in (int, float) and 0 <= prefetch <= 1:
-        precision = float(prefetch)
-    else:
-        raise RuntimeConfigError(f"prefetch must be True, False or a precision in [0, 1], got {prefetch!r}")
-    if precision is not None and mode is not OnMiss.FETCH:
-        raise RuntimeConfigError("prefetch needs on_miss='fetch' (with 'cpu' the pools change only on refreshes)")
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = is_gguf_checkpoint(path)
     if gguf:  # the store's headers are the config: read them once
@@ -172,7 +151,6 @@ def load_model(
     if dtype is None and gguf and target.type == "cuda":
         dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
     writer: SlotWriter | None = None
-    prefetcher: Prefetcher | None = None
     try:
         compute_dtype = _dtype(dtype, config)
         model = _meta_model(path, config, compute_dtype, transformers)
@@ -218,8 +196,6 @@ def load_model(
             runtimes.append(runtime)
         _finish(model, target, path)
         initial_nbytes = sum(runtime.fill_initial() for runtime in runtimes)
-        if precision is not None:
-            prefetcher = _link_for_prefetch(model, layers, runtimes, Prefetcher(target, precision))
         register_backend()
         if type(model)._can_set_experts_implementation():  # an adapted Llama-4 block calls the layers itself
             model.set_experts_implementation(BACKEND_NAME)
@@ -237,28 +213,12 @@ def load_model(
             trace_path=trace_file,
             initial_nbytes=initial_nbytes,
             non_expert_nbytes=non_expert_nbytes,
-            prefetcher=prefetcher,
         )
     except BaseException:
         if writer is not None:
             writer.close()
         store.close()
         raise
-
-
-def _link_for_prefetch(
-    model: Any, layers: Sequence[_MoeLayer], runtimes: Sequence[LayerRuntime], prefetcher: Prefetcher
-) -> Prefetcher:
-    """Give every runtime the prefetcher, its successor and its router (found beside its experts module)."""
-    hidden = int(model.config.get_text_config().hidden_size)
-    for index, (layer, runtime) in enumerate(zip(layers, runtimes, strict=True)):
-        runtime.prefetcher = prefetcher
-        runtime.next = runtimes[index + 1] if index + 1 < len(runtimes) else None
-        block = model.get_submodule(layer.name.rpartition(".")[0])
-        runtime.router = find_router(block, layer.layout.num_experts, hidden)
-        if runtime.router is None:
-            log.info("MoE layer %s: no router found beside %s; it is not prefetched", layer.name, layer.name)
-    return prefetcher
 
 
 # -- checks (no weights read) ---------------------------------------------------

@@ -130,7 +130,6 @@ def run_command(args: argparse.Namespace) -> int:
         device=device_name,
         dtype=args.dtype,
         trace_path=args.trace,
-        prefetch=args.prefetch,
     )
     with loaded:
         model = loaded.model
@@ -190,7 +189,6 @@ def _report(
         "capacities": sorted(set(stats.capacities)),
         "every": args.every,
         "on_miss": loaded.layers[0].on_miss.value if loaded.layers else args.on_miss,
-        "prefetch": args.prefetch is not False,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "new_tokens": len(new_ids),
@@ -235,11 +233,6 @@ def _print_report(report: dict[str, Any]) -> None:
         f"expert in the pool, {stats['fetched_pairs']} fetched it, {stats['cpu_pairs']} ran on the CPU); "
         f"{stats['refreshes']} refreshes, {stats['promotions']} promotions"
     )
-    if report["prefetch"]:
-        print(
-            f"  prefetch: {stats['predicted_routed']} of {stats['predicted_experts']} predicted experts routed to; "
-            f"{stats['prefetched_experts']} copied ahead of their layer, {stats['prefetch_used']} of them used"
-        )
     print(
         f"  moved {stats['copied_nbytes'] / 1e6:.1f} MB into the pools "
         f"({report['copied_nbytes_per_token'] / 1e6:.2f} MB per token); CPU read {stats['cpu_read_nbytes'] / 1e6:.1f} MB "

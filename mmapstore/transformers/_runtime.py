@@ -15,7 +15,6 @@ from .._store import ExpertStore
 from .._trace import Phase, Trace, save_trace
 from ._capture import TraceRecorder
 from ._layer import LayerRuntime, StepState
-from ._prefetch import Prefetcher
 from ._slots import SlotWriter
 
 __all__ = ["OffloadedModel", "RunStats"]
@@ -38,13 +37,7 @@ class RunStats:
     that copied experts in (``on_miss="fetch"``: one per chunk that fetched).
     ``copied_nbytes`` entered the pools (refreshes and fetches; the initial
     fill is ``initial_nbytes``); ``cpu_read_nbytes`` is the expert bytes the
-    CPU path multiplied by (read from the page cache).  With ``prefetch``,
-    each layer's experts are predicted by the layer before it:
-    ``predicted_experts`` counts the predicted experts that were not
-    resident (what a prefetch copies), ``predicted_routed`` those of them the
-    layer then routed to; ``prefetched_experts`` were copied in ahead of their
-    layer's forward (their bytes are in ``copied_nbytes`` too) and
-    ``prefetch_used`` of them were routed to by that forward.
+    CPU path multiplied by (read from the page cache).
     """
 
     forwards: int
@@ -60,18 +53,9 @@ class RunStats:
     promotions: int
     copied_nbytes: int
     cpu_read_nbytes: int
-    prefetched_experts: int
-    prefetch_used: int
-    predicted_experts: int
-    predicted_routed: int
     initial_nbytes: int
     pool_nbytes: int
     capacities: tuple[int, ...]
-
-    @property
-    def prediction_precision(self) -> float | None:
-        """Share of the non-resident predicted experts their layer routed to (None without any)."""
-        return self.predicted_routed / self.predicted_experts if self.predicted_experts else None
 
     @property
     def hit_rate(self) -> float:
@@ -80,11 +64,7 @@ class RunStats:
 
     def to_json(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in self.__slots__}
-        return fields | {
-            "capacities": list(self.capacities),
-            "hit_rate": self.hit_rate,
-            "prediction_precision": self.prediction_precision,
-        }
+        return fields | {"capacities": list(self.capacities), "hit_rate": self.hit_rate}
 
 
 class OffloadedModel:
@@ -107,7 +87,6 @@ class OffloadedModel:
         trace_path: str | None,
         initial_nbytes: int,
         non_expert_nbytes: int,
-        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -118,7 +97,6 @@ class OffloadedModel:
         self.trace_path = trace_path
         self.initial_nbytes = initial_nbytes
         self.non_expert_nbytes = non_expert_nbytes
-        self.prefetcher = prefetcher
         self._prefills = 0
         self._decodes = 0
         self._closed = False
@@ -168,10 +146,6 @@ class OffloadedModel:
             promotions=sum(c.promotions for c in counters),
             copied_nbytes=sum(c.copied_nbytes for c in counters),
             cpu_read_nbytes=sum(c.cpu_read_nbytes for c in counters),
-            prefetched_experts=sum(c.prefetched_experts for c in counters),
-            prefetch_used=sum(c.prefetch_used for c in counters),
-            predicted_experts=sum(c.predicted_experts for c in counters),
-            predicted_routed=sum(c.predicted_routed for c in counters),
             initial_nbytes=self.initial_nbytes,
             pool_nbytes=sum(
                 sum(t.numel() * t.element_size() for t in layer.pool_tensors().values()) for layer in self.layers
