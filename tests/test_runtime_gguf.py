@@ -767,7 +767,7 @@ def model_bpe(pre: str):
 @pytest.mark.parametrize("pre", sorted(MODEL_SPLITS))
 def test_a_text_prompt_is_split_as_the_models_own_tokenizer_splits_it(tmp_path, capsys, monkeypatch, pre):
     """DeepSeek-V3, Kimi-K2 (``deepseek2``) and GLM-4.5 files: transformers builds no config for them (and
-    before 5.2x refuses their tokenizers too), and knows none of these split rules (it would cut digits,
+    some releases refuse their tokenizers too), and knows none of these split rules (it would cut digits,
     CJK and ``_init`` by GPT-2's rule)."""
     from mmapstore.formats import read_checkpoint
     from mmapstore.transformers._gguf_tokenizer import gguf_tokenizer

@@ -6,7 +6,7 @@ things stop it short for the MoE files people have:
 - For the architectures transformers reads no model from (``deepseek2``:
   DeepSeek-V3/R1, Kimi-K2; ``glm4moe``, ``llama4``, ``olmoe``...), its GGUF
   tokenizer path either needs the model config first or refuses the
-  architecture outright (transformers before 5.2x).  A byte-level BPE
+  architecture outright (some transformers 5 releases).  A byte-level BPE
   (``tokenizer.ggml.model == "gpt2"``, what every one of them uses) needs
   neither: it is built here with the ``tokenizers`` library, from the
   vocabulary, the merges, the control tokens (special), the user-defined ones
