@@ -805,7 +805,53 @@ def test_a_split_rule_known_nowhere_is_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         tokenizer = gguf_tokenizer(read_checkpoint(path))
     assert "tokenizer.ggml.pre 'made-up-v9' is not a rule known here" in caplog.text
-    assert tokenizer("hello").input_ids  # still a tokenizer: GPT-2's rule, as llama.cpp falls back to a default
+    assert tokenizer("hello").input_ids  # still a tokenizer: llama.cpp's default rule
+
+
+def _tokenizer_only(path, metadata: dict):
+    """A ``deepseek2`` file holding a tokenizer and one tensor: enough for :func:`gguf_tokenizer`."""
+    from mmapstore.formats import read_checkpoint
+    from mmapstore.transformers._gguf_tokenizer import gguf_tokenizer
+
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    for method, value in metadata.items():
+        getattr(writer, f"add_{method}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    _close(writer)
+    return gguf_tokenizer(read_checkpoint(str(path)))
+
+
+def test_a_byte_level_vocabulary_is_read_as_llama_cpp_reads_it(tmp_path):
+    """Merges naming missing tokens are skipped (the tokenizers library would refuse the vocabulary), a plain
+    token named as padding stays plain text, ``add_eos_token`` is honoured, a missing split rule is llama.cpp's
+    default (digits in threes), Llama-3's family takes whole tokens first and adds BOS unless told."""
+    bpe, metadata = model_bpe("glm4")
+    tokens = metadata["token_list"]
+    plain = next(index for index, token in enumerate(tokens) if not token.startswith("<|"))
+    odd = metadata | {"token_merges": [*metadata["token_merges"], "Ġzz qq"], "pad_token_id": plain,
+                      "add_eos_token": True}  # fmt: skip
+    tokenizer = _tokenizer_only(tmp_path / "odd.gguf", odd)
+    ids = tokenizer(PROMPTS[0]).input_ids
+    assert ids[-1] == 1 and ids[:-1] == [i for piece in model_split(PROMPTS[0], "glm4") for i in bpe.encode(piece).ids]
+    assert tokenizer.pad_token is None and tokens[plain] in tokenizer.convert_ids_to_tokens(
+        tokenizer(tokens[plain]).input_ids
+    )
+    default = _tokenizer_only(tmp_path / "default.gguf", {k: v for k, v in metadata.items() if k != "tokenizer_pre"})
+    pieces = [piece for piece, _ in default.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 12345")]
+    assert pieces == ["x", "Ġ", "123", "45"]
+    whole = {"tokenizer_model": "gpt2", "tokenizer_pre": "llama-bpe", "token_list": ["a", "b", "c", "ab", "abc", "<s>"],
+             "token_merges": ["a b"], "token_types": [1, 1, 1, 1, 1, 3], "bos_token_id": 5}  # fmt: skip
+    assert _tokenizer_only(tmp_path / "llama3.gguf", whole)("abc").input_ids == [5, 4]  # BOS, then "abc" whole
+
+
+def test_a_vocabulary_that_makes_no_tokenizer_is_one_line_from_run(tmp_path, capsys):
+    _, metadata = model_bpe("deepseek-v3")
+    tokens = list(metadata["token_list"])
+    tokens[0] = "$A"  # a BOS spelled like template syntax would drop itself and double the prompt
+    path = str(tmp_path / "model.gguf")
+    deepseek_gguf(path, split_kv_b=True, tokenizer=metadata | {"token_list": tokens})
+    assert main(["run", path, "--device", "cpu", "--prompt", "hello", "--quiet"]) == 1
+    assert "cannot be added around a prompt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("architecture", ["deepseek2", "glm4moe", "gpt-oss"])
@@ -959,8 +1005,10 @@ def llama4_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, scaled: bool = 
 @pytest.mark.parametrize(
     ("theta", "dim", "rope"),
     [
+        (5e5, 128, {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192}),  # Llama-4 Scout: a step, no smoothed band
         (5e5, 128, {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}),  # Llama-4 Scout
+                    "original_max_position_embeddings": 8192}),  # Llama-3's curve at Scout's factor
         (5e5, 128, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192}),  # Llama-3.1
         (1e4, 64, {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
@@ -991,18 +1039,41 @@ def test_divisors_of_another_shape_become_longrope_and_none_default():
     assert rope_from_freqs(step, 1e4, 8, {})["rope_type"] == "llama3"
 
 
+def test_llama4_sizes_llama_cpp_asserts_are_a_format_error(tmp_path):
+    """A RoPE size other than the head size (llama.cpp asserts they are equal) and a missing MoE interleave
+    step are refused by name, not a traceback from the rotary embedding."""
+    path = str(tmp_path / "model.gguf")
+    llama4_gguf(path)
+    for name, change in (
+        ("rope", {"llama4.rope.dimension_count": 16}),
+        ("step", {"llama4.interleave_moe_layer_step": None}),
+    ):
+        _rewrite(path, str(tmp_path / f"{name}.gguf"), change)
+    with pytest.raises(FormatError, match=r"rope\.dimension_count = attention\.key_length .* found 16, 32, 32"):
+        load_model(tmp_path / "rope.gguf", capacity=2)
+    with pytest.raises(FormatError, match=r"llama4\.interleave_moe_layer_step must be an integer"):
+        load_model(tmp_path / "step.gguf", capacity=2)
+
+
+def _rewrite(source: str, target: str, change: dict, tensors: dict | None = None) -> None:
+    """``source`` written again with scalar metadata ``change``d (None drops the key) and ``tensors`` replaced."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("llama4.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            value = change.get(field.name, field.contents())
+            if value is not None:
+                writer.add_key_value(field.name, value, field.types[0])
+    for tensor in reader.tensors:
+        values = (tensors or {}).get(tensor.name, np.array(tensor.data))
+        writer.add_tensor(tensor.name, values, raw_dtype=tensor.tensor_type if values.dtype == np.uint8 else None)
+    _close(writer)
+
+
 def test_a_rope_freqs_tensor_of_the_wrong_shape_is_a_format_error(tmp_path):
     path = str(tmp_path / "model.gguf")
     llama4_gguf(path)
-    reader = gguf.GGUFReader(path)
-    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama4")
-    for field in reader.fields.values():
-        if field.name.startswith("llama4.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(field.name, field.contents(), field.types[0])
-    for tensor in reader.tensors:
-        values = np.ones(8, np.float32) if tensor.name == "rope_freqs.weight" else np.array(tensor.data)
-        writer.add_tensor(tensor.name, values, raw_dtype=tensor.tensor_type if values.dtype == np.uint8 else None)
-    _close(writer)
+    _rewrite(path, str(tmp_path / "bad.gguf"), {}, {"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(FormatError, match=r"bad\.gguf: tensor 'rope_freqs\.weight' must be F32 of shape \(16,\)"):
         load_model(tmp_path / "bad.gguf", capacity=2)
 

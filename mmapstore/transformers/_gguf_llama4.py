@@ -59,6 +59,12 @@ def llama4_config(
     layers, experts = common["num_hidden_layers"], meta.integer("expert_count", minimum=1)
     head_dim = meta.integer("attention.key_length", common["hidden_size"] // common["num_attention_heads"], minimum=1)
     rotary = meta.integer("rope.dimension_count", head_dim, minimum=2)
+    value_dim = meta.integer("attention.value_length", head_dim, minimum=1)
+    if rotary != head_dim or head_dim % 2 or value_dim != head_dim:  # llama.cpp asserts the same
+        raise FormatError(
+            f"{path}: {ARCHITECTURE} needs rope.dimension_count = attention.key_length = attention.value_length "
+            f"(even), found {rotary}, {head_dim}, {value_dim}"
+        )
     theta = float(common["rope_parameters"]["rope_theta"])  # type: ignore[arg-type]
     record = tensors.get(ROPE_FREQS)
     if record is not None:
@@ -69,7 +75,7 @@ def llama4_config(
         intermediate_size=meta.integer("expert_feed_forward_length", minimum=1),
         intermediate_size_mlp=meta.integer("feed_forward_length", minimum=1),
         num_local_experts=experts,
-        interleave_moe_layer_step=meta.integer("interleave_moe_layer_step", 1, minimum=1),
+        interleave_moe_layer_step=meta.integer("interleave_moe_layer_step", minimum=1),
         head_dim=head_dim,
         use_qk_norm=experts != 128,
         attention_chunk_size=8192 if chunked else None,
@@ -122,8 +128,9 @@ def _wavelengths(theta: float, dim: int) -> npt.NDArray[np.float64]:
 def llama3_divisors(theta: float, dim: int, factor: float, low: float, high: float, old: float) -> Any:
     """The divisors llama.cpp's converter writes for Llama-3 scaling (its formula, in float64)."""
     wavelength = _wavelengths(theta, dim)
-    smooth = (old / wavelength - low) / (high - low)
-    medium = 1 / ((1 - smooth) / factor + smooth)
+    with np.errstate(divide="ignore", invalid="ignore"):  # low == high: no band, the formula is never used
+        smooth = (old / wavelength - low) / (high - low)
+        medium = 1 / ((1 - smooth) / factor + smooth)
     return np.where(wavelength < old / high, 1.0, np.where(wavelength > old / low, factor, medium))
 
 
@@ -150,18 +157,20 @@ def _llama3(freqs: npt.NDArray[np.float64], theta: float, dim: int) -> dict[str,
             return None
         old = float(max(1, round(u / v)))
         low, span = v * old / u, old / u
-    elif band.sum() == 0 and full.any():  # a step: thresholds anywhere between the last 1 and the first factor
+    elif band.sum() == 0 and full.any():  # a step (Llama-4 Scout's low = high = 1): one threshold in between
         below = float(wavelength[ones].max()) if ones.any() else float(wavelength.min()) / 2
-        old = float(math.floor(math.sqrt(below * float(wavelength[full].min()))))
-        if not below < old < float(wavelength[full].min()):
+        above = float(wavelength[full].min())
+        power = 2.0 ** math.ceil(math.log2(below))  # the original context is a power of two where one fits
+        old = power if power < above and power > below else float(math.floor(math.sqrt(below * above)))
+        if not below < old < above:
             return None
-        low, span = 1.0, (old / below - 1) / 2
+        low, span = 1.0, 0.0
     else:
         return None
     for low_try, high_try in ((round(low, 3), round(low + span, 3)), (low, low + span)):
-        if low_try < high_try and np.allclose(
+        if low_try <= high_try and np.allclose(
             llama3_divisors(theta, dim, factor, low_try, high_try, old), freqs, rtol=2e-6, atol=0
         ):
-            return {"factor": factor, "low_freq_factor": low_try, "high_freq_factor": high_try,
+            return {"factor": factor, "low_freq_factor": float(low_try), "high_freq_factor": float(high_try),
                     "original_max_position_embeddings": int(old)}  # fmt: skip
     return None

@@ -15,9 +15,16 @@ things stop it short for the MoE files people have:
   ``tokenizer.ggml.pre``.  transformers knows some of these names; for the
   others it keeps GPT-2's rule, which splits numbers, CJK text and
   punctuation differently from the model's own tokenizer.  The rules below
-  are llama.cpp's (``llama-vocab.cpp``) or, where it implements one by hand,
-  the model's own pattern: regular expressions applied one after the other,
-  as llama.cpp applies them.
+  are regular expressions applied one after the other, as llama.cpp applies
+  them, and aim at the model's own tokenizer: they are llama.cpp's where
+  llama.cpp's are the model's (``deepseek-v3``, ``glm4``, ``qwen2``,
+  ``llama-bpe``...), and the model's own pattern where llama.cpp
+  approximates it (``gpt-4o``/``llama4``/``minimax-m2``: llama.cpp's letter
+  classes are ASCII-only; ``kimi-k2``: llama.cpp's hand-written splitter
+  does not split at case changes).  A missing or unknown name gets
+  llama.cpp's default rule, with a warning for an unknown one; Llama-3's
+  family takes a piece that is a token whole before any merge and adds BOS
+  where the file does not say, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -63,6 +70,18 @@ _GPT4O = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# llama.cpp's rule for a missing or unknown ``tokenizer.ggml.pre`` (LLAMA_VOCAB_PRE_TYPE_DEFAULT).
+_DEFAULT = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+# Llama-3's family in llama.cpp: a piece that is a token is taken whole before any merge, and BOS is added
+# where the file does not say.
+_WHOLE_TOKENS_FIRST = frozenset({"llama3", "llama-v3", "llama-bpe"})
+_BOS_BY_DEFAULT = _WHOLE_TOKENS_FIRST
 
 # ``tokenizer.ggml.pre`` -> the regular expressions that split text before the merges, in order
 # (an empty tuple: GPT-2's own rule, the byte-level pre-tokenizer's).
@@ -113,63 +132,89 @@ def gguf_tokenizer(checkpoint: Checkpoint) -> Any:
 
 
 def _byte_level(path: str, metadata: dict[str, Any]) -> Any:
-    """A byte-level BPE from ``tokenizer.ggml.*``, as llama.cpp reads one."""
+    """A byte-level BPE from ``tokenizer.ggml.*``, as llama.cpp reads one.
+
+    Raises
+    ------
+    ValueError
+        The vocabulary or merges are missing or not strings, or the tokens
+        make no tokenizer (a BOS spelled like template syntax, say).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     tokens, merges = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise ValueError(f"{path}: a byte-level vocabulary needs tokenizer.ggml.tokens and tokenizer.ggml.merges")
+    if not _strings(tokens) or not _strings(merges):
+        raise ValueError(f"{path}: a byte-level vocabulary needs string lists tokenizer.ggml.tokens and .merges")
+    assert isinstance(tokens, list) and isinstance(merges, list)
     types = metadata.get("tokenizer.ggml.token_type")
     kinds = types if isinstance(types, list) and len(types) == len(tokens) else [1] * len(tokens)
-    backend = Tokenizer(
-        models.BPE(
-            vocab={str(token): index for index, token in enumerate(tokens)},
-            merges=[_pair(str(merge)) for merge in merges],
-        )
-    )
+    vocab = {token: index for index, token in enumerate(tokens)}
+    pairs = [_pair(merge) for merge in merges]
     pre = str(metadata.get("tokenizer.ggml.pre", ""))
     splits = PRE_TOKENIZER_SPLITS.get(pre)
     if splits is None:
-        _log.warning(
-            "%s: tokenizer.ggml.pre %r is not a rule known here: text is split by GPT-2's rule, as llama.cpp "
-            "splits it by its default, which may differ from the model's own tokenizer",
-            path,
-            pre,
+        if pre not in ("", "default"):
+            _log.warning(
+                "%s: tokenizer.ggml.pre %r is not a rule known here: text is split by llama.cpp's default rule, "
+                "which may differ from the model's own tokenizer",
+                path,
+                pre,
+            )
+        splits = _DEFAULT
+    try:
+        backend = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                # llama.cpp keeps a merge whose tokens are missing and never uses it; the tokenizers library refuses it
+                merges=[pair for pair in pairs if pair[0] in vocab and pair[1] in vocab and "".join(pair) in vocab],
+                ignore_merges=pre in _WHOLE_TOKENS_FIRST,
+            )
         )
-    backend.pre_tokenizer = _pre_tokenizer(splits or ())
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise ValueError(f"{path}: tokenizer.ggml.* make no byte-level BPE: {exc}") from None
+    backend.pre_tokenizer = _pre_tokenizer(splits)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [
-            AddedToken(str(t), special=True, normalized=False)
-            for t, k in zip(tokens, kinds, strict=True)
-            if k == _CONTROL
-        ]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(str(t), special=False, normalized=False)
-            for t, k in zip(tokens, kinds, strict=True)
-            if k == _USER_DEFINED
-        ]
-    )
-    named = {
-        role: str(tokens[index])
-        for role, key in (
-            ("bos_token", "bos"),
-            ("eos_token", "eos"),
-            ("unk_token", "unknown"),
-            ("pad_token", "padding"),
-        )
-        if isinstance(index := metadata.get(f"tokenizer.ggml.{key}_token_id"), int) and 0 <= index < len(tokens)
+    special = [
+        AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds, strict=True) if k == _CONTROL
+    ]
+    backend.add_special_tokens(special)
+    added = [
+        AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, kinds, strict=True) if k == _USER_DEFINED
+    ]
+    backend.add_tokens(added)
+    ids = {
+        role: index
+        for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+        if type(index := metadata.get(f"tokenizer.ggml.{key}_token_id")) is int and 0 <= index < len(tokens)
     }
-    bos = named.get("bos_token")
-    if metadata.get("tokenizer.ggml.add_bos_token") is True and bos is not None:
-        bos_id = tokens.index(bos)
+    # A role names a token the file marks control or user-defined; a plain token named there stays plain text.
+    named = {f"{role}_token": tokens[index] for role, index in ids.items() if kinds[index] in (_CONTROL, _USER_DEFINED)}
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT) is True
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token") is True
+    ends = [(role, ids[role]) for role, wanted in (("bos", add_bos), ("eos", add_eos)) if wanted and role in ids]
+    if ends:
+        for _, index in ends:
+            if not _template_safe(tokens[index]):
+                raise ValueError(f"{path}: token {index} {tokens[index]!r} cannot be added around a prompt")
+        first = [f"{tokens[ids['bos']]}:0"] if add_bos and "bos" in ids else []
+        last = [f"{tokens[ids['eos']]}:0"] if add_eos and "eos" in ids else []
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
-        )
+            single=[*first, "$A:0", *last],
+            pair=[*first, "$A:0", *last, *[piece.replace(":0", ":1") for piece in first], "$B:1",
+                  *[piece.replace(":0", ":1") for piece in last]],
+            special_tokens=[(tokens[index], index) for _, index in ends],
+        )  # fmt: skip
     return PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _template_safe(token: str) -> bool:
+    """Whether a token can be named in a ``TemplateProcessing`` piece (not ``$A``-like, no ``:`` or space)."""
+    return bool(token) and not token.startswith("$") and ":" not in token and not any(c.isspace() for c in token)
 
 
 def _pair(merge: str) -> tuple[str, str]:
