@@ -870,6 +870,23 @@ def test_hostile_sizes_in_the_metadata_are_a_format_error(tmp_path, architecture
         load_model(path, capacity=2)
 
 
+@pytest.mark.parametrize("architecture", ["deepseek2", "llama4", "qwen3moe"])
+def test_a_block_count_beyond_the_blocks_held_is_a_format_error(tmp_path, architecture):
+    """4 billion blocks would become per-layer lists in the config (memory exhausted before any check): refused
+    by name against the blocks the tensors hold, for our readers and transformers' alike."""
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(2**32 - 1)  # the most a uint32 holds
+    writer.add_embedding_length(64)
+    for proj in ("gate", "up", "down"):
+        writer.add_tensor(f"blk.0.ffn_{proj}_exps.weight", np.zeros((4, 32, 32), np.float32))
+    _close(writer)
+    with pytest.raises(
+        FormatError, match=rf"{architecture}\.block_count is {2**32 - 1}, but the tensors hold blocks 0\.\.0"
+    ):
+        load_model(path, capacity=2)
+
+
 def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's Q/K row order (``LlamaModel.permute``): each head's rotary halves interleaved."""
     return (

@@ -94,6 +94,7 @@ def read_gguf_config(checkpoint: Checkpoint, transformers: Any) -> Any:
     names = checkpoint.tensors
     metadata = checkpoint.metadata or {}
     architecture = str(metadata.get("general.architecture", ""))
+    _check_block_count(path, architecture, metadata, names)
     own = _reader_for(metadata)
     if own is not None:  # transformers reads none (or reads it wrong): as llama.cpp wrote it
         try:
@@ -117,6 +118,29 @@ def read_gguf_config(checkpoint: Checkpoint, transformers: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and hasattr(config, attribute):
             setattr(config, attribute, value)
     return config
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_block_count(path: str, architecture: str, metadata: dict[str, object], tensors: Iterable[str]) -> None:
+    """``{arch}.block_count`` at most the blocks the tensors hold: every block has tensors, and a hostile
+    count (2**40, say) would otherwise become per-layer lists in the config, exhausting memory.
+
+    Raises
+    ------
+    FormatError
+        The count names more blocks than the file holds.
+    """
+    count = metadata.get(f"{architecture}.block_count")
+    if not isinstance(count, int) or isinstance(count, bool):
+        return  # a reader (or transformers) refuses what is not a count
+    held = 1 + max((int(match.group(1)) for name in tensors if (match := _BLOCK.match(name))), default=-1)
+    if count > held:
+        raise FormatError(
+            f"{path}: {architecture}.block_count is {count}, but the tensors hold "
+            + (f"blocks 0..{held - 1}" if held else "no block")
+        )
 
 
 def _config_errors() -> tuple[type[Exception], ...]:
