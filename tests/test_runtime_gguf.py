@@ -887,6 +887,31 @@ def test_a_block_count_beyond_the_blocks_held_is_a_format_error(tmp_path, archit
         load_model(path, capacity=2)
 
 
+@pytest.mark.parametrize(
+    ("architecture", "key", "value", "kind"),
+    [
+        ("qwen3moe", "attention.key_length", 1.5, gguf.GGUFValueType.FLOAT32),  # transformers' config takes it
+        ("olmoe", "vocab_size", 0, gguf.GGUFValueType.UINT32),  # an embedding of no rows
+    ],
+)
+def test_config_values_that_build_no_model_are_a_format_error(tmp_path, architecture, key, value, kind):
+    """Values a config accepts but the model's constructor cannot build from (found by fuzzing the metadata):
+    refused by name, not a TypeError or AssertionError from torch."""
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    sizes = {"block_count": 1, "embedding_length": 64, "attention.head_count": 2, "expert_count": 4,
+             "expert_used_count": 2, "feed_forward_length": 32, "expert_feed_forward_length": 32,
+             "context_length": 256, "vocab_size": 32}  # fmt: skip
+    for name, size in sizes.items():
+        writer.add_key_value(f"{architecture}.{name}", size, gguf.GGUFValueType.UINT32)
+    writer.add_key_value(f"{architecture}.{key}", value, kind)
+    for proj, shape in (("gate", (4, 32, 64)), ("up", (4, 32, 64)), ("down", (4, 64, 32))):  # a whole MoE layer
+        writer.add_tensor(f"blk.0.ffn_{proj}_exps.weight", np.zeros(shape, np.float32))
+    _close(writer)
+    with pytest.raises(FormatError, match=r"model\.gguf: its config makes no [a-z0-9_]+ model: \w+Error"):
+        load_model(path, capacity=2)
+
+
 def _llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's Q/K row order (``LlamaModel.permute``): each head's rotary halves interleaved."""
     return (

@@ -275,12 +275,26 @@ def _dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
 
 
 def _meta_model(path: str, config: Any, dtype: torch.dtype, transformers: Any) -> Any:
-    """The model built on the meta device (no memory), its family checked."""
+    """The model built on the meta device (no memory), its family checked.
+
+    Raises
+    ------
+    UnsupportedModelError
+        transformers has no causal-LM class for the config, or the class
+        does not serve its experts through the experts interface.
+    FormatError
+        The config's values make no model (a float where a size goes, a
+        vocabulary of 0...): a hostile or broken checkpoint.
+    """
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} has no causal-LM class")
     try:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
-        raise UnsupportedModelError(f"{path}: model_type {config.model_type!r} has no causal-LM class: {exc}") from None
+    except _BUILD_ERRORS as exc:
+        raise FormatError(
+            f"{path}: its config makes no {config.model_type} model: {type(exc).__name__}: {exc}"
+        ) from None
     adapted = adapt_llama4(model)  # a block that runs every expert on every token: routed pairs only
     if not _hf.experts_modules(model) or not (adapted or type(model)._can_set_experts_implementation()):
         experts = sorted({type(module).__name__ for name, module in model.named_modules() if name.endswith("experts")})
@@ -290,6 +304,10 @@ def _meta_model(path: str, config: Any, dtype: torch.dtype, transformers: Any) -
             f"{BACKEND_NAME!r} backend"
         )
     return model
+
+
+# What a model's constructor raises on config values it cannot build from.
+_BUILD_ERRORS = (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError, IndexError, OverflowError)
 
 
 def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> ExpertsLayout:
