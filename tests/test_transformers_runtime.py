@@ -530,3 +530,22 @@ def test_a_fetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(
         writer.slab = lambda *args, **kwargs: slab(writer, *args, **kwargs)  # the disk is fine again
         with pytest.raises(StaleRefreshError, match=rf"MoE layer {broken[0].experts.layer_index}: an earlier copy"):
             greedy(loaded.model, prompt())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_hidden_layers": 2**32}, r"config\.json: num_hidden_layers is 4294967296, but the tensors hold 2 layers"),
+        ({"hidden_size": "wide"}, r"config\.json: values of the wrong type"),
+        ({"intermediate_size": 1.5}, r"config\.json: values of the wrong type"),
+    ],
+)
+def test_a_hostile_config_json_is_a_format_error(checkpoints, tmp_path, change, message):
+    """A layer count of 4 billion would become per-layer lists in transformers' config and exhaust memory
+    before any other check; values of the wrong type would escape as TypeErrors from the config or torch."""
+    for name in os.listdir(checkpoints["mixtral"]):
+        shutil.copyfile(os.path.join(checkpoints["mixtral"], name), tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(FormatError, match=message):
+        load_model(tmp_path, capacity=2)

@@ -10,10 +10,11 @@ the device, each routed-expert parameter is replaced by a pool of
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,26 +140,21 @@ def load_model(
     mode = _on_miss(on_miss, target)
     trace_file = None if trace_path is None else _check_trace_path(os.fspath(trace_path))
     gguf = is_gguf_checkpoint(path)
-    if gguf:  # the store's headers are the config: read them once
-        store = open_store(path)
-        try:
-            config, quantized = read_gguf_config(store.checkpoint, transformers), None
-        except BaseException:
-            store.close()
-            raise
-    else:
-        config, quantized = _read_config(path, transformers)
-    if dtype is None and gguf and target.type == "cuda":
-        dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
+    if not gguf and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FormatError(f"{path}: no config.json; the runtime needs a Hugging Face checkpoint directory")
+    store = open_store(path)  # the headers first: a GGUF's are its config, and they bound a config.json's
     writer: SlotWriter | None = None
     try:
+        if gguf:
+            config, quantized = read_gguf_config(store.checkpoint, transformers), None
+        else:
+            config, quantized = _read_config(path, transformers, store.checkpoint.tensors)
+        if dtype is None and gguf and target.type == "cuda":
+            dtype = torch.bfloat16  # a GGUF file names no compute dtype; float32 pools would double the memory
         compute_dtype = _dtype(dtype, config)
         model = _meta_model(path, config, compute_dtype, transformers)
-        if not gguf:
-            store = open_store(path)
     except BaseException:
-        if gguf:
-            store.close()
+        store.close()
         raise
     try:
         layers = _match_layers(path, model, store, config)
@@ -243,14 +239,38 @@ def _check_trace_path(path: str) -> str:
     return path
 
 
-def _read_config(path: str, transformers: Any) -> tuple[Any, str | None]:
-    """The model config, and the checkpoint's ``quant_method`` if it is quantized."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FormatError(f"{path}: no config.json; the runtime needs a Hugging Face checkpoint directory")
+def _read_config(path: str, transformers: Any, tensors: Iterable[str]) -> tuple[Any, str | None]:
+    """The model config, and the checkpoint's ``quant_method`` if it is quantized.
+
+    Raises
+    ------
+    FormatError
+        ``config.json`` is not a JSON object, a layer count beyond the
+        layers the checkpoint's ``tensors`` hold (a hostile count would
+        become per-layer lists in the config and exhaust memory), or values
+        of the wrong type.
+    UnsupportedModelError
+        transformers does not know the model type.
+    """
+    name = os.path.join(path, "config.json")
+    try:
+        with open(name, "rb") as handle:
+            raw = json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{name}: not readable JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{name}: not a JSON object")
+    held = 1 + max((int(match.group(1)) for key in tensors if (match := _LAYER.search(key))), default=-1)
+    for where, fields in (("", raw), ("text_config.", raw.get("text_config"))):
+        count = fields.get("num_hidden_layers") if isinstance(fields, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool) and count > max(held, 1):
+            raise FormatError(f"{name}: {where}num_hidden_layers is {count}, but the tensors hold {held} layers")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"{path}: transformers cannot read config.json: {exc}") from None
+    except _CONFIG_VALUE_ERRORS as exc:
+        raise FormatError(f"{name}: values of the wrong type: {exc}") from None
     quantization = getattr(config, "quantization_config", None)
     method = None
     if quantization:
@@ -305,6 +325,15 @@ def _meta_model(path: str, config: Any, dtype: torch.dtype, transformers: Any) -
         )
     return model
 
+
+# What transformers' config classes raise on values of the wrong type (strict dataclasses).
+_CONFIG_VALUE_ERRORS: tuple[type[Exception], ...] = (TypeError, AttributeError)
+try:
+    from huggingface_hub.errors import StrictDataclassError
+
+    _CONFIG_VALUE_ERRORS = (*_CONFIG_VALUE_ERRORS, StrictDataclassError)
+except ImportError:  # pragma: no cover - an older huggingface_hub
+    pass
 
 # What a model's constructor raises on config values it cannot build from.
 _BUILD_ERRORS = (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError, IndexError, OverflowError)
