@@ -538,14 +538,29 @@ def test_a_fetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(
         ({"num_hidden_layers": 2**32}, r"config\.json: num_hidden_layers is 4294967296, but the tensors hold 2 layers"),
         ({"hidden_size": "wide"}, r"config\.json: values of the wrong type"),
         ({"intermediate_size": 1.5}, r"config\.json: values of the wrong type"),
+        ({"hidden_act": "wiggle"}, r"its config makes no mixtral model: KeyError"),
+        ({"num_experts_per_tok": 0}, r"the router picks 0 experts of 8"),
+        ({"num_experts_per_tok": 9}, r"the router picks 9 experts of 8"),
     ],
 )
 def test_a_hostile_config_json_is_a_format_error(checkpoints, tmp_path, change, message):
     """A layer count of 4 billion would become per-layer lists in transformers' config and exhaust memory
-    before any other check; values of the wrong type would escape as TypeErrors from the config or torch."""
+    before any other check; values of the wrong type, an unknown activation or a top-k the experts cannot
+    give would escape as TypeError, KeyError or RuntimeError from the config, the constructor or the router
+    (found by fuzzing config.json)."""
     for name in os.listdir(checkpoints["mixtral"]):
         shutil.copyfile(os.path.join(checkpoints["mixtral"], name), tmp_path / name)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | change))
     with pytest.raises(FormatError, match=message):
+        load_model(tmp_path, capacity=2)
+
+
+def test_expert_groups_that_do_not_fit_the_experts_are_a_format_error(checkpoints, tmp_path):
+    """DeepSeek-V3 picks topk_group of n_group groups: 3 of 2 would fail inside its router's topk."""
+    for name in os.listdir(checkpoints["deepseek_v3"]):
+        shutil.copyfile(os.path.join(checkpoints["deepseek_v3"], name), tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"topk_group": 3}))
+    with pytest.raises(FormatError, match=r"expert groups 3 of 2 do not fit 8 experts"):
         load_model(tmp_path, capacity=2)

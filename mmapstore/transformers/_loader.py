@@ -158,6 +158,7 @@ def load_model(
         raise
     try:
         layers = _match_layers(path, model, store, config)
+        _check_routing(path, model.config, layers)
         capacities = _capacities(capacity, budget_nbytes, layers, compute_dtype)
         gguf_source = GgufSource.for_model(model, store) if gguf else None
         plan = _weight_plan(path, model, store, layers, quantized, gguf_source)
@@ -336,7 +337,9 @@ except ImportError:  # pragma: no cover - an older huggingface_hub
     pass
 
 # What a model's constructor raises on config values it cannot build from.
-_BUILD_ERRORS = (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError, IndexError, OverflowError)
+_BUILD_ERRORS = (
+    ValueError, TypeError, KeyError, AssertionError, RuntimeError, ZeroDivisionError, IndexError, OverflowError,
+)  # fmt: skip
 
 
 def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> ExpertsLayout:
@@ -369,6 +372,31 @@ def _layout(path: str, name: str, module: Any, experts: LayerExperts) -> Experts
     if problems:
         raise FormatError(f"{path}: MoE layer {experts.layer_index} ({name}): " + "; ".join(problems))
     return layout
+
+
+def _check_routing(path: str, config: Any, layers: Sequence[_MoeLayer]) -> None:
+    """The router's top-k (and expert groups) fit the experts, else the first forward fails inside
+    transformers' router (``topk`` out of range).
+
+    Raises
+    ------
+    FormatError
+        A top-k of 0 or above the experts, or groups that do not divide them.
+    """
+    if not layers:
+        return
+    experts = min(layer.layout.num_experts for layer in layers)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    top_k = getattr(config, "experts_per_token", None) if top_k is None else top_k
+    if isinstance(top_k, int) and not 1 <= top_k <= experts:
+        raise FormatError(f"{path}: the router picks {top_k} experts of {experts}")
+    groups, used = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+    if (
+        isinstance(groups, int)
+        and isinstance(used, int)
+        and (groups < 1 or experts % groups or not 1 <= used <= groups)
+    ):
+        raise FormatError(f"{path}: expert groups {used} of {groups} do not fit {experts} experts")
 
 
 def _match_layers(path: str, model: Any, store: ExpertStore, config: Any) -> list[_MoeLayer]:
