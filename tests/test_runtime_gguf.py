@@ -1182,6 +1182,8 @@ def test_a_gguf_file_runs_with_the_logits_of_the_model_it_was_written_from(tmp_p
 
 
 def test_the_gguf_headers_are_read_once_by_the_store_and_serve_as_the_config(gguf_files, monkeypatch):
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
     from mmapstore.formats import _gguf
 
     reads: list[str] = []
@@ -1192,6 +1194,17 @@ def test_the_gguf_headers_are_read_once_by_the_store_and_serve_as_the_config(ggu
         return original(path)
 
     monkeypatch.setattr(_gguf, "read_gguf_header", counting)  # every part's header, whoever asks
+    parses: list[str] = []
+    legacy = gguf_loading.load_gguf_checkpoint
+
+    def parsing(path, *args, **kwargs):  # transformers' full parse of a file (every array of its metadata)
+        parses.append(os.path.basename(path))
+        return legacy(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_loading, "load_gguf_checkpoint", parsing)
     with load_model(gguf_files["split"], capacity=2, dtype=torch.float32) as loaded:
         assert loaded.model.config.tie_word_embeddings is False
     assert sorted(reads) == sorted(os.listdir(gguf_files["split"])), reads  # each of the 3 parts once
+    # transformers parses the first part once to build the config it reads; the tensor processor takes the
+    # model's config rather than parsing the file again (it did: two parses).
+    assert parses == ["model-00001-of-00003.gguf"], parses

@@ -234,12 +234,12 @@ class GgufSource:
                 TENSOR_PROCESSORS,
                 TensorProcessor,
                 get_gguf_hf_weights_map,
-                load_gguf_checkpoint,
             )
         except ImportError as exc:  # pragma: no cover - transformers moved its GGUF helpers
             raise UnsupportedModelError(f"{path}: this transformers has no GGUF loader to follow: {exc}") from None
-        raw_config = load_gguf_checkpoint(path, return_tensors=False)["config"]
-        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=raw_config)
+        # The processors read the config under its Hugging Face names (head counts for Llama's Q/K order): the
+        # model's own config has them, without parsing the file's headers once more.
+        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
         try:
             names: dict[str, str] = get_gguf_hf_weights_map(model, processor)
         except NotImplementedError as exc:
