@@ -117,13 +117,13 @@ def gguf_tokenizer(checkpoint: Checkpoint) -> Any:
     """
     path = checkpoint.files[0]
     metadata = checkpoint.metadata or {}
-    byte_level = metadata.get("tokenizer.ggml.model") == "gpt2"
-    if own_architecture(metadata) and byte_level:
+    byte_level, own = metadata.get("tokenizer.ggml.model") == "gpt2", own_architecture(metadata)
+    if own and byte_level:
         return _byte_level(path, metadata)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     directory, name = os.path.dirname(path) or ".", os.path.basename(path)
-    loader = PreTrainedTokenizerFast if own_architecture(metadata) else AutoTokenizer  # no config for our own
+    loader = PreTrainedTokenizerFast if own else AutoTokenizer  # no config for our own
     tokenizer = loader.from_pretrained(directory, gguf_file=name)
     pre = str(metadata.get("tokenizer.ggml.pre", ""))
     if byte_level and PRE_TOKENIZER_SPLITS.get(pre) and pre not in (_transformers_splits() or ()):

@@ -470,28 +470,14 @@ def _weight_plan(
         A non-expert weight of the model is in no checkpoint tensor (and is
         not tied to one that is).
     """
-    mapper = _hf.key_mapper(model)
     expert_prefixes = tuple(f"{layer.name}." for layer in layers)
     meta = model.state_dict()
-    plan: dict[str, str] = {}
     if gguf is not None:  # GGUF names; quantized tensors are decoded at load
         plan = gguf.plan(store, [layer.experts.layer_index for layer in layers], expert_prefixes)
-    for tensor in store.tensors if gguf is None else ():
-        key, converted = mapper(tensor)
-        if converted or key is None or key.startswith(expert_prefixes):
-            continue  # routed experts (served by the pools), or a tensor the model has no place for
-        stored = store.view(tensor).dtype  # a header lookup: no weight is read
-        wanted = meta[key].dtype if key in meta else None
-        if wanted is not None and wanted.is_floating_point and (stored.itemsize == 1 or stored.kind in "iub"):
-            raise UnsupportedModelError(
-                f"{path}: {tensor} is {stored} (quantized) for the model's {wanted} {key!r}; the runtime "
-                "dequantizes routed experts only, every other weight must be plain"
-            )
-        plan[key] = tensor
+    else:
+        plan = _checkpoint_plan(path, model, store, meta, expert_prefixes)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = [
-        key for key in model.state_dict() if key not in plan and key not in tied and not key.startswith(expert_prefixes)
-    ]
+    missing = [key for key in meta if key not in plan and key not in tied and not key.startswith(expert_prefixes)]
     if missing:
         names = f"{missing[:8]}{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}"
         if quantized is not None:
@@ -504,6 +490,33 @@ def _weight_plan(
 
 
 # -- loading -------------------------------------------------------------------
+def _checkpoint_plan(
+    path: str, model: Any, store: ExpertStore, meta: dict[str, torch.Tensor], expert_prefixes: tuple[str, ...]
+) -> dict[str, str]:
+    """``model key -> tensor`` of a Hugging Face checkpoint (its names through transformers' key mapping).
+
+    Raises
+    ------
+    UnsupportedModelError
+        A weight outside the routed experts is quantized.
+    """
+    mapper = _hf.key_mapper(model)
+    plan: dict[str, str] = {}
+    for tensor in store.tensors:
+        key, converted = mapper(tensor)
+        if converted or key is None or key.startswith(expert_prefixes):
+            continue  # routed experts (served by the pools), or a tensor the model has no place for
+        stored = store.view(tensor).dtype  # a header lookup: no weight is read
+        wanted = meta[key].dtype if key in meta else None
+        if wanted is not None and wanted.is_floating_point and (stored.itemsize == 1 or stored.kind in "iub"):
+            raise UnsupportedModelError(
+                f"{path}: {tensor} is {stored} (quantized) for the model's {wanted} {key!r}; the runtime "
+                "dequantizes routed experts only, every other weight must be plain"
+            )
+        plan[key] = tensor
+    return plan
+
+
 def _set_tensor(root: torch.nn.Module, key: str, value: torch.Tensor) -> None:
     """Put ``value`` at ``key`` (a parameter or buffer name), marked initialized for transformers."""
     owner_name, _, name = key.rpartition(".")
