@@ -35,7 +35,7 @@ import numpy.typing as npt
 from .._dtypes import QK_K, DType
 from .._errors import FormatError, UnsupportedEncodingError
 
-__all__ = ["DEQUANTIZABLE", "can_dequantize", "dequantize_ggml"]
+__all__ = ["DEQUANTIZABLE", "MXFP4_DOUBLED", "can_dequantize", "dequantize_ggml"]
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -48,7 +48,7 @@ _NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
 _CRUMB_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 _BIT_SHIFTS = np.arange(8, dtype=np.uint8)
 _BIT_SHIFTS_32 = np.arange(32, dtype=np.uint32)
-_MXFP4_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+MXFP4_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)  # ggml: E2M1 x 2
 _IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
@@ -180,7 +180,7 @@ def _e8m0_half(exponent: U8) -> F32:
 
 def _mxfp4(blocks: U8) -> F32:
     d = _e8m0_half(blocks[:, :1])
-    q = _MXFP4_DOUBLED[_nibbles(blocks[:, None, 1:17])]
+    q = MXFP4_DOUBLED[_nibbles(blocks[:, None, 1:17])]
     return d * q.astype(np.float32)
 
 
@@ -241,7 +241,7 @@ def _nvfp4(blocks: U8) -> F32:
     nb = blocks.shape[0]
     d = _ue4m3_half(blocks[:, :4]).reshape(nb, 4, 1)
     packed = blocks[:, 4:36].reshape(nb, 4, 8)  # per 16-value sub-block: low nibbles, then high
-    q = _MXFP4_DOUBLED[np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)]
+    q = MXFP4_DOUBLED[np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)]
     return cast(F32, (d * q.astype(np.float32)).reshape(nb, 64))
 
 

@@ -7,10 +7,14 @@ pool), on whatever device the codes live.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .._errors import FormatError
 from ..dequant._blockscaled import E2M1_VALUES
+from ..dequant._ggml import MXFP4_DOUBLED
 from ..torch import require_torch
 
 if TYPE_CHECKING:
@@ -98,18 +102,20 @@ def dequantize_mxfp4(
         )
     packed = blocks.to(torch.uint8)
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*lead, groups, 32)
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    values = table[codes.to(torch.int64)]
+    values = _table("e2m1", blocks.device)[codes.to(torch.int64)]
     exponents = scales.to(device=blocks.device, dtype=torch.int32) - 127
     result = torch.ldexp(values, exponents[..., None].to(torch.float32)).reshape(*lead, cols)
     return result if dtype is None else result.to(dtype)
 
 
-# ggml block types decoded on the device: those of the usual GGUF quantizations
-# (Q4_K_M, Q5_K_M, Q6_K, Q8_0, the legacy Q4/Q5 and Q2_K/Q3_K mixes, and GPT-OSS's
-# MXFP4).  Others
-# are decoded on the host (mmapstore.dequant).
-GGML_DEVICE_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
+@functools.cache
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A decode table on ``device``, made once per device: copying a host table to the device
+    makes the host wait for the stream to drain, which a copy per slab did on every flush."""
+    import torch
+
+    values = {"e2m1": E2M1_VALUES, "mxfp4_doubled": MXFP4_DOUBLED}[name]
+    return torch.from_numpy(np.asarray(values, dtype=np.float32)).to(device)
 
 
 def dequantize_ggml(code: str, raw: torch.Tensor, cols: int, *, where: str = "") -> torch.Tensor:
@@ -201,7 +207,7 @@ def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     import torch as t
 
-    return blocks[:, 2:34].contiguous().view(t.int8).float() * _f16(blocks, 0)
+    return blocks[:, 2:34].view(t.int8).float() * _f16(blocks, 0)
 
 
 def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -220,8 +226,8 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     nb = blocks.shape[0]
     hmask, packed, scale_bytes = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
     d = _f16(blocks, 108)
-    low = t.stack((scale_bytes[:, :8] & 0x0F, scale_bytes[:, :8] >> 4), dim=1).reshape(nb, 16)
-    high = t.stack([(scale_bytes[:, 8:] >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(nb, 16)
+    low = _nibbles(scale_bytes[:, None, :8]).reshape(nb, 16)
+    high = _crumbs(scale_bytes[:, None, 8:]).reshape(nb, 16)
     dl = (d * _signed(low | (high << 4), 32)).reshape(nb, 16, 1)
     ql = _crumbs(packed.reshape(nb, 2, 32)).reshape(nb, 16, 16)
     qh = _bits(hmask[:, None, :]).reshape(nb, 16, 16)
@@ -265,15 +271,12 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     import torch as t
 
     nb = blocks.shape[0]
-    scales = blocks[:, 192:208].contiguous().view(t.int8).float()
+    scales = blocks[:, 192:208].view(t.int8).float()
     dl = (_f16(blocks, 208) * scales).reshape(nb, 16, 1)
     ql = _nibbles(blocks[:, :128].reshape(nb, 2, 64)).reshape(nb, 8, 32)
     qh = _crumbs(blocks[:, 128:192].reshape(nb, 2, 32)).reshape(nb, 8, 32)
     q = _signed(ql | (qh << 4), 32).reshape(nb, 16, 16)
     return (dl * q).reshape(nb, 256)
-
-
-_MXFP4_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 times two
 
 
 def _mxfp4(blocks: torch.Tensor) -> torch.Tensor:
@@ -282,8 +285,7 @@ def _mxfp4(blocks: torch.Tensor) -> torch.Tensor:
 
     e = blocks[:, :1].to(t.int32)
     bits = t.where(e < 2, t.bitwise_left_shift(t.full_like(e, 0x00200000), e), (e - 1) << 23)
-    table = t.tensor(_MXFP4_DOUBLED, dtype=t.float32, device=blocks.device)
-    return bits.view(t.float32) * table[_nibbles(blocks[:, None, 1:17]).long()]
+    return bits.view(t.float32) * _table("mxfp4_doubled", blocks.device)[_nibbles(blocks[:, None, 1:17]).long()]
 
 
 _GGML_KERNELS = {
@@ -299,3 +301,7 @@ _GGML_KERNELS = {
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
 }
+# ggml block types decoded on the device: those of the usual GGUF quantizations (Q4_K_M, Q5_K_M, Q6_K,
+# Q8_0, the legacy Q4/Q5 and Q2_K/Q3_K mixes, and GPT-OSS's MXFP4); others are decoded on the host
+# (mmapstore.dequant).
+GGML_DEVICE_TYPES = frozenset(_GGML_KERNELS)
