@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._backend import LAYER_ATTRIBUTE, mmapstore_experts_forward
+from ._backend import layer_of
 
 __all__ = ["adapt_llama4"]
 
@@ -46,16 +46,14 @@ def _apply_gate(self: Any, gate_up_out: torch.Tensor) -> torch.Tensor:
 def _routed_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Llama4TextMoe.forward`` over the routed pairs only (see the module docstring)."""
     hidden = hidden_states.reshape(-1, self.hidden_dim)
-    logits = torch.nn.functional.linear(hidden, self.router.weight, self.router.bias)
-    top_value, top_index = torch.topk(logits, self.top_k, dim=1)
-    scores = torch.sigmoid(top_value.float()).to(logits.dtype)
+    # The router module itself, so that transformers' hook records its logits (output_router_logits).
+    all_scores, logits = self.router(hidden)
+    top_index = torch.topk(logits, self.top_k, dim=1).indices
+    scores = all_scores.gather(1, top_index)
     pair_inputs = (hidden.unsqueeze(1) * scores.unsqueeze(-1)).reshape(-1, self.hidden_dim)
     unit = torch.ones((pair_inputs.shape[0], 1), dtype=pair_inputs.dtype, device=pair_inputs.device)
-    layer = getattr(self.experts, LAYER_ATTRIBUTE, None)
-    if layer is None:
-        routed = mmapstore_experts_forward(self.experts, pair_inputs, top_index.reshape(-1, 1), unit)  # refuses
-    else:
-        routed = layer.forward(pair_inputs, top_index.reshape(-1, 1), unit, router_ids=top_index)
+    layer = layer_of(self.experts)
+    routed = layer.forward(pair_inputs, top_index.reshape(-1, 1), unit, router_ids=top_index)
     out: torch.Tensor = self.shared_expert(hidden)
     out.add_(routed.view(-1, self.top_k, self.hidden_dim).sum(dim=1))
     return out, logits
