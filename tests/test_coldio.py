@@ -306,19 +306,26 @@ def test_a_generator_may_read_through_the_same_reader(data_file: tuple[str, npt.
     """No pool thread waits for a submission's next piece, so a read started
     from inside the generator still gets threads (it deadlocked when they waited)."""
     path, data = data_file
-    with ColdReader(ReaderConfig(queue_depth=2, chunk_nbytes=64 << 10)) as reader:
-        inner = np.zeros(256 << 10, dtype=np.uint8)
-        outer = [np.zeros(64 << 10, dtype=np.uint8) for _ in range(2)]
+    # One thread: the outer read must not hold it while its generator waits on the inner read.
+    reader = ColdReader(ReaderConfig(queue_depth=1, chunk_nbytes=64 << 10))
+    inner = np.zeros(256 << 10, dtype=np.uint8)
+    outer = [np.zeros(64 << 10, dtype=np.uint8) for _ in range(2)]
 
-        def requests() -> Any:
-            yield ReadRequest(path, 0, outer[0])
-            reader.read([ReadRequest(path, 1 << 20, inner)], residency=False)
-            yield ReadRequest(path, 64 << 10, outer[1])
+    def requests() -> Any:
+        yield ReadRequest(path, 0, outer[0])
+        reader.read([ReadRequest(path, 1 << 20, inner)], residency=False)
+        yield ReadRequest(path, 64 << 10, outer[1])
 
-        outcome = _finishes(lambda: reader.read(requests(), residency=False))
-        assert outcome and not isinstance(outcome[0], BaseException), outcome
-        assert np.array_equal(inner, data[1 << 20 : (1 << 20) + inner.nbytes])
-        assert np.array_equal(np.concatenate(outer), data[: 128 << 10])
+    def read_and_close() -> Any:
+        try:
+            return reader.read(requests(), residency=False)
+        finally:
+            reader.close()  # inside the timed call: a deadlock fails the test instead of hanging it
+
+    outcome = _finishes(read_and_close)
+    assert outcome and not isinstance(outcome[0], BaseException), outcome
+    assert np.array_equal(inner, data[1 << 20 : (1 << 20) + inner.nbytes])
+    assert np.array_equal(np.concatenate(outer), data[: 128 << 10])
 
 
 def test_close_with_reads_queued_ends_them_with_a_typed_error(
@@ -474,10 +481,14 @@ def test_probe_measures_each_candidate_once_per_round_in_alternating_order(
 ) -> None:
     path, _ = data_file
     seen: list[int] = []
+    readers: dict[int, set[int]] = {}
+    threads: list[int] = []
     original = ColdReader.read
 
     def read(self: ColdReader, *args: Any, **kwargs: Any) -> Any:
         seen.append(self.config.queue_depth)
+        readers.setdefault(self.config.queue_depth, set()).add(id(self))
+        threads.append(len(self._executor._threads))  # started before the timing, not by the timed read
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ColdReader, "read", read)
@@ -485,6 +496,8 @@ def test_probe_measures_each_candidate_once_per_round_in_alternating_order(
         [FileRange(path, 0, FILE_NBYTES)], depths=(1, 2, 3), chunks=(64 << 10,), sample_nbytes=256 << 10
     )
     assert seen == [1, 2, 3, 3, 2, 1]
+    assert all(len(ids) == 1 for ids in readers.values())  # one reader per candidate, both rounds
+    assert threads == seen
     assert [len(rounds) for rounds in result.rounds] == [2, 2, 2]
     assert [gbps for _, _, gbps in result.candidates] == [sum(rounds) / 2 for rounds in result.rounds]
 
@@ -514,7 +527,7 @@ def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
     measured: list[object] = []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        measured.append(args)
+        measured.append(kwargs)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(io_probe, "probe_reader_config", counting)
@@ -522,6 +535,8 @@ def test_probe_files_measures_once_per_disk_and_keeps_the_cache(
         base.__class__(queue_depth=d, chunk_nbytes=64 << 10) for d in (1, 2)
     }  # type: ignore[arg-type]
     assert len(measured) == 1  # the store that fits the probe is measured, though a smaller one came first
+    # The base is the preferred candidate, and every thread of every candidate reads.
+    assert measured[0]["prefer"] == (5, base.chunk_nbytes) and measured[0]["per_thread"] is True
     monkeypatch.setattr(io_probe, "probe_reader_config", measured_again)
     # A file system that refuses O_DIRECT is not probed (buffered reads would fill the page cache).
     refuse_direct_opens(monkeypatch)

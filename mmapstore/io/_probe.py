@@ -93,34 +93,34 @@ def probe_reader_config(
         No candidate, or ranges too small to give each candidate one aligned block.
     """
     base = base if base is not None else ReaderConfig()
-    grid = [(depth, chunk) for chunk in chunks for depth in depths]
+    grid = _grid(depths, chunks)
     if not grid:
         raise OptionError("probe needs at least one queue depth and one chunk size")
-    # Two rounds, the second in reverse, so no candidate always reads first;
-    # each round's slice large enough to keep every thread busy several times.
-    order = [*range(len(grid)), *reversed(range(len(grid)))]
-    if per_thread:
-        shares = [max(sample_nbytes, grid[index][0] * grid[index][1]) for index in order]
-    else:
-        total = sum(item.nbytes for item in ranges)
-        shares = [min(sample_nbytes, total // len(order))] * len(order)
+    order, shares = _rounds(grid, sample_nbytes, per_thread, sum(item.nbytes for item in ranges))
     pieces = _cut(ranges, shares)
     speeds: list[list[float]] = [[] for _ in grid]
-    for index, slices in zip(order, pieces, strict=True):
-        depth, chunk = grid[index]
-        buffers = [aligned_empty(item.nbytes) for item in slices]
-        for buffer in buffers:
-            buffer[:] = 0  # fault the buffers in outside the timing
-        requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
-        with ColdReader(replace(base, queue_depth=depth, chunk_nbytes=chunk)) as reader:
+    # One reader per candidate for both rounds, its threads started and its descriptors open before any
+    # timing: else the first round times thread start-up, which grows with the depth a deeper queue must win by.
+    readers = [ColdReader(replace(base, queue_depth=depth, chunk_nbytes=chunk)) for depth, chunk in grid]
+    try:
+        for reader in readers:
+            reader.start(pieces[0][0].path)
+        for index, slices in zip(order, pieces, strict=True):
+            buffers = [aligned_empty(item.nbytes) for item in slices]
+            for buffer in buffers:
+                buffer[:] = 0  # fault the buffers in outside the timing
+            requests = [ReadRequest(item.path, item.offset, buf) for item, buf in zip(slices, buffers, strict=True)]
             start = time.perf_counter()
-            reader.read(requests, residency=False)
+            readers[index].read(requests, residency=False)
             seconds = time.perf_counter() - start
-        if drop:
-            for item in slices:
-                drop_cached(item.path, [(item.offset, item.nbytes)])
-        nbytes = sum(item.nbytes for item in slices)
-        speeds[index].append(nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
+            if drop:
+                for item in slices:
+                    drop_cached(item.path, [(item.offset, item.nbytes)])
+            nbytes = sum(item.nbytes for item in slices)
+            speeds[index].append(nbytes / seconds / 1e9 if seconds > 0 else float("inf"))
+    finally:
+        for reader in readers:
+            reader.close()
     measured = [(depth, chunk, tuple(rounds)) for (depth, chunk), rounds in zip(grid, speeds, strict=True)]
     depth, chunk = choose(measured, margin, prefer)
     return ProbeResult(
@@ -128,6 +128,21 @@ def probe_reader_config(
         tuple((depth, chunk, sum(rounds) / len(rounds)) for depth, chunk, rounds in measured),
         tuple(rounds for _, _, rounds in measured),
     )
+
+
+def _grid(depths: Sequence[int], chunks: Sequence[int]) -> list[tuple[int, int]]:
+    return [(depth, chunk) for chunk in chunks for depth in depths]
+
+
+def _rounds(
+    grid: Sequence[tuple[int, int]], sample_nbytes: int, per_thread: bool, total: int
+) -> tuple[list[int], list[int]]:
+    """The candidates' reading order over two rounds (the second in reverse, so no candidate always
+    reads first) and each timed slice's bytes (see :func:`probe_reader_config`'s ``per_thread``)."""
+    order = [*range(len(grid)), *reversed(range(len(grid)))]
+    if per_thread:
+        return order, [max(sample_nbytes, grid[index][0] * grid[index][1]) for index in order]
+    return order, [min(sample_nbytes, total // len(order))] * len(order)
 
 
 def _beats(first: Sequence[float], second: Sequence[float], margin: float) -> bool:
@@ -249,9 +264,9 @@ def probe_disk(
     the files are too small for its slices or refuse ``O_DIRECT``."""
     base = base if base is not None else ReaderConfig()
     ranges = [FileRange(path, 0, os.path.getsize(path)) for path in paths]
-    need = 2 * sum(max(sample_nbytes, depth * chunk) for depth in depths for chunk in chunks)
     total = sum(item.nbytes for item in ranges)
-    if not paths or total < need or not _direct_ok(paths[0]):
+    need = sum(_rounds(_grid(depths, chunks), sample_nbytes, True, total)[1])  # the slices probe_reader_config cuts
+    if not paths or total < need or not _direct_ok(max(ranges, key=lambda item: item.nbytes), base):
         _log.info("%s: not probing the disk (%d bytes, %d needed, or O_DIRECT refused); reading with %s",
                   paths[:1], total, need, base)  # fmt: skip
         return None
@@ -263,20 +278,17 @@ def probe_disk(
     return result
 
 
-def _direct_ok(path: str) -> bool:
-    """Whether one aligned ``O_DIRECT`` read of ``path`` succeeds."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
+def _direct_ok(item: FileRange, base: ReaderConfig) -> bool:
+    """Whether the reader reads the file of ``item`` with ``O_DIRECT`` (its own rule for a refusal, one
+    aligned block).
+
+    Raises
+    ------
+    FormatError
+        The file cannot be read at all.
+    """
+    if item.nbytes < ALIGN_NBYTES:
         return False
-    try:
-        fd = os.open(path, os.O_RDONLY | flag)
-    except OSError:
-        return False
-    try:
-        buffer = aligned_empty(ALIGN_NBYTES)
-        os.preadv(fd, [buffer.data], 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    with ColdReader(replace(base, queue_depth=1)) as reader:
+        block = ReadRequest(item.path, 0, aligned_empty(ALIGN_NBYTES))
+        return reader.read_here(block).nbytes_from("direct") > 0

@@ -352,6 +352,15 @@ class ColdReader:
                 handle._add(self._scatter, cancelled, request, group)
         return handle
 
+    def start(self, path: str | None = None) -> None:
+        """Start every reading thread now (and open ``path``'s descriptors), so that a timed read
+        that follows measures reads, not thread start-up."""
+        barrier = threading.Barrier(self.config.queue_depth)
+        waits = [self._executor.submit(barrier.wait, 10.0) for _ in range(self.config.queue_depth)]
+        concurrent.futures.wait(waits)  # each waits for all: one thread each
+        if path is not None:
+            self._files.get(path)
+
     def read_here(self, request: ReadRequest) -> ReadResult:
         """Read one request on the calling thread, a chunk at a time, every
         byte explicitly: for callers that fill buffers from threads of their
