@@ -18,7 +18,8 @@ store larger than memory (see ``docs/cold-reads.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -177,12 +178,12 @@ class SlabService:
             ExpertPool(layer.num_experts, slots, policy) for layer, slots in zip(store.layers, capacities, strict=True)
         ]
         serves = sink is None and read != "map"  # the service reads cold rows with a reader of its own
-        config = _reader_config(store, reader, measure=serves or (sink is not None and prefetch_nbytes > 0))
+        config = _reader_config(store, reader)  # measured ("probe") where first used: not where none is built
         if budget_nbytes is not None:
             pools = [pool.capacity for pool in self.pools]
             need = _buffers_nbytes(
                 self._pool_nbytes(pools, dtype, orientation) if sink is None else 0,
-                config if sink is None and read != "map" else None,
+                config() if serves else None,
                 prefetch_nbytes,
                 _lays_out(self.geometry, dtype, orientation, names),
             )
@@ -193,7 +194,7 @@ class SlabService:
         self._reader: ColdReader | None = None
         self._owned_sink: DictSink | None = None
         if sink is None:
-            self._reader = ColdReader(config) if read != "map" else None
+            self._reader = ColdReader(config()) if serves else None
             self._owned_sink = ArraySink.for_geometries(
                 self.geometry, [pool.capacity for pool in self.pools], dtype=dtype, orientation=orientation,
                 names=names, read=read, reader=self._reader,
@@ -203,7 +204,7 @@ class SlabService:
         self.prefetcher: Prefetcher | None = None
         serving = self._serving_reader()
         if prefetch_nbytes > 0 and serving is not None:
-            self.prefetcher = Prefetcher(prefetch_nbytes, config)
+            self.prefetcher = Prefetcher(prefetch_nbytes, config())
             self.prefetcher.attach(serving)
         # A sink that allocates its own pools (a device sink) learns their shapes here.
         bind = getattr(self.sink, "bind", None)
@@ -254,10 +255,10 @@ class SlabService:
         orientation = options.get("orientation", "native")
         names = options.get("names", DEFAULT_PARAM_NAME)
         per_slot = pool_nbytes(pool_shapes(geometry, 1, dtype=dtype, orientation=orientation, names=names)[0])
-        read = options.get("read", "auto")
-        config = _reader_config(store, options.get("reader", "probe"), measure=read != "map")
+        serves = options.get("sink") is None and options.get("read", "auto") != "map"  # as the constructor counts
+        config = _reader_config(store, options.get("reader", "probe"))
         bounce = _lays_out(geometry, dtype, orientation, names)
-        overhead = _buffers_nbytes(0, config if read != "map" else None, options.get("prefetch_nbytes", 0), bounce)
+        overhead = _buffers_nbytes(0, config() if serves else None, options.get("prefetch_nbytes", 0), bounce)
         most = max(layer.num_experts for layer in geometry.layers)
         capacity = capacity_from_budget(budget_nbytes, overhead.total, per_slot, 1, most)
         if capacity < 1:
@@ -462,19 +463,24 @@ class _Need:
         )
 
 
-def _reader_config(store: ExpertStore, reader: object, *, measure: bool) -> ReaderConfig:
-    """The reader config a service's ``reader`` option asks for: ``"probe"``
-    is measured once per disk where the service reads cold rows (``measure``)."""
+def _reader_config(store: ExpertStore, reader: object) -> Callable[[], ReaderConfig]:
+    """The reader config a service's ``reader`` option asks for, checked now and made where first
+    asked for: ``"probe"`` measures the store's disk then (once per disk), so a service that builds
+    no reader never probes.
+
+    Raises
+    ------
+    OptionError
+        ``reader`` is not a ``ReaderConfig``, ``"probe"`` or None.
+    """
     if reader == "probe":
-        if not measure:
-            return ReaderConfig()
         source = store.byte_source()
-        return probe_files([source.path(file) for file in range(len(source.files))])
-    if reader is None:
-        return ReaderConfig()
-    if not isinstance(reader, ReaderConfig):
+        paths = [source.path(file) for file in range(len(source.files))]
+        return functools.cache(lambda: probe_files(paths))
+    if reader is not None and not isinstance(reader, ReaderConfig):
         raise OptionError(f"reader must be a ReaderConfig, 'probe' or None, got {reader!r}")
-    return reader
+    config = reader if reader is not None else ReaderConfig()
+    return lambda: config
 
 
 def _buffers_nbytes(pools_nbytes: int, config: ReaderConfig | None, staging_nbytes: int, bounce: bool) -> _Need:

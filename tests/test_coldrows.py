@@ -443,6 +443,13 @@ def test_service_reader_probe_or_config(stores: dict[str, str], monkeypatch: pyt
             reader = service._serving_reader()
             assert reader is not None and reader.config == ReaderConfig()
         assert len(asked) == 1
+        # A sink of the caller's that reads no cold rows, with a prefetch budget: no reader, no prefetcher,
+        # so nothing to measure (for the service, and for the budget of one).
+        plain = DictSink({}, read="map")
+        with SlabService(store, 2, sink=plain, load=False, prefetch_nbytes=64 << 20) as service:
+            assert service.prefetcher is None
+        assert SlabService.capacity_for_budget(store, 1 << 30, sink=plain) > 0
+        assert len(asked) == 1
         with pytest.raises(OptionError, match="reader must be"):
             SlabService(store, 2, reader=4)  # type: ignore[arg-type]
 
