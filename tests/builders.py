@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +146,23 @@ def assert_convert_keeps_or_dequantizes(src: str, out: os.PathLike[str] | str, e
                 want = getattr(source.layer(0), proj).dequantize(expert).astype(ml_dtypes.bfloat16)
                 np.testing.assert_array_equal(stack.expert(expert), want)
     return manifest
+
+
+@contextlib.contextmanager
+def cpu_copier(loaded: Any) -> Iterator[Any]:
+    """Every MoE layer of a loaded model writing through one CPU ``DeviceCopier`` (``pread``): the path
+    bytes take to a GPU, encoded blocks included, on the CPU.  Yields the copier (its ``stats`` say
+    what moved); the writer is closed on exit."""
+    import torch
+
+    from mmapstore.gpu import DeviceCopier
+    from mmapstore.transformers._slots import SlotWriter
+
+    copier = DeviceCopier(torch.device("cpu"), source="pread")
+    writer = SlotWriter(torch.device("cpu"), copier=copier)
+    for layer in loaded.layers:
+        layer.writer = writer
+    try:
+        yield copier
+    finally:
+        writer.close()

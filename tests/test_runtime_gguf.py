@@ -220,20 +220,14 @@ def test_gguf_logits_equal_transformers_gguf_loader(gguf_files, types, monkeypat
 def test_gguf_blocks_cross_to_the_device_encoded_and_decode_there(gguf_files, types):
     """With a device copier (always on CUDA; here a CPU one, to run everywhere) a GGUF expert moves as its
     ggml blocks and is decoded after the copy by the device kernels: the logits stay bit-identical."""
-    from mmapstore.gpu import DeviceCopier
-    from mmapstore.transformers._slots import SlotWriter
+    from builders import cpu_copier
 
     path = gguf_files[types]
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
     want = logits(reference(path), ids)
-    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
-        copier = DeviceCopier(torch.device("cpu"), source="pread")
-        writer = SlotWriter(torch.device("cpu"), copier=copier)
-        for layer in loaded.layers:
-            layer.writer = writer
+    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded, cpu_copier(loaded) as copier:
         assert torch.equal(logits(loaded.model, ids), want)
         copied = loaded.stats().copied_nbytes
-        writer.close()
     moved = sum(copier.stats.nbytes.values())
     # 4.5 (Q4_0) or 8.5 (Q8_0) bits a value against float32 pool slots; Q6_K down rows are 6.56.
     assert copied > 0 and copied / 8 < moved < copied / 3.5
@@ -609,20 +603,14 @@ def gpt_oss_gguf(path: str, *, experts_type=Q.F32, seed: int = 0, vocab: bool = 
 def test_gpt_oss_mxfp4_blocks_cross_to_the_device_encoded(tmp_path):
     """GPT-OSS's MXFP4 experts (interleaved into the pool's gate_up slots, with biases) through a device copier
     (a CPU one here) and the device kernels: the same logits."""
-    from mmapstore.gpu import DeviceCopier
-    from mmapstore.transformers._slots import SlotWriter
+    from builders import cpu_copier
 
     path = str(tmp_path / "model.gguf")
     stock = gpt_oss_gguf(path, experts_type=Q.MXFP4)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(14))
-    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
-        copier = DeviceCopier(torch.device("cpu"), source="pread")
-        writer = SlotWriter(torch.device("cpu"), copier=copier)
-        for layer in loaded.layers:
-            layer.writer = writer
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded, cpu_copier(loaded) as copier:
         assert torch.equal(logits(loaded.model, ids), logits(stock, ids))
         copied = loaded.stats().copied_nbytes
-        writer.close()
     moved = sum(copier.stats.nbytes.values())
     assert copied > 0 and copied / 8 < moved < copied / 3  # 4.25-bit weights (and f32 biases) for f32 slots
 

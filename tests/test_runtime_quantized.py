@@ -160,29 +160,27 @@ def assert_slots_hold_the_values(loaded, reference) -> None:
 def test_encoded_bytes_go_through_the_device_copier_and_dequantize_after_it(checkpoints):
     """With a copier (always on CUDA; here a CPU one, to run everywhere) an MXFP4
     slab moves as its encoded bytes and scales, a seventh of the float32 pool bytes."""
-    from mmapstore.gpu import DeviceCopier
-    from mmapstore.transformers._slots import SlotWriter
+    from builders import cpu_copier
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["reference"], dtype=torch.float32)
     ids = prompt(seed=5)
     with torch.no_grad():
         tokens = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                                     pad_token_id=0)  # fmt: skip
-    with load_model(checkpoints["mxfp4"], capacity=2, on_miss="fetch", dtype=torch.float32) as loaded:
-        copier = DeviceCopier(torch.device("cpu"), source="pread")
-        writer = SlotWriter(torch.device("cpu"), copier=copier)
-        for layer in loaded.layers:
-            layer.writer = writer
+    with (
+        load_model(checkpoints["mxfp4"], capacity=2, on_miss="fetch", dtype=torch.float32) as loaded,
+        cpu_copier(loaded) as copier,
+    ):
         with torch.no_grad():
             generated = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                               do_sample=False, pad_token_id=0)  # fmt: skip
         assert_slots_hold_the_values(loaded, reference)
         copied = loaded.stats().copied_nbytes
-        writer.close()
     assert torch.equal(generated, tokens)
     moved = sum(copier.stats.nbytes.values())
-    # MXFP4 (4.25 bits a value) and bf16 biases for f32 pools: about a seventh; biases alone would be 2%.
-    assert copied / 20 < moved < copied / 3
+    # MXFP4 (4.25 bits a value) and bf16 biases for f32 pools: about a seventh (7.7 here); the gate and up
+    # halves of one fused slab share one copy of its blocks, else about a fifth crosses (4.6).
+    assert copied / 9 < moved < copied / 6
 
 
 def test_a_quantized_weight_outside_the_experts_is_refused_by_name(checkpoints, tmp_path):

@@ -9,7 +9,7 @@ quantizer; the fill does not care what the values are).  It is loaded with
 
 - ``device``: the default, the experts' ggml blocks cross the link through
   the device copier and torch kernels decode them on the GPU;
-- ``host``: the ggml types hidden from the device kernels, so every expert
+- ``host``: the writer declines to stage ggml blocks, so every expert
   is decoded by the numpy reference on the host and copied as bf16 (what
   the runtime did before).
 
@@ -119,26 +119,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    import mmapstore.gpu._dequant as kernels
+    from mmapstore.transformers._slots import SlotWriter
 
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "qwen3moe-q4_k.gguf")
     if not os.path.exists(path):
         write_gguf(path, args.layers, 2048, 128, 768)
-    device_types = kernels.GGML_DEVICE_TYPES
-    paths = {"device": device_types, "host": frozenset()}
+    on_device = SlotWriter._stage_ggml
+    # The host arm declines to stage ggml blocks, so every expert is decoded on the host (the decision point).
+    paths = {"device": on_device, "host": lambda *args: False}
     rates: dict[str, dict[str, list[float]]] = {name: {"warm": [], "cold": [], "decode": []} for name in paths}
     pool_nbytes = 0
     for rep in range(args.reps):
         for name in paths if rep % 2 == 0 else reversed(list(paths)):
-            kernels.GGML_DEVICE_TYPES = paths[name]
+            SlotWriter._stage_ggml = paths[name]  # type: ignore[method-assign]
             with load_model(path, device="cuda", dtype=torch.bfloat16) as loaded:
                 pool_nbytes = loaded.stats().pool_nbytes
                 refill(loaded, path, cold=False)  # page tables and registrations settle
                 rates[name]["warm"].append(pool_nbytes / refill(loaded, path, cold=False) / 1e9)
                 rates[name]["cold"].append(pool_nbytes / refill(loaded, path, cold=True) / 1e9)
             rates[name]["decode"].append(decode_rate(path, args.capacity, args.tokens))
-    kernels.GGML_DEVICE_TYPES = device_types
+    SlotWriter._stage_ggml = on_device  # type: ignore[method-assign]
     result = {
         "file_nbytes": os.path.getsize(path),
         "pool_nbytes": pool_nbytes,

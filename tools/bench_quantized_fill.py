@@ -48,8 +48,6 @@ def encode(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_checkpoints(root: str, layers: int) -> tuple[str, str]:
-    import json as _json
-
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -80,10 +78,10 @@ def make_checkpoints(root: str, layers: int) -> tuple[str, str]:
                     tensors[key] = value
     save_file(tensors, os.path.join(quantized, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(plain, "config.json")) as handle:
-        saved = _json.load(handle)
+        saved = json.load(handle)
     saved["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     with open(os.path.join(quantized, "config.json"), "w") as handle:
-        _json.dump(saved, handle)
+        json.dump(saved, handle)
     del model
     torch.cuda.empty_cache()
     return plain, quantized
