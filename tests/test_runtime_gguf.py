@@ -528,8 +528,8 @@ DEEPSEEK_VARIANTS = {
 
 
 def greedy_tokens(path: str, ids):
-    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded, torch.no_grad():
-        return loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    with load_model(path, capacity=3, on_miss="fetch", dtype=torch.float32) as loaded:
+        return greedy_tokens_of(loaded.model, ids)
 
 
 def greedy_tokens_of(model, ids):
@@ -1086,11 +1086,14 @@ def test_llama4_sizes_llama_cpp_asserts_are_a_format_error(tmp_path):
 
 
 def _rewrite(source: str, target: str, change: dict, tensors: dict | None = None) -> None:
-    """``source`` written again with scalar metadata ``change``d (None drops the key) and ``tensors`` replaced."""
+    """``source`` written again with its architecture's scalar metadata ``change``d (None drops the key) and
+    ``tensors`` replaced."""
     reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(target, str(reader.fields["general.architecture"].contents()))
+    architecture = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(target, architecture)
     for field in reader.fields.values():
-        if field.name.startswith("llama4.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+        scalar = field.types and field.types[0] != gguf.GGUFValueType.ARRAY
+        if field.name.startswith(f"{architecture}.") and scalar:
             value = change.get(field.name, field.contents())
             if value is not None:
                 writer.add_key_value(field.name, value, field.types[0])

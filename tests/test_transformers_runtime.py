@@ -452,15 +452,19 @@ def test_a_directory_without_config_or_with_mismatched_experts_is_a_format_error
     with pytest.raises(FormatError, match="no config.json"):
         load_model(tmp_path)
     # The config says 16 experts, the tensors hold 8.
-    bent = tmp_path / "bent"
-    bent.mkdir()
-    for name in os.listdir(checkpoints["mixtral"]):
-        shutil.copyfile(os.path.join(checkpoints["mixtral"], name), bent / name)
-    config = json.loads((bent / "config.json").read_text())
-    (bent / "config.json").unlink()
-    (bent / "config.json").write_text(json.dumps(config | {"num_local_experts": 16}))
+    bent = with_config(checkpoints["mixtral"], tmp_path / "bent", {"num_local_experts": 16})
     with pytest.raises(FormatError, match=r"gate is \[8, 32, 16\], expected \[16, 32, 16\]"):
         load_model(bent, capacity=2)
+
+
+def with_config(source: str, target, change: dict):
+    """A copy of checkpoint ``source`` at ``target`` with ``change`` written over its config.json."""
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | change))
+    return target
 
 
 def test_command_line_bad_input_exits_1_with_the_reason(checkpoints, capsys):
@@ -539,34 +543,23 @@ def test_a_fetch_that_fails_part_way_is_raised_and_its_pool_is_never_read_again(
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("family", "change", "message"),
     [
-        ({"num_hidden_layers": 2**32}, r"config\.json: num_hidden_layers is 4294967296, but the tensors hold 2 layers"),
-        ({"hidden_size": "wide"}, r"config\.json: values of the wrong type"),
-        ({"intermediate_size": 1.5}, r"config\.json: values of the wrong type"),
-        ({"hidden_act": "wiggle"}, r"its config makes no mixtral model: KeyError"),
-        ({"num_experts_per_tok": 0}, r"the router picks 0 experts of 8"),
-        ({"num_experts_per_tok": 9}, r"the router picks 9 experts of 8"),
+        ("mixtral", {"num_hidden_layers": 2**32}, r"config\.json: num_hidden_layers is 4294967296, but the tensors "
+         r"hold 2 layers"),
+        ("mixtral", {"hidden_size": "wide"}, r"config\.json: values of the wrong type"),
+        ("mixtral", {"intermediate_size": 1.5}, r"config\.json: values of the wrong type"),
+        ("mixtral", {"hidden_act": "wiggle"}, r"its config makes no mixtral model: KeyError"),
+        ("mixtral", {"num_experts_per_tok": 0}, r"the router picks 0 experts of 8"),
+        ("mixtral", {"num_experts_per_tok": 9}, r"the router picks 9 experts of 8"),
+        # DeepSeek-V3 picks topk_group of n_group groups: 3 of 2 would fail inside its router's topk
+        ("deepseek_v3", {"topk_group": 3}, r"expert groups 3 of 2 do not fit 8 experts"),
     ],
-)
-def test_a_hostile_config_json_is_a_format_error(checkpoints, tmp_path, change, message):
+)  # fmt: skip
+def test_a_hostile_config_json_is_a_format_error(checkpoints, tmp_path, family, change, message):
     """A layer count of 4 billion would become per-layer lists in transformers' config and exhaust memory
     before any other check; values of the wrong type, an unknown activation or a top-k the experts cannot
     give would escape as TypeError, KeyError or RuntimeError from the config, the constructor or the router
     (found by fuzzing config.json)."""
-    for name in os.listdir(checkpoints["mixtral"]):
-        shutil.copyfile(os.path.join(checkpoints["mixtral"], name), tmp_path / name)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | change))
     with pytest.raises(FormatError, match=message):
-        load_model(tmp_path, capacity=2)
-
-
-def test_expert_groups_that_do_not_fit_the_experts_are_a_format_error(checkpoints, tmp_path):
-    """DeepSeek-V3 picks topk_group of n_group groups: 3 of 2 would fail inside its router's topk."""
-    for name in os.listdir(checkpoints["deepseek_v3"]):
-        shutil.copyfile(os.path.join(checkpoints["deepseek_v3"], name), tmp_path / name)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"topk_group": 3}))
-    with pytest.raises(FormatError, match=r"expert groups 3 of 2 do not fit 8 experts"):
-        load_model(tmp_path, capacity=2)
+        load_model(with_config(checkpoints[family], tmp_path, change), capacity=2)
