@@ -286,6 +286,26 @@ def test_fp8_block_experts_equal_the_stock_model_on_their_values(fp8_checkpoints
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_block_experts_cross_the_copier_encoded(fp8_checkpoints):
+    """Through the device path's copier (a CPU one here), FP8 experts move as their codes and scales, a
+    quarter of the float32 pool bytes, and are dequantized after the copy: the same logits."""
+    from builders import cpu_copier
+
+    ids = prompt(seed=2)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(fp8_checkpoints["reference"], dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    with (
+        load_model(fp8_checkpoints["fp8"], capacity=3, on_miss="fetch", dtype=torch.float32) as loaded,
+        cpu_copier(loaded) as copier,
+    ):
+        with torch.no_grad():
+            assert torch.equal(loaded.model(ids).logits, expected)
+        copied = loaded.stats().copied_nbytes
+    moved = sum(copier.stats.nbytes.values())
+    assert copied > 0 and copied / 5 < moved < copied / 3  # 1-byte codes for 4-byte slots, and the scales
+
+
 @pytest.fixture(scope="module")
 def int4_checkpoints(tmp_path_factory):
     """``int4``: a Qwen3-MoE checkpoint whose experts (only) are compressed-tensors
