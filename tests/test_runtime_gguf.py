@@ -233,6 +233,22 @@ def test_gguf_blocks_cross_to_the_device_encoded_and_decode_there(gguf_files, ty
     assert copied > 0 and copied / 8 < moved < copied / 3.5
 
 
+def test_a_ggml_type_the_device_kernels_lack_is_decoded_on_the_host_instead(gguf_files, monkeypatch):
+    """IQ4_NL, TQ1_0 and the like have no device kernel: with a copier they are not staged but decoded on the
+    host (as if Q8_0 were such a type here), the same logits, no expert block through the copier."""
+    from builders import cpu_copier
+
+    from mmapstore.gpu import _dequant
+
+    monkeypatch.setattr(_dequant, "GGML_DEVICE_TYPES", frozenset())
+    path = gguf_files["q8_0-experts-f16"]
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    with load_model(path, capacity=2, on_miss="fetch", dtype=torch.float32) as loaded, cpu_copier(loaded) as copier:
+        assert torch.equal(logits(loaded.model, ids), logits(reference(path), ids))
+        assert loaded.stats().copied_nbytes > 0
+    assert sum(copier.stats.nbytes.values()) == 0
+
+
 def test_gguf_runs_from_the_command_line(gguf_files, capsys):
     path = gguf_files["q8_0-experts-f16"]
     assert main(["run", path, "--device", "cpu", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--quiet"]) == 0
