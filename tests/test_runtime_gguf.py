@@ -1212,6 +1212,6 @@ def test_the_gguf_headers_are_read_once_by_the_store_and_serve_as_the_config(ggu
     with load_model(gguf_files["split"], capacity=2, dtype=torch.float32) as loaded:
         assert loaded.model.config.tie_word_embeddings is False
     assert sorted(reads) == sorted(os.listdir(gguf_files["split"])), reads  # each of the 3 parts once
-    # transformers parses the first part once to build the config it reads; the tensor processor takes the
-    # model's config rather than parsing the file again (it did: two parses).
-    assert parses == ["model-00001-of-00003.gguf"], parses
+    # Some transformers releases parse the first part once to build the config they read; the tensor processor
+    # takes the model's config rather than parsing the file again (it did: a second parse).
+    assert parses in ([], ["model-00001-of-00003.gguf"]), parses

@@ -399,11 +399,13 @@ def test_llama4_runs_only_the_routed_experts_and_matches_the_stock_block(checkpo
             if dtype == torch.float32:
                 assert torch.equal(greedy(loaded.model, ids, 5), greedy(reference, ids, 5))
                 with torch.no_grad():  # the router module runs, so transformers records its logits
-                    ours = loaded.model(ids, output_router_logits=True).router_logits
-                    theirs = reference(ids, output_router_logits=True).router_logits
-                assert len(ours) == len(theirs) == moe_layers
-                for a, b in zip(ours, theirs, strict=True):  # later layers' inputs differ by the kernels' rounding
-                    torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+                    ours = loaded.model(ids, output_router_logits=True)
+                    theirs = reference(ids, output_router_logits=True)
+                if hasattr(theirs, "router_logits"):  # transformers releases that return them
+                    assert len(ours.router_logits) == len(theirs.router_logits) == moe_layers
+                    for a, b in zip(ours.router_logits, theirs.router_logits, strict=True):
+                        # later layers' inputs differ by the kernels' rounding
+                        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
         top_k = reference.config.num_experts_per_tok
         # every token's Top-K pairs and nothing else: the stock block computes all experts for every token
         assert stats.pairs == ids.numel() * top_k * moe_layers, (stats.pairs, moe_layers)
